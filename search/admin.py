@@ -1,0 +1,180 @@
+from __future__ import annotations
+
+from django.contrib import admin, messages
+from django.db.models import Count, Q
+from django.shortcuts import render
+from django.utils.html import format_html, format_html_join
+
+from search.forms import ImageUploadForm, SetLabelForm, SetSplitForm
+from search.indexing import coverage
+from search.ingest import add_image
+from search.models import Dataset, Embedding, Image, Split
+
+
+@admin.register(Dataset)
+class DatasetAdmin(admin.ModelAdmin):
+    list_display = ["name", "n_images", "n_train", "n_val", "n_test", "n_labels", "coverage_summary", "created"]
+    search_fields = ["name", "description"]
+    readonly_fields = ["created", "split_table", "label_table", "coverage_table"]
+    fields = ["name", "description", "created", "split_table", "label_table", "coverage_table"]
+
+    def get_queryset(self, request):
+        return super().get_queryset(request).annotate(
+            _n=Count("images", distinct=True),
+            _train=Count("images", filter=Q(images__split=Split.TRAIN), distinct=True),
+            _val=Count("images", filter=Q(images__split=Split.VAL), distinct=True),
+            _test=Count("images", filter=Q(images__split=Split.TEST), distinct=True),
+            _labels=Count("images__label", distinct=True),
+        )
+
+    @admin.display(description="images", ordering="_n")
+    def n_images(self, obj):
+        return obj._n
+
+    @admin.display(description="train", ordering="_train")
+    def n_train(self, obj):
+        return obj._train
+
+    @admin.display(description="val", ordering="_val")
+    def n_val(self, obj):
+        return obj._val
+
+    @admin.display(description="test", ordering="_test")
+    def n_test(self, obj):
+        return obj._test
+
+    @admin.display(description="labels", ordering="_labels")
+    def n_labels(self, obj):
+        return obj._labels
+
+    @admin.display(description="embedded (per model version)")
+    def coverage_summary(self, obj):
+        parts = [(f"{v.name}{' ★' if v.is_active else ''}", n, obj._n) for v, n in coverage(obj) if n]
+        if not parts:
+            return "—"
+        return format_html_join(", ", "{}: {}/{}", parts)
+
+    @admin.display(description="images per split")
+    def split_table(self, obj):
+        if not obj.pk:
+            return "—"
+        rows = obj.images.values("split").annotate(n=Count("id")).order_by("split")
+        return format_html("<table>{}</table>", format_html_join("", "<tr><td>{}</td><td>{}</td></tr>",
+                                                                  ((r["split"], r["n"]) for r in rows)))
+
+    @admin.display(description="images per label")
+    def label_table(self, obj):
+        if not obj.pk:
+            return "—"
+        rows = obj.images.values("label").annotate(
+            n=Count("id"), train=Count("id", filter=Q(split=Split.TRAIN)),
+            val=Count("id", filter=Q(split=Split.VAL)), test=Count("id", filter=Q(split=Split.TEST)),
+        ).order_by("label")
+        body = format_html_join("", "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                                ((r["label"] or "(none)", r["n"], r["train"], r["val"], r["test"]) for r in rows))
+        return format_html("<table><tr><th>label</th><th>all</th><th>train</th><th>val</th><th>test</th></tr>{}</table>", body)
+
+    @admin.display(description="embeddings per model version")
+    def coverage_table(self, obj):
+        if not obj.pk:
+            return "—"
+        total = obj.images.count()
+        rows = [(v.name, " (active)" if v.is_active else "", n, total, "ready" if v.index_exists() else "no index")
+                for v, n in coverage(obj)]
+        return format_html("<table>{}</table>", format_html_join(
+            "", "<tr><td>{}{}</td><td>{} / {}</td><td>{}</td></tr>", rows)) if rows else "no model version yet"
+
+
+class LabelFilter(admin.SimpleListFilter):
+    title = "label"
+    parameter_name = "label"
+
+    def lookups(self, request, model_admin):
+        labels = Image.objects.exclude(label=None).values_list("label", flat=True).distinct().order_by("label")
+        return [("__none__", "(no label)")] + [(label, label) for label in labels[:500]]
+
+    def queryset(self, request, queryset):
+        value = self.value()
+        if value == "__none__":
+            return queryset.filter(label=None)
+        if value:
+            return queryset.filter(label=value)
+        return queryset
+
+
+@admin.register(Image)
+class ImageAdmin(admin.ModelAdmin):
+    list_display = ["thumb", "id", "original_filename", "label", "split", "dataset", "size", "created"]
+    list_display_links = ["thumb", "id"]
+    list_editable = ["label"]
+    list_filter = ["dataset", LabelFilter, "split"]
+    search_fields = ["original_filename"]
+    list_per_page = 50
+    actions = ["set_label", "set_split"]
+    readonly_fields = ["preview", "dataset", "sha256", "width", "height", "original_filename", "file", "thumbnail",
+                       "split", "created", "embedded_by"]
+    fields = ["preview", "dataset", "label", "split", "original_filename", "width", "height", "sha256", "file",
+              "thumbnail", "embedded_by", "created"]
+
+    def get_queryset(self, request):
+        return super().get_queryset(request).select_related("dataset")
+
+    @admin.display(description="")
+    def thumb(self, obj):
+        return format_html('<img src="{}" style="max-height:64px;max-width:96px" loading="lazy" alt="">', obj.thumbnail.url)
+
+    @admin.display(description="image")
+    def preview(self, obj):
+        return format_html('<a href="{}"><img src="{}" style="max-height:256px" alt=""></a>', obj.file.url, obj.thumbnail.url)
+
+    @admin.display(description="size")
+    def size(self, obj):
+        return f"{obj.width}×{obj.height}"
+
+    @admin.display(description="embedded by")
+    def embedded_by(self, obj):
+        names = Embedding.objects.filter(image=obj).values_list("model_version__name", flat=True)
+        return ", ".join(names) or "—"
+
+    def get_form(self, request, obj=None, **kwargs):
+        if obj is None:
+            kwargs["form"] = ImageUploadForm
+        return super().get_form(request, obj, **kwargs)
+
+    def get_fields(self, request, obj=None):
+        return ["dataset", "label", "upload"] if obj is None else self.fields
+
+    def get_readonly_fields(self, request, obj=None):
+        return [] if obj is None else self.readonly_fields
+
+    def save_model(self, request, obj, form, change):
+        if change:
+            return super().save_model(request, obj, form, change)
+        upload = form.cleaned_data["upload"]
+        image, _ = add_image(form.cleaned_data["dataset"], form.cleaned_data["data"], upload.name,
+                             form.cleaned_data.get("label"))
+        obj.pk = image.pk
+        obj.__dict__.update(image.__dict__)
+
+    def _bulk_form(self, request, queryset, form_class, field, title):
+        if "apply" in request.POST:
+            form = form_class(request.POST)
+            if form.is_valid():
+                value = form.cleaned_data[field] or None
+                count = queryset.update(**{field: value})
+                self.message_user(request, f"Set {field} of {count} image(s) to {value!r}.", messages.SUCCESS)
+                return None
+        else:
+            form = form_class()
+        return render(request, "admin/search/image/bulk_set.html", {
+            **self.admin_site.each_context(request), "title": title, "form": form, "images": queryset,
+            "action": request.POST.get("action"), "opts": self.model._meta,
+        })
+
+    @admin.action(description="Set the label of the selected images…")
+    def set_label(self, request, queryset):
+        return self._bulk_form(request, queryset, SetLabelForm, "label", "Set label")
+
+    @admin.action(description="Set the split of the selected images…")
+    def set_split(self, request, queryset):
+        return self._bulk_form(request, queryset, SetSplitForm, "split", "Set split")

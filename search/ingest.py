@@ -1,0 +1,183 @@
+"""Adding images to a dataset: one file (admin, API), a folder, a zip.
+
+`add_image` is the single way an image enters the system: it validates the
+bytes, skips exact duplicates (same SHA-256 in the same dataset), stores the
+original and a thumbnail under MEDIA_ROOT and writes the row. A rejected input
+leaves no file and no row behind."""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+from django.conf import settings
+from django.db import IntegrityError, transaction
+
+from search.imaging import ImageRejected, decode_image, make_thumbnail
+from search.models import Dataset, Image, split_for
+
+logger = logging.getLogger(__name__)
+
+Progress = Callable[[int, int, str], None]
+
+
+def _noop(done: int, total: int, message: str) -> None:
+    pass
+
+
+@dataclass
+class ImportReport:
+    imported: int = 0
+    duplicates: int = 0
+    rejected: list[tuple[str, str]] = field(default_factory=list)  # (file name, reason)
+    image_ids: list[int] = field(default_factory=list)
+
+    @property
+    def rejected_count(self) -> int:
+        return len(self.rejected)
+
+    def as_dict(self) -> dict:
+        return {
+            "imported": self.imported,
+            "duplicates": self.duplicates,
+            "rejected": self.rejected_count,
+            "reasons": [{"file": name, "reason": reason} for name, reason in self.rejected],
+        }
+
+    def summary(self) -> str:
+        return f"imported {self.imported}, duplicates skipped {self.duplicates}, unreadable skipped {self.rejected_count}"
+
+    def reason_counts(self) -> Counter:
+        return Counter(reason for _, reason in self.rejected)
+
+
+def _write_atomically(relative: str, data: bytes) -> Path:
+    """Write a file under MEDIA_ROOT through a temporary name, so no reader
+    ever sees half a file and a failure leaves nothing behind."""
+    target = Path(settings.MEDIA_ROOT) / relative
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target
+
+
+def storage_paths(dataset_id: int, sha256: str, extension: str) -> tuple[str, str]:
+    shard = sha256[:2]
+    return (f"datasets/{dataset_id}/{shard}/{sha256}.{extension}",
+            f"thumbnails/{dataset_id}/{shard}/{sha256}.jpg")
+
+
+def add_image(dataset: Dataset, data: bytes, original_filename: str, label: str | None = None) -> tuple[Image, bool]:
+    """Store one image. Returns (image, created); created is False for an exact
+    duplicate already in the dataset. Raises ImageRejected for bad input."""
+    max_bytes = settings.CBIR_MAX_IMPORT_FILE_BYTES
+    if len(data) > max_bytes:
+        raise ImageRejected(f"the file is larger than the limit of {max_bytes:,} bytes")
+    decoded = decode_image(data)
+    existing = Image.objects.filter(dataset=dataset, sha256=decoded.sha256).first()
+    if existing:
+        return existing, False
+    file_path, thumb_path = storage_paths(dataset.pk, decoded.sha256, decoded.extension)
+    label = (label or "").strip()[:200] or None
+    written: list[Path] = []
+    try:
+        written.append(_write_atomically(file_path, data))
+        written.append(_write_atomically(thumb_path, make_thumbnail(decoded.rgb)))
+        with transaction.atomic():
+            image = Image.objects.create(
+                dataset=dataset, file=file_path, thumbnail=thumb_path, sha256=decoded.sha256,
+                label=label, split=split_for(decoded.sha256), width=decoded.width, height=decoded.height,
+                original_filename=original_filename[:500],
+            )
+        return image, True
+    except IntegrityError:
+        # Another process stored the same bytes in the meantime: same paths, same content.
+        existing = Image.objects.filter(dataset=dataset, sha256=decoded.sha256).first()
+        if existing:
+            return existing, False
+        _remove_unreferenced(written)
+        raise
+    except BaseException:
+        _remove_unreferenced(written)
+        raise
+
+
+def _remove_unreferenced(paths: Iterable[Path]) -> None:
+    root = Path(settings.MEDIA_ROOT)
+    for path in paths:
+        relative = str(path.relative_to(root))
+        if not Image.objects.filter(file=relative).exists() and not Image.objects.filter(thumbnail=relative).exists():
+            path.unlink(missing_ok=True)
+
+
+def iter_folder(root: Path) -> Iterator[Path]:
+    """Every regular file below root, sorted, not following directory symlinks
+    (so a symlink loop cannot trap the walk). Hidden files and folders are skipped."""
+    for folder, dirs, files in os.walk(root, followlinks=False):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            if name.startswith("."):
+                continue
+            path = Path(folder) / name
+            if path.is_file():
+                yield path
+
+
+def label_for(path: Path, root: Path, depth: int | None = None) -> str | None:
+    parts = path.parent.relative_to(root).parts
+    if depth:
+        parts = parts[:depth]
+    return "/".join(parts) or None
+
+
+# A file of no image format whose name does not claim to be an image (a .txt,
+# .ogg or .dat beside the photos) is counted as "not an image" rather than
+# reported one by one; a "photo.jpg" that holds text is reported with its reason.
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".heic", ".avif"}
+
+
+def import_folder(root: str | Path, dataset: Dataset, *, labels_from_folders: bool = False,
+                  label_depth: int | None = None, progress: Progress = _noop) -> ImportReport:
+    """Import every image below `root`. Files are recognised by content; one bad
+    file never aborts the import, it is reported with its reason."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root} is not a folder")
+    files = list(iter_folder(root))
+    report = ImportReport()
+    for index, path in enumerate(files, start=1):
+        relative = str(path.relative_to(root))
+        label = label_for(path, root, label_depth) if labels_from_folders else None
+        try:
+            if path.stat().st_size > settings.CBIR_MAX_IMPORT_FILE_BYTES:
+                raise ImageRejected(f"the file is larger than the limit of {settings.CBIR_MAX_IMPORT_FILE_BYTES:,} bytes")
+            data = path.read_bytes()
+            image, created = add_image(dataset, data, relative, label)
+        except ImageRejected as exc:
+            reason = str(exc)
+            if reason.startswith("not a supported image") and path.suffix.lower() not in IMAGE_SUFFIXES:
+                reason = "not an image"
+            report.rejected.append((relative, reason))
+        except OSError as exc:
+            report.rejected.append((relative, f"cannot be read ({exc.strerror or exc})"))
+        else:
+            if created:
+                report.imported += 1
+                report.image_ids.append(image.pk)
+            else:
+                report.duplicates += 1
+        progress(index, len(files), relative)
+    return report

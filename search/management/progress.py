@@ -1,0 +1,26 @@
+"""A terminal progress bar for management commands (tqdm on stderr)."""
+
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+
+from tqdm import tqdm
+
+
+@contextmanager
+def progress_bar(description: str, *, unit: str = "img", disable: bool = False):
+    """Yields a progress(done, total, message) callback that drives a tqdm bar."""
+    bar = tqdm(desc=description, unit=unit, file=sys.stderr, disable=disable, dynamic_ncols=True)
+
+    def update(done: int, total: int, message: str = "") -> None:
+        if bar.total != total:
+            bar.total = total
+        bar.n = done
+        bar.set_postfix_str(message[-40:], refresh=False)
+        bar.refresh()
+
+    try:
+        yield update
+    finally:
+        bar.close()

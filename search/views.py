@@ -1,0 +1,128 @@
+"""Search pages and the JSON API. Views validate input, call one function from
+search.services, and render; errors become a clear message with the right
+status, never a 500."""
+
+from __future__ import annotations
+
+import base64
+from functools import wraps
+
+from django.conf import settings
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.shortcuts import render
+from django.views.decorators.csrf import csrf_exempt
+from django.views.decorators.http import require_GET, require_http_methods
+
+from search import services
+from search.imaging import ImageRejected, decode_image, make_thumbnail
+from search.models import Dataset, Image
+from search.services import SearchError, UploadTooLarge
+
+# Multipart overhead allowed on top of the file itself.
+_MULTIPART_SLACK = 64 * 1024
+
+
+def _check_content_length(request: HttpRequest) -> None:
+    try:
+        length = int(request.META.get("CONTENT_LENGTH") or 0)
+    except ValueError:
+        length = 0
+    if length > settings.CBIR_MAX_UPLOAD_BYTES + _MULTIPART_SLACK:
+        raise UploadTooLarge(f"the upload is larger than the limit of {settings.CBIR_MAX_UPLOAD_BYTES:,} bytes")
+
+
+def _uploaded_bytes(request: HttpRequest) -> bytes:
+    _check_content_length(request)
+    upload = request.FILES.get("image")
+    if upload is None:
+        raise services.BadParameter("no image was sent: use the multipart field 'image'")
+    if upload.size > settings.CBIR_MAX_UPLOAD_BYTES:
+        raise UploadTooLarge(f"the upload is larger than the limit of {settings.CBIR_MAX_UPLOAD_BYTES:,} bytes")
+    return upload.read()
+
+
+def _page_context(**extra) -> dict:
+    return {"datasets": Dataset.objects.order_by("name"), "max_k": settings.CBIR_MAX_K,
+            "max_upload_mb": settings.CBIR_MAX_UPLOAD_BYTES / 1024 / 1024, **extra}
+
+
+def _query_preview(data: bytes) -> str:
+    """A small data: URL of the query image for the results page; nothing is stored."""
+    try:
+        thumb = make_thumbnail(decode_image(data).rgb, 256)
+    except ImageRejected:
+        return ""
+    return "data:image/jpeg;base64," + base64.b64encode(thumb).decode()
+
+
+@require_GET
+def index(request: HttpRequest) -> HttpResponse:
+    return render(request, "search/index.html", _page_context())
+
+
+@require_http_methods(["GET", "POST"])
+def search_page(request: HttpRequest) -> HttpResponse:
+    if request.method == "GET":
+        return render(request, "search/index.html", _page_context())
+    try:
+        data = _uploaded_bytes(request)
+        result = services.search_by_upload(data, k=request.POST.get("k"), dataset=request.POST.get("dataset"))
+    except SearchError as exc:
+        return render(request, "search/index.html", _page_context(error=str(exc)), status=exc.status)
+    return render(request, "search/results.html", _page_context(
+        result=result, query_preview=_query_preview(data), selected_dataset=request.POST.get("dataset", ""),
+        k=result.k))
+
+
+@require_GET
+def similar_page(request: HttpRequest, image_id: int) -> HttpResponse:
+    query = Image.objects.select_related("dataset").filter(pk=image_id).first()
+    try:
+        result = services.search_by_image(image_id, k=request.GET.get("k"), dataset=request.GET.get("dataset"))
+    except SearchError as exc:
+        return render(request, "search/index.html", _page_context(error=str(exc)), status=exc.status)
+    return render(request, "search/results.html", _page_context(
+        result=result, query_image=query, selected_dataset=request.GET.get("dataset", ""), k=result.k))
+
+
+def json_methods(*methods: str):
+    """Like require_http_methods, but a wrong method gets a JSON message."""
+
+    def decorator(view):
+        @wraps(view)
+        def wrapped(request: HttpRequest, *args, **kwargs):
+            if request.method not in methods:
+                response = JsonResponse(
+                    {"error": f"method {request.method} is not allowed here; use {' or '.join(methods)}"}, status=405)
+                response["Allow"] = ", ".join(methods)
+                return response
+            return view(request, *args, **kwargs)
+
+        return wrapped
+
+    return decorator
+
+
+def _json_error(exc: SearchError) -> JsonResponse:
+    return JsonResponse({"error": str(exc)}, status=exc.status)
+
+
+@csrf_exempt  # a read-only query that stores nothing; see docs/api.md
+@json_methods("POST")
+def api_search(request: HttpRequest) -> JsonResponse:
+    try:
+        data = _uploaded_bytes(request)
+        result = services.search_by_upload(data, k=request.POST.get("k"), dataset=request.POST.get("dataset"))
+    except SearchError as exc:
+        return _json_error(exc)
+    return JsonResponse(result.as_dict())
+
+
+@json_methods("GET")
+def api_similar(request: HttpRequest, image_id: int) -> JsonResponse:
+    try:
+        result = services.search_by_image(image_id, k=request.GET.get("k"), dataset=request.GET.get("dataset"))
+    except SearchError as exc:
+        return _json_error(exc)
+    return JsonResponse(result.as_dict())
+

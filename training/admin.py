@@ -1,0 +1,72 @@
+from __future__ import annotations
+
+import json
+
+from django.contrib import admin, messages
+from django.utils.html import format_html
+
+from training.models import ModelVersion
+
+# Fields that determine the stored vectors: editing them would make the embeddings lie.
+FROZEN_FIELDS = ["architecture", "config", "weights_source", "weights_path", "weights_sha256", "dimension",
+                 "preprocessing"]
+
+
+@admin.register(ModelVersion)
+class ModelVersionAdmin(admin.ModelAdmin):
+    list_display = ["name", "active_mark", "architecture", "dimension", "weights_source", "short_sha", "n_embeddings",
+                    "index_ready", "created"]
+    list_filter = ["architecture", "weights_source", "is_active"]
+    search_fields = ["name", "architecture"]
+    readonly_fields = FROZEN_FIELDS + ["is_active", "metrics_pretty", "created"]
+    fields = ["name", "notes"] + readonly_fields
+    actions = ["activate"]
+
+    def has_add_permission(self, request):
+        # Versions come from pretrained weights (build_index) or from training jobs.
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        if obj is not None and obj.is_active:
+            return False
+        return super().has_delete_permission(request, obj)
+
+    def delete_queryset(self, request, queryset):
+        if queryset.filter(is_active=True).exists():
+            self.message_user(request, "The active model version cannot be deleted; activate another first.",
+                              messages.ERROR)
+            queryset = queryset.filter(is_active=False)
+        for version in queryset:
+            version.delete()
+
+    @admin.display(description="active", boolean=True, ordering="is_active")
+    def active_mark(self, obj):
+        return obj.is_active
+
+    @admin.display(description="weights sha256")
+    def short_sha(self, obj):
+        return obj.weights_sha256[:12]
+
+    @admin.display(description="embeddings")
+    def n_embeddings(self, obj):
+        return obj.embeddings.count()
+
+    @admin.display(description="index", boolean=True)
+    def index_ready(self, obj):
+        return obj.index_exists()
+
+    @admin.display(description="metrics")
+    def metrics_pretty(self, obj):
+        return format_html("<pre>{}</pre>", json.dumps(obj.metrics, indent=2, sort_keys=True))
+
+    @admin.action(description="Activate for search")
+    def activate(self, request, queryset):
+        if queryset.count() != 1:
+            self.message_user(request, "Select exactly one model version to activate.", messages.ERROR)
+            return
+        version = queryset.get()
+        if not version.index_exists():
+            self.message_user(request, f"{version} has no index yet: build its index first.", messages.ERROR)
+            return
+        version.activate()
+        self.message_user(request, f"{version} is now used for search.", messages.SUCCESS)

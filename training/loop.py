@@ -1,0 +1,221 @@
+"""Training loop functions with explicit arguments, after torchvision's
+references/classification/train.py.
+
+Convention: `loss_fn(model, batch, device) -> scalar tensor`. Each objective
+(training.objectives) moves its batch to `device`; the caller moves the model
+and the objective (when it has parameters) to `device` before building the
+optimizer.
+
+Mixed precision is used only on CUDA: autocast to `autocast_dtype`, with a
+GradScaler for float16 (bfloat16 needs none). `mixed_precision(device)`
+picks both.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import tempfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+LossFn = Callable[[nn.Module, Any, torch.device], torch.Tensor]
+CHECKPOINT_FORMAT = 1
+
+
+class NonFiniteLoss(FloatingPointError):
+    """The loss became NaN or infinite; training cannot continue meaningfully."""
+
+
+def mixed_precision(device: torch.device) -> tuple[torch.dtype | None, torch.amp.GradScaler | None]:
+    """(autocast_dtype, scaler) for `device`: bfloat16 without a scaler on GPUs
+    that support it, float16 with a GradScaler on older GPUs, (None, None) off CUDA."""
+    if device.type != "cuda":
+        return None, None
+    if torch.cuda.is_bf16_supported():
+        return torch.bfloat16, None
+    return torch.float16, torch.amp.GradScaler("cuda")
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    if device.type == "cuda" and dtype is not None:
+        return torch.autocast(device_type="cuda", dtype=dtype)
+    return contextlib.nullcontext()
+
+
+def _batch_size(batch: Any) -> int:
+    """Images in a batch: the first dimension of the batch's first tensor."""
+    first = batch[0] if isinstance(batch, (tuple, list)) else batch
+    return int(first.shape[0]) if isinstance(first, torch.Tensor) else 1
+
+
+def _set_mode(model: nn.Module, loss_fn: LossFn, training: bool) -> None:
+    model.train(training)
+    if isinstance(loss_fn, nn.Module):
+        loss_fn.train(training)
+
+
+def train_one_epoch(model: nn.Module, loss_fn: LossFn, optimizer: torch.optim.Optimizer, loader: Iterable,
+                    device: torch.device, *, scaler: torch.amp.GradScaler | None = None,
+                    autocast_dtype: torch.dtype | None = None,
+                    on_batch: Callable[[int, int, float], None] | None = None) -> float:
+    """One pass over `loader`; returns the mean training loss per image
+    (batch losses weighted by batch size).
+
+    on_batch(batch_index, n_batches, loss) is called after every step (for
+    progress reports; an exception raised there, e.g. on cancellation, stops
+    training). Raises NonFiniteLoss when the loss becomes NaN or infinite.
+    """
+    device = torch.device(device)
+    _set_mode(model, loss_fn, True)
+    n_batches = len(loader)  # type: ignore[arg-type]
+    total, count = 0.0, 0
+    for batch_index, batch in enumerate(loader):
+        optimizer.zero_grad(set_to_none=True)
+        with _autocast(device, autocast_dtype):
+            loss = loss_fn(model, batch, device)
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise NonFiniteLoss(f"the training loss became {value} at batch {batch_index + 1} of {n_batches}; "
+                                "try a lower learning rate")
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        size = _batch_size(batch)
+        total += value * size
+        count += size
+        if on_batch is not None:
+            on_batch(batch_index, n_batches, value)
+    if count == 0:
+        raise ValueError("the training loader yielded no batches")
+    return total / count
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loss_fn: LossFn, loader: Iterable, device: torch.device,
+             autocast_dtype: torch.dtype | None = None) -> float:
+    """Mean loss per image over `loader`, in eval mode, without gradients."""
+    device = torch.device(device)
+    _set_mode(model, loss_fn, False)
+    total, count = 0.0, 0
+    for batch in loader:
+        with _autocast(device, autocast_dtype):
+            loss = loss_fn(model, batch, device)
+        size = _batch_size(batch)
+        total += float(loss) * size
+        count += size
+    if count == 0:
+        raise ValueError("the validation loader yielded no batches")
+    return total / count
+
+
+def save_checkpoint(path: str | os.PathLike[str], model: nn.Module, optimizer: torch.optim.Optimizer | None,
+                    epoch: int, config: dict, best_val_loss: float, history: list[dict], *,
+                    objective: nn.Module | None = None) -> None:
+    """Write a checkpoint atomically (temporary file in the same folder, then
+    os.replace), so a crash never leaves a half-written file under `path`.
+
+    Holds: "format", "model" (state dict), "optimizer" (state dict or None),
+    "epoch" (epochs completed), "config", "best_val_loss", "history" and,
+    when `objective` is given (e.g. a ClassificationObjective's head),
+    "objective" (its state dict). config and history must hold plain Python
+    values (they are loaded with weights_only=True).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    checkpoint = {
+        "format": CHECKPOINT_FORMAT,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "epoch": int(epoch),
+        "config": config,
+        "best_val_loss": float(best_val_loss),
+        "history": history,
+    }
+    if objective is not None:
+        checkpoint["objective"] = objective.state_dict()
+    descriptor, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            torch.save(checkpoint, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_name)
+        raise
+
+
+def load_checkpoint(path: str | os.PathLike[str], model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                    *, objective: nn.Module | None = None) -> dict:
+    """Restore weights (and optimizer / objective state when given) from a
+    save_checkpoint file; returns the whole checkpoint dict (epoch, config,
+    best_val_loss, history ...). Tensors are loaded to the CPU and copied onto
+    the model's and optimizer's devices by load_state_dict."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if checkpoint.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a training checkpoint of format {CHECKPOINT_FORMAT}")
+    model.load_state_dict(checkpoint["model"])
+    if optimizer is not None:
+        if checkpoint["optimizer"] is None:
+            raise ValueError(f"{path} holds no optimizer state")
+        optimizer.load_state_dict(checkpoint["optimizer"])
+    if objective is not None and "objective" in checkpoint:
+        objective.load_state_dict(checkpoint["objective"])
+    return checkpoint
+
+
+def _set_epoch(loader: Any, epoch: int) -> None:
+    """Tell epoch-aware samplers (PKSampler, DistributedSampler) which epoch this is."""
+    for sampler in (getattr(loader, "batch_sampler", None), getattr(loader, "sampler", None)):
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+
+
+def fit(model: nn.Module, loss_fn: LossFn, optimizer: torch.optim.Optimizer, train_loader: Iterable,
+        val_loader: Iterable, device: torch.device, *, epochs: int, checkpoint_dir: str | os.PathLike[str],
+        config: dict, start_epoch: int = 0, history: list[dict] | None = None, best_val_loss: float = math.inf,
+        scaler: torch.amp.GradScaler | None = None, autocast_dtype: torch.dtype | None = None,
+        on_batch: Callable[[int, int, float], None] | None = None,
+        on_epoch: Callable[[dict], None] | None = None) -> list[dict]:
+    """Train from `start_epoch` up to `epochs` epochs, validating after each.
+
+    After every epoch writes checkpoint_dir/last.pt (to resume from) and, when
+    the validation loss is the lowest so far, checkpoint_dir/best.pt (the
+    weights to publish). Returns the history: one dict per epoch with
+    "epoch" (1-based), "train_loss", "val_loss", "best" (bool).
+    To resume: c = load_checkpoint(last.pt, model, optimizer, objective=...),
+    then fit(..., start_epoch=c["epoch"], history=c["history"], best_val_loss=c["best_val_loss"]).
+    on_epoch(entry) is called after the checkpoints are written.
+    """
+    checkpoint_dir = Path(checkpoint_dir)
+    history = list(history or [])
+    objective = loss_fn if isinstance(loss_fn, nn.Module) else None
+    for epoch in range(start_epoch, epochs):
+        _set_epoch(train_loader, epoch)
+        train_loss = train_one_epoch(model, loss_fn, optimizer, train_loader, device, scaler=scaler,
+                                     autocast_dtype=autocast_dtype, on_batch=on_batch)
+        val_loss = evaluate(model, loss_fn, val_loader, device, autocast_dtype=autocast_dtype)
+        is_best = val_loss < best_val_loss
+        if is_best:
+            best_val_loss = val_loss
+        entry = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss, "best": is_best}
+        history.append(entry)
+        if is_best:
+            save_checkpoint(checkpoint_dir / "best.pt", model, optimizer, epoch + 1, config, best_val_loss, history,
+                            objective=objective)
+        save_checkpoint(checkpoint_dir / "last.pt", model, optimizer, epoch + 1, config, best_val_loss, history,
+                        objective=objective)
+        if on_epoch is not None:
+            on_epoch(entry)
+    return history

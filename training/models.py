@@ -1,0 +1,62 @@
+from __future__ import annotations
+
+from django.db import connection, models, transaction
+from django.db.models import Q
+
+
+class ModelVersion(models.Model):
+    """One set of network weights that embeddings are made with.
+
+    Fields that determine the vectors (architecture, weights, dimension,
+    preprocessing, config) are read-only once embeddings exist: changing them
+    would make the stored vectors lie. Exactly one version is active for search.
+    """
+
+    class WeightsSource(models.TextChoices):
+        PACKAGE = "package", "Python package"
+        TORCHVISION = "torchvision", "torchvision weight cache"
+        CHECKPOINT = "checkpoint", "checkpoint file"
+        RANDOM = "random", "random initial weights"
+
+    name = models.CharField(max_length=100, unique=True)
+    architecture = models.CharField(max_length=50)
+    config = models.JSONField(default=dict, blank=True, help_text="Settings the network was built with.")
+    weights_source = models.CharField(max_length=20, choices=WeightsSource.choices)
+    weights_path = models.CharField(max_length=500, blank=True)
+    weights_sha256 = models.CharField(max_length=64, blank=True)
+    dimension = models.PositiveIntegerField()
+    preprocessing = models.JSONField(default=dict)
+    is_active = models.BooleanField(default=False)
+    metrics = models.JSONField(default=dict, blank=True)
+    notes = models.TextField(blank=True)
+    created = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created"]
+        constraints = [
+            models.UniqueConstraint(fields=["is_active"], condition=Q(is_active=True), name="one_active_model_version"),
+            models.CheckConstraint(condition=Q(dimension__gte=1) & Q(dimension__lte=4000), name="dimension_indexable"),
+        ]
+
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def index_name(self) -> str:
+        return f"search_embedding_hnsw_v{self.pk}"
+
+    def index_exists(self) -> bool:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT 1 FROM pg_indexes WHERE indexname = %s", [self.index_name])
+            return cursor.fetchone() is not None
+
+    @classmethod
+    def active(cls) -> "ModelVersion | None":
+        return cls.objects.filter(is_active=True).first()
+
+    @transaction.atomic
+    def activate(self) -> None:
+        """Make this the one version search uses, in one transaction."""
+        ModelVersion.objects.select_for_update().filter(is_active=True).exclude(pk=self.pk).update(is_active=False)
+        ModelVersion.objects.filter(pk=self.pk).update(is_active=True)
+        self.is_active = True

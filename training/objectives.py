@@ -1,0 +1,96 @@
+"""Training objectives: `objective(model, batch, device) -> scalar loss`, one
+per way of training an embedding. All are nn.Modules so the loop can switch
+them between train and eval mode and checkpoint any parameters they own.
+
+    objective                  batch (from)                          network
+    ReconstructionObjective    (x, label) ImageListDataset           autoencoder (needs .reconstruct)
+    ContrastiveObjective       (x1, x2, same) PairDataset            any, e.g. siamese
+    TripletObjective           (x, label) ImageListDataset+PKSampler any, labelled images only
+    ClassificationObjective    (x, label) ImageListDataset           any, labelled images only
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from training.losses import contrastive_loss, triplet_loss
+from training.networks.base import EmbeddingNet
+
+
+def _images(batch: Any) -> torch.Tensor:
+    return batch[0] if isinstance(batch, (tuple, list)) else batch
+
+
+def _labelled(batch: Any, device: torch.device, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    images, labels = batch[0], torch.as_tensor(batch[1])
+    if bool((labels < 0).any()):
+        raise ValueError(f"{what} needs labelled images, but the batch holds unlabelled ones (label -1)")
+    return images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+
+
+class ReconstructionObjective(nn.Module):
+    """Mean squared error between model.reconstruct(x) and the (normalised) input x."""
+
+    def forward(self, model: nn.Module, batch: Any, device: torch.device) -> torch.Tensor:
+        x = _images(batch).to(device, non_blocking=True)
+        return F.mse_loss(model.reconstruct(x).float(), x.float())
+
+
+class ContrastiveObjective(nn.Module):
+    """contrastive_loss over a (x1, x2, same) batch; both images go through
+    the one network in a single forward (shared weights, shared batch statistics)."""
+
+    def __init__(self, margin: float = 0.5) -> None:
+        super().__init__()
+        self.margin = float(margin)
+
+    def forward(self, model: nn.Module, batch: Any, device: torch.device) -> torch.Tensor:
+        x1, x2, same = batch
+        embeddings = model(torch.cat([x1, x2]).to(device, non_blocking=True))
+        emb_a, emb_b = embeddings.chunk(2)
+        return contrastive_loss(emb_a, emb_b, torch.as_tensor(same).to(device), margin=self.margin)
+
+
+class TripletObjective(nn.Module):
+    """triplet_loss over a labelled (x, label) batch, best drawn with PKSampler."""
+
+    def __init__(self, margin: float = 0.2, mining: str = "batch_hard") -> None:
+        super().__init__()
+        if mining not in ("batch_hard", "batch_all"):
+            raise ValueError(f"mining must be 'batch_hard' or 'batch_all', not {mining!r}")
+        self.margin, self.mining = float(margin), mining
+
+    def forward(self, model: nn.Module, batch: Any, device: torch.device) -> torch.Tensor:
+        x, labels = _labelled(batch, device, "triplet training")
+        return triplet_loss(model(x), labels, margin=self.margin, mining=self.mining)
+
+
+class ClassificationObjective(nn.Module):
+    """Cross-entropy of a cosine classifier over the L2-normalised embedding:
+    logits = scale * cos(embedding, class weight). Training through the
+    normalised embedding shapes the very cosine geometry retrieval uses.
+
+    Owns the class weights (num_classes, dimension): put this module's
+    parameters in the optimizer next to the network's, move it to the device,
+    and pass it as `objective=` to save/load_checkpoint. The network itself is
+    not a submodule (its parameters would be counted twice).
+    """
+
+    def __init__(self, embedding_net: EmbeddingNet, num_classes: int, scale: float = 16.0) -> None:
+        super().__init__()
+        if num_classes < 2:
+            raise ValueError(f"classification needs at least two classes, got {num_classes}")
+        self.scale = float(scale)
+        self.head = nn.Linear(embedding_net.dimension, int(num_classes), bias=False)
+
+    def logits(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """(N, dimension) normalised embeddings -> (N, num_classes)."""
+        return self.scale * F.linear(embeddings, F.normalize(self.head.weight, dim=1))
+
+    def forward(self, model: nn.Module, batch: Any, device: torch.device) -> torch.Tensor:
+        x, labels = _labelled(batch, device, "classification training")
+        return F.cross_entropy(self.logits(model(x).float()), labels)
