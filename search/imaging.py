@@ -16,6 +16,8 @@ from training.preprocessing import to_rgb
 
 # Formats accepted by content (never by file name).
 ACCEPTED_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp", "GIF": "gif", "MPO": "jpg"}
+# Openers to try; the JPEG opener also yields MPO (multi-picture JPEGs from cameras).
+OPEN_FORMATS = ["JPEG", "PNG", "WEBP", "BMP", "GIF"]
 
 Image.init()  # register every plugin, so `formats=` below knows MPO and friends
 
@@ -56,7 +58,7 @@ def decode_image(data: bytes, *, max_pixels: int | None = None, draft_size: int 
         with warnings.catch_warnings():
             # Our own pixel limit below decides; Pillow's warning would only be noise.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data), formats=list(ACCEPTED_FORMATS))
+            image = Image.open(io.BytesIO(data), formats=OPEN_FORMATS)
     except UnidentifiedImageError:
         raise ImageRejected(
             "not a supported image (accepted: JPEG, PNG, WebP, BMP, GIF, judged by content, not by file name)"

@@ -112,6 +112,10 @@ def ensure_hnsw_index(version: ModelVersion) -> bool:
     if version.index_exists():
         return False
     with connection.cursor() as cursor:
+        if connection.in_atomic_block:
+            # Django's foreign keys are deferred; PostgreSQL refuses CREATE INDEX
+            # on a table with pending checks, so run them now.
+            cursor.execute("SET CONSTRAINTS ALL IMMEDIATE")
         cursor.execute(
             f"CREATE INDEX IF NOT EXISTS {version.index_name} ON search_embedding "
             f"USING hnsw ({vector_expression(version)} halfvec_cosine_ops) "

@@ -110,14 +110,9 @@ def _vector_literal(vector: np.ndarray) -> str:
     return "[" + ",".join(f"{x:.6g}" for x in np.asarray(vector, dtype=np.float32)) + "]"
 
 
-def nearest(version: ModelVersion, *, vector: np.ndarray | None = None, image_id: int | None = None, k: int,
-            dataset: Dataset | None = None, exclude_image_id: int | None = None) -> list[Hit]:
-    """The k nearest images by cosine distance, in one statement on the version's HNSW index.
-
-    The query is either a vector or an indexed image (its stored vector is read
-    inside the same statement). With a dataset filter, pgvector's iterative
-    index scan keeps going until k rows pass the filter.
-    """
+def nearest_query(version: ModelVersion, *, vector: np.ndarray | None = None, image_id: int | None = None, k: int,
+                  dataset: Dataset | None = None, exclude_image_id: int | None = None) -> tuple[str, list]:
+    """The SQL (and parameters) of a nearest-neighbour search; see nearest()."""
     dim = int(version.dimension)
     expr = f"e.vector::halfvec({dim})"
     if vector is not None:
@@ -141,11 +136,29 @@ def nearest(version: ModelVersion, *, vector: np.ndarray | None = None, image_id
         f"WHERE {' AND '.join(where)} "
         f"ORDER BY {expr} <=> {query_sql} LIMIT %s"
     )
-    ef_search = max(settings.CBIR_HNSW_EF_SEARCH, 2 * k)
+    return sql, query_params + params + query_params + [k]
+
+
+def set_search_options(cursor, k: int) -> None:
+    """Per-transaction HNSW settings: a search breadth of at least 2k, and an
+    iterative scan so a dataset filter still yields k rows, in exact order."""
+    ef_search = min(max(settings.CBIR_HNSW_EF_SEARCH, 2 * k), 1000)
+    cursor.execute(f"SET LOCAL hnsw.ef_search = {int(ef_search)}")
+    cursor.execute("SET LOCAL hnsw.iterative_scan = strict_order")
+
+
+def nearest(version: ModelVersion, *, vector: np.ndarray | None = None, image_id: int | None = None, k: int,
+            dataset: Dataset | None = None, exclude_image_id: int | None = None) -> list[Hit]:
+    """The k nearest images by cosine distance, in one statement on the version's HNSW index.
+
+    The query is either a vector or an indexed image (its stored vector is read
+    inside the same statement).
+    """
+    sql, params = nearest_query(version, vector=vector, image_id=image_id, k=k, dataset=dataset,
+                                exclude_image_id=exclude_image_id)
     with transaction.atomic(), connection.cursor() as cursor:
-        cursor.execute(f"SET LOCAL hnsw.ef_search = {int(min(ef_search, 1000))}")
-        cursor.execute("SET LOCAL hnsw.iterative_scan = strict_order")
-        cursor.execute(sql, query_params + params + query_params + [k])
+        set_search_options(cursor, k)
+        cursor.execute(sql, params)
         rows = cursor.fetchall()
     return [Hit(image_id=r[0], score=float(r[1]), label=r[2], dataset=r[3], file=r[4], thumbnail=r[5]) for r in rows]
 

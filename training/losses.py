@@ -62,7 +62,9 @@ def triplet_loss(embeddings: torch.Tensor, labels: torch.Tensor, margin: float =
     graph so backward() works.
     """
     if embeddings.dim() != 2 or labels.shape != embeddings.shape[:1]:
-        raise ValueError(f"need embeddings (N, D) and labels (N,), got {tuple(embeddings.shape)} and {tuple(labels.shape)}")
+        raise ValueError(
+            f"need embeddings (N, D) and labels (N,), got {tuple(embeddings.shape)} and {tuple(labels.shape)}"
+        )
     distances = pairwise_distances(embeddings)
     n = embeddings.shape[0]
     same_label = labels.unsqueeze(0) == labels.unsqueeze(1)

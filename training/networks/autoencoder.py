@@ -31,7 +31,9 @@ class ConvAutoencoder(EmbeddingNet):
     def __init__(self, weights: str = "random", dimension: int = DIMENSION, size: int = 224, width: int = 32) -> None:
         super().__init__()
         if weights != "random":
-            raise ValueError("the autoencoder is trained from scratch and has no pretrained weights; use weights='random'")
+            raise ValueError(
+                "the autoencoder is trained from scratch and has no pretrained weights; use weights='random'"
+            )
         dimension, size, width = int(dimension), int(size), int(width)
         if size < 2**STAGES or size % 2**STAGES:
             raise ValueError(f"autoencoder input size must be a positive multiple of {2**STAGES}, not {size}")

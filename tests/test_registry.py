@@ -1,0 +1,50 @@
+import pytest
+import torch
+
+from training.networks.base import WeightsUnavailable
+from training.networks.registry import ARCHITECTURES, UnknownArchitecture, build_network, get_architecture
+
+
+@pytest.mark.parametrize("name,dimension,size", [
+    ("tiny", 32, 32), ("efficientnet_lite0", 1280, 64), ("resnet50", 2048, 64), ("vgg16", 512, 64),
+])
+def test_networks_output_unit_vectors_of_their_declared_dimension(name, dimension, size):
+    model = build_network(name, weights="random").eval()
+    assert model.dimension == dimension == get_architecture(name).default_dimension
+    with torch.inference_mode():
+        out = model(torch.randn(2, 3, size, size))
+    assert out.shape == (2, dimension)
+    torch.testing.assert_close(out.norm(dim=1), torch.ones(2))
+
+
+def test_unknown_architecture_is_a_clear_error():
+    with pytest.raises(UnknownArchitecture, match="unknown architecture 'alexnet'.*efficientnet_lite0"):
+        build_network("alexnet")
+
+
+def test_every_registered_dimension_is_indexable():
+    assert all(1 <= a.default_dimension <= 4000 for a in ARCHITECTURES.values())
+
+
+def test_unknown_settings_are_refused():
+    with pytest.raises(ValueError, match="takes no settings"):
+        build_network("resnet50", weights="random", width=3)
+
+
+@pytest.mark.parametrize("name,filename", [("resnet50", "resnet50-11ad3fa6.pth"), ("vgg16", "vgg16-397923af.pth")])
+def test_missing_torchvision_weights_offline_name_the_file_and_place(name, filename, settings, tmp_path, monkeypatch):
+    settings.CBIR_OFFLINE = True
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(WeightsUnavailable) as excinfo:
+        build_network(name)
+    message = str(excinfo.value)
+    assert str(tmp_path / "hub" / "checkpoints" / filename) in message
+    assert "https://download.pytorch.org/models/" + filename in message
+    assert "--random-weights" in message
+
+
+def test_pretrained_weights_are_not_replaced_by_random_ones_silently(settings, tmp_path, monkeypatch):
+    settings.CBIR_OFFLINE = True
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(WeightsUnavailable):
+        build_network("resnet50", weights="pretrained")
