@@ -25,9 +25,14 @@ def env_str(name: str, default: str | None = None) -> str | None:
     file_name = os.environ.get(f"{name}_FILE")
     if file_name:
         try:
-            return Path(file_name).read_text().strip()
+            value = Path(file_name).read_text().strip()
         except OSError as exc:
             raise ImproperlyConfigured(f"{name}_FILE={file_name!r} cannot be read: {exc}") from exc
+        if not value:
+            # A secret file that was named but is empty is a mistake, not "unset":
+            # an empty DATABASE_URL_FILE would otherwise start the embedded database.
+            raise ImproperlyConfigured(f"{name}_FILE={file_name!r} is empty")
+        return value
     return default
 
 

@@ -81,6 +81,45 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 # the tests). Search never needs the broker; starting a job does.
 REDIS_URL = env_str("REDIS_URL") or f"redis+socket://{embedded.REDIS_SOCKET}"
 
+# --- Jobs (Celery) ------------------------------------------------------------
+# Job state lives in PostgreSQL (search.models.Job); the broker only carries ids.
+CELERY_BROKER_URL = REDIS_URL
+CELERY_TASK_SERIALIZER = "json"
+CELERY_ACCEPT_CONTENT = ["json"]
+CELERY_TASK_IGNORE_RESULT = True
+CELERY_TASK_ACKS_LATE = True  # a task killed mid-way is delivered again
+CELERY_TASK_REJECT_ON_WORKER_LOST = True
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1  # long tasks: take one at a time
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+CELERY_BROKER_CONNECTION_TIMEOUT = 3
+CELERY_TASK_DEFAULT_QUEUE = "embed"
+CELERY_TASK_ROUTES = {"training.tasks.*": {"queue": "train"}, "search.tasks.*": {"queue": "embed"}}
+# Longest job time (training): the visibility timeout must exceed it, or Redis
+# would hand a still-running task to a second worker.
+CBIR_TRAIN_TIME_LIMIT = env_int("CBIR_TRAIN_TIME_LIMIT", 24 * 3600, minimum=60)
+CBIR_CHUNK_TIME_LIMIT = env_int("CBIR_CHUNK_TIME_LIMIT", 3600, minimum=10)
+CELERY_BROKER_TRANSPORT_OPTIONS = {
+    "visibility_timeout": env_int("CBIR_VISIBILITY_TIMEOUT", CBIR_TRAIN_TIME_LIMIT + 3600, minimum=10),
+    "socket_connect_timeout": 3,
+    "socket_timeout": 10,
+}
+# Images per embedding task; every worker takes chunks, so more workers, more speed.
+CBIR_CHUNK_SIZE = env_int("CBIR_CHUNK_SIZE", 256, minimum=1)
+# A running job or chunk whose heartbeat is older than this is taken to have lost
+# its worker and is queued again (workers check every CBIR_RECOVERY_INTERVAL s).
+CBIR_JOB_STALE_SECONDS = env_int("CBIR_JOB_STALE_SECONDS", 120, minimum=1)
+CBIR_RECOVERY_INTERVAL = env_float("CBIR_RECOVERY_INTERVAL", 30.0, minimum=0.1)
+# Starting a job first checks that a worker answers (seconds to wait for one).
+CBIR_WORKER_PING_TIMEOUT = env_float("CBIR_WORKER_PING_TIMEOUT", 1.5, minimum=0.1)
+# Fault-injection aid for demonstrations and tests: pause between batches.
+CBIR_EMBED_THROTTLE_SECONDS = env_float("CBIR_EMBED_THROTTLE_SECONDS", 0.0, minimum=0.0)
+# Zip imports: limits against zip bombs.
+CBIR_ZIP_MAX_ENTRIES = env_int("CBIR_ZIP_MAX_ENTRIES", 100_000, minimum=1)
+CBIR_ZIP_MAX_TOTAL_BYTES = env_int("CBIR_ZIP_MAX_TOTAL_BYTES", 20 * 1024**3, minimum=1024)
+# Uploaded zips wait here for their import job (shared storage on multi-host setups).
+CBIR_UPLOADS_DIR = env_str("CBIR_UPLOADS_DIR", "")
+CBIR_ZIP_MAX_UPLOAD_BYTES = env_int("CBIR_ZIP_MAX_UPLOAD_BYTES", 2 * 1024**3, minimum=1024)
+
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
     {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},

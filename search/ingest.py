@@ -46,11 +46,18 @@ class ImportReport:
             "imported": self.imported,
             "duplicates": self.duplicates,
             "rejected": self.rejected_count,
+            "not_images": self.not_images,
             "reasons": [{"file": name, "reason": reason} for name, reason in self.rejected],
         }
 
+    @property
+    def not_images(self) -> int:
+        return sum(1 for _, reason in self.rejected if reason == "not an image")
+
     def summary(self) -> str:
-        return f"imported {self.imported}, duplicates skipped {self.duplicates}, unreadable skipped {self.rejected_count}"
+        text = (f"imported {self.imported}, duplicates skipped {self.duplicates}, "
+                f"unreadable skipped {self.rejected_count - self.not_images}")
+        return text + (f", other files (not images) skipped {self.not_images}" if self.not_images else "")
 
     def reason_counts(self) -> Counter:
         return Counter(reason for _, reason in self.rejected)
@@ -180,4 +187,71 @@ def import_folder(root: str | Path, dataset: Dataset, *, labels_from_folders: bo
             else:
                 report.duplicates += 1
         progress(index, len(files), relative)
+    return report
+
+
+class ZipRejected(ValueError):
+    """The archive as a whole is refused (not a zip, too many entries, too big)."""
+
+
+def import_zip(zip_path: str | Path, dataset: Dataset, *, labels_from_folders: bool = False,
+               progress: Progress = _noop, should_stop: Callable[[], bool] | None = None) -> ImportReport:
+    """Import the images in a zip. Entry names are only used as labels and
+    display names, never as paths on disk (no traversal); sizes are checked
+    while reading (no zip bombs); one bad entry never aborts the import."""
+    import zipfile
+
+    max_entries = settings.CBIR_ZIP_MAX_ENTRIES
+    max_total = settings.CBIR_ZIP_MAX_TOTAL_BYTES
+    max_file = settings.CBIR_MAX_IMPORT_FILE_BYTES
+    try:
+        archive = zipfile.ZipFile(zip_path)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise ZipRejected(f"not a readable zip file ({exc})") from None
+    report = ImportReport()
+    with archive:
+        entries = [info for info in archive.infolist() if not info.is_dir()]
+        if len(entries) > max_entries:
+            raise ZipRejected(f"the zip holds {len(entries):,} files; the limit is {max_entries:,}")
+        total_read = 0
+        for index, info in enumerate(entries, start=1):
+            name = info.filename.replace("\\", "/")
+            parts = [p for p in name.split("/") if p not in ("", ".", "..")]
+            display = "/".join(parts) or "(unnamed)"
+            if should_stop and should_stop():
+                break
+            if not parts or parts[-1].startswith(".") or parts[0] == "__MACOSX":
+                progress(index, len(entries), display)
+                continue
+            label = "/".join(parts[:-1]) or None if labels_from_folders else None
+            try:
+                if info.file_size > max_file:
+                    raise ImageRejected(f"the file is larger than the limit of {max_file:,} bytes")
+                if total_read + info.file_size > max_total:
+                    raise ZipRejected(f"the zip unpacks to more than {max_total:,} bytes; stopped here")
+                with archive.open(info) as handle:
+                    # The declared size may lie (zip bomb): read at most the limit.
+                    data = handle.read(max_file + 1)
+                if len(data) > max_file:
+                    raise ImageRejected(f"the file is larger than the limit of {max_file:,} bytes")
+                total_read += len(data)
+                image, created = add_image(dataset, data, display, label)
+            except ZipRejected as exc:
+                report.rejected.append((display, str(exc)))
+                break
+            except ImageRejected as exc:
+                reason = str(exc)
+                if reason.startswith("not a supported image") and Path(display).suffix.lower() not in IMAGE_SUFFIXES:
+                    reason = "not an image"
+                report.rejected.append((display, reason))
+            except (zipfile.BadZipFile, OSError, RuntimeError, EOFError) as exc:
+                # Corrupt member, bad CRC, encrypted entry, unsupported compression.
+                report.rejected.append((display, f"cannot be read from the zip ({exc})"))
+            else:
+                if created:
+                    report.imported += 1
+                    report.image_ids.append(image.pk)
+                else:
+                    report.duplicates += 1
+            progress(index, len(entries), display)
     return report

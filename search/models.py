@@ -72,3 +72,92 @@ class Embedding(models.Model):
     class Meta:
         constraints = [models.UniqueConstraint(fields=["image", "model_version"], name="unique_embedding_per_version")]
         indexes = [models.Index(fields=["model_version", "image"], name="embedding_version_image")]
+
+
+class Job(models.Model):
+    """A long piece of work run by a Celery worker. This row, not the broker, is
+    the truth about it: status, progress, log, result, error.
+
+    Status changes go through `search.jobs.transition`, which enforces the
+    allowed ones with a conditional UPDATE (so two workers cannot both claim it).
+    """
+
+    class Kind(models.TextChoices):
+        IMPORT = "import", "import"
+        EMBED = "embed", "embed"
+        TRAIN = "train", "train"
+        EVALUATE = "evaluate", "evaluate"
+
+    class Status(models.TextChoices):
+        QUEUED = "queued", "queued"
+        RUNNING = "running", "running"
+        SUCCEEDED = "succeeded", "succeeded"
+        FAILED = "failed", "failed"
+        CANCELLED = "cancelled", "cancelled"
+
+    kind = models.CharField(max_length=10, choices=Kind.choices)
+    status = models.CharField(max_length=10, choices=Status.choices, default=Status.QUEUED, db_index=True)
+    dataset = models.ForeignKey(Dataset, null=True, blank=True, on_delete=models.SET_NULL, related_name="jobs")
+    model_version = models.ForeignKey(ModelVersion, null=True, blank=True, on_delete=models.SET_NULL,
+                                      related_name="jobs")
+    params = models.JSONField(default=dict, blank=True)
+    result = models.JSONField(default=dict, blank=True)
+    error = models.TextField(blank=True)
+    progress_done = models.PositiveIntegerField(default=0)
+    progress_total = models.PositiveIntegerField(default=0)
+    message = models.CharField(max_length=300, blank=True)
+    log = models.JSONField(default=list, blank=True)
+    celery_task_id = models.CharField(max_length=64, blank=True)
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
+    created = models.DateTimeField(auto_now_add=True)
+    started = models.DateTimeField(null=True, blank=True)
+    finished = models.DateTimeField(null=True, blank=True)
+    heartbeat = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created"]
+        indexes = [models.Index(fields=["status", "heartbeat"], name="job_status_heartbeat")]
+
+    def __str__(self) -> str:
+        target = self.dataset or self.model_version or ""
+        return f"{self.get_kind_display()} job #{self.pk} {target}".strip()
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status in (self.Status.SUCCEEDED, self.Status.FAILED, self.Status.CANCELLED)
+
+    @property
+    def duration(self):
+        if not self.started:
+            return None
+        from django.utils import timezone
+
+        return (self.finished or timezone.now()) - self.started
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.progress_done / self.progress_total if self.progress_total else (
+            100.0 if self.status == self.Status.SUCCEEDED else 0.0)
+
+
+class JobChunk(models.Model):
+    """A slice of an embedding job's images, run as its own task so that every
+    worker can take part. Writes are upserts, so a chunk run twice does no harm."""
+
+    job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="chunks")
+    index = models.PositiveIntegerField()
+    image_ids = models.JSONField()
+    status = models.CharField(max_length=10, choices=Job.Status.choices, default=Job.Status.QUEUED)
+    done = models.PositiveIntegerField(default=0)
+    failed = models.PositiveIntegerField(default=0)
+    error = models.TextField(blank=True)
+    attempts = models.PositiveIntegerField(default=0)
+    worker = models.CharField(max_length=200, blank=True)
+    celery_task_id = models.CharField(max_length=64, blank=True)
+    heartbeat = models.DateTimeField(null=True, blank=True)
+    updated = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["job", "index"]
+        constraints = [models.UniqueConstraint(fields=["job", "index"], name="unique_chunk_index")]
+        indexes = [models.Index(fields=["status", "heartbeat"], name="chunk_status_heartbeat")]

@@ -9,3 +9,13 @@ urlpatterns = [
     path("api/search", views.api_search, name="api-search"),
     path("api/images/<int:image_id>/similar", views.api_similar, name="api-similar"),
 ]
+
+from search import job_views  # noqa: E402
+
+urlpatterns += [
+    path("jobs/", job_views.job_list, name="job-list"),
+    path("jobs/<int:job_id>/", job_views.job_detail, name="job-detail"),
+    path("jobs/<int:job_id>/status", job_views.job_status, name="job-status"),
+    path("jobs/<int:job_id>/cancel", job_views.job_cancel, name="job-cancel"),
+    path("jobs/<int:job_id>/rerun", job_views.job_rerun, name="job-rerun"),
+]

@@ -14,6 +14,14 @@ from PIL import Image as PILImage
 os.environ.setdefault("XDG_RUNTIME_DIR", "/tmp")
 
 
+@pytest.fixture(scope="session")
+def django_db_modify_db_settings():
+    """A test database of this run's own, so two test runs on one server do not collide."""
+    from django.conf import settings
+
+    settings.DATABASES["default"].setdefault("TEST", {})["NAME"] = f"test_cbir_{os.getpid()}"
+
+
 @pytest.fixture(autouse=True)
 def _isolated_storage(settings, tmp_path_factory):
     settings.MEDIA_ROOT = tmp_path_factory.mktemp("media")
@@ -85,3 +93,78 @@ def indexed(db, dataset, image_folder, tiny_version):
     build_index(dataset, tiny_version)
     tiny_version.activate()
     return dataset
+
+
+# --- Real Redis and Celery workers --------------------------------------------
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    from tests.workers import RedisServer
+
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    from cbirsite.celery import app
+
+    app.conf.broker_url = server.url
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def shared_media(tmp_path_factory):
+    return tmp_path_factory.mktemp("shared-media")
+
+
+@pytest.fixture(scope="session")
+def worker_env(django_db_setup, redis_server, shared_media, tmp_path_factory):
+    """Environment for worker processes: the test database, the test Redis, shared media."""
+    from django.db import connection
+
+    from tests.workers import database_url
+
+    env = dict(os.environ)
+    env.update({
+        "DATABASE_URL": database_url(connection.settings_dict),
+        "REDIS_URL": redis_server.url,
+        "MEDIA_ROOT": str(shared_media),
+        "CBIR_WEIGHTS_DIR": str(tmp_path_factory.mktemp("worker-weights")),
+        "CBIR_LOADER_WORKERS": "0",
+        "CBIR_JOB_STALE_SECONDS": "3",
+        "CBIR_RECOVERY_INTERVAL": "0.5",
+        "CBIR_WORKER_PING_TIMEOUT": "1.0",
+        "PYTHONUNBUFFERED": "1",
+        "OMP_NUM_THREADS": "1",
+    })
+    return env
+
+
+@pytest.fixture(scope="session")
+def session_worker(worker_env, tmp_path_factory):
+    from cbirsite.celery import app
+    from tests.workers import Worker
+
+    worker = Worker("session", worker_env, tmp_path_factory.mktemp("logs") / "session-worker.log").start()
+    worker.wait_ready(app)
+    yield worker
+    worker.stop()
+
+
+@pytest.fixture
+def live_worker(session_worker, transactional_db, settings, shared_media, redis_server):
+    """A running worker that sees this test's committed rows and files."""
+    settings.MEDIA_ROOT = shared_media
+    settings.CELERY_BROKER_URL = redis_server.url
+    settings.CBIR_WORKER_PING_TIMEOUT = 2.0
+    return session_worker
+
+
+def wait_for(predicate, timeout: float = 60, interval: float = 0.2, message: str = "condition"):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {message}")

@@ -84,6 +84,6 @@ def test_a_symlink_loop_does_not_trap_the_walk(dataset, image_folder):
 def test_the_command_prints_counts_and_reasons(dataset, image_folder, capsys):
     call_command("import_images", str(image_folder), "--dataset", "new-set", "--labels-from-folders", "--no-progress")
     out = capsys.readouterr().out
-    assert "imported 12, duplicates skipped 1, unreadable skipped 2" in out
+    assert "imported 12, duplicates skipped 1, unreadable skipped 1, other files (not images) skipped 1" in out
     assert "broken.png: the image file is truncated" in out
     assert Dataset.objects.get(name="new-set").images.count() == 12

