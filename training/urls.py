@@ -1,0 +1,3 @@
+"""Pages about model versions (comparison, evaluation reports)."""
+
+urlpatterns: list = []
