@@ -5,7 +5,11 @@ from django.db.models import Count, Q
 from django.shortcuts import render
 from django.utils.html import format_html, format_html_join
 
-from search.forms import ImageUploadForm, SetLabelForm, SetSplitForm
+from django.urls import path, reverse
+
+from search import jobs
+from search.admin_jobs import intermediate, jobs_link, redirect_to_job, save_upload, start_or_report
+from search.forms import BuildIndexForm, ImageUploadForm, SetLabelForm, SetSplitForm, ZipImportForm
 from search.indexing import coverage
 from search.ingest import add_image
 from search.models import Dataset, Embedding, Image, Split
@@ -13,10 +17,88 @@ from search.models import Dataset, Embedding, Image, Split
 
 @admin.register(Dataset)
 class DatasetAdmin(admin.ModelAdmin):
-    list_display = ["name", "n_images", "n_train", "n_val", "n_test", "n_labels", "coverage_summary", "created"]
+    list_display = ["name", "n_images", "n_train", "n_val", "n_test", "n_labels", "coverage_summary", "job_links",
+                    "created"]
     search_fields = ["name", "description"]
-    readonly_fields = ["created", "split_table", "label_table", "coverage_table"]
-    fields = ["name", "description", "created", "split_table", "label_table", "coverage_table"]
+    readonly_fields = ["created", "split_table", "label_table", "coverage_table", "job_links"]
+    fields = ["name", "description", "created", "split_table", "label_table", "coverage_table", "job_links"]
+    actions = ["build_index", "train_model", "evaluate"]
+    change_form_template = "admin/search/dataset/change_form.html"
+
+    # --- Jobs started from here -------------------------------------------------
+
+    def get_urls(self):
+        return [path("<int:dataset_id>/import-zip/", self.admin_site.admin_view(self.import_zip_view),
+                     name="search_dataset_import_zip")] + super().get_urls()
+
+    @admin.display(description="jobs")
+    def job_links(self, obj):
+        return jobs_link("dataset", obj.pk) if obj.pk else "—"
+
+    def import_zip_view(self, request, dataset_id: int):
+        dataset = Dataset.objects.filter(pk=dataset_id).first()
+        if dataset is None or not self.has_change_permission(request, dataset):
+            messages.error(request, "No such dataset.")
+            return redirect("admin:search_dataset_changelist")
+        form = ZipImportForm(request.POST or None, request.FILES or None)
+        if request.method == "POST" and form.is_valid():
+            try:
+                jobs.check_workers("embed")
+            except jobs.JobError as exc:
+                messages.error(request, str(exc))
+            else:
+                path = save_upload(form.cleaned_data["archive"])
+                job = start_or_report(request, lambda: jobs.start_import_job(
+                    dataset, path, labels_from_folders=form.cleaned_data["labels_from_folders"], user=request.user,
+                    original_name=form.cleaned_data["archive"].name, check=False), "Import started")
+                if job:
+                    return redirect_to_job(job, "admin:search_dataset_changelist")
+                from pathlib import Path
+
+                Path(path).unlink(missing_ok=True)
+        return intermediate(request, self, f"Import a zip into {dataset}", form, [dataset], "", extra={
+            "multipart": True, "submit_label": "Upload and import"})
+
+    @admin.action(description="Build index… (embed the images with a model version)")
+    def build_index(self, request, queryset):
+        form = BuildIndexForm(request.POST if "apply" in request.POST else None)
+        if "apply" in request.POST and form.is_valid():
+            version = form.cleaned_data["model"]
+            started = [start_or_report(request, lambda d=d: jobs.start_embed_job(version, d, user=request.user),
+                                       f"Indexing {d} with {version}") for d in queryset]
+            started = [j for j in started if j]
+            return redirect_to_job(started[0], "admin:search_dataset_changelist") if len(started) == 1 else None
+        return intermediate(request, self, "Build the index", form, queryset, "build_index")
+
+    @admin.action(description="Train a model…")
+    def train_model(self, request, queryset):
+        from training.forms import TrainForm
+        from training.jobs import start_training_job
+
+        if queryset.count() != 1:
+            self.message_user(request, "Select exactly one dataset to train on.", messages.ERROR)
+            return None
+        dataset = queryset.get()
+        form = TrainForm(request.POST if "apply" in request.POST else None)
+        if "apply" in request.POST and form.is_valid():
+            job = start_or_report(request, lambda: start_training_job(dataset, user=request.user, **form.config_fields()),
+                                  f"Training on {dataset}")
+            return redirect_to_job(job, "admin:search_dataset_changelist") if job else None
+        return intermediate(request, self, f"Train a model on {dataset}", form, queryset, "train_model")
+
+    @admin.action(description="Evaluate retrieval quality (active model version)")
+    def evaluate(self, request, queryset):
+        from training.evaluation.jobs import start_evaluation_job
+        from training.models import ModelVersion
+
+        version = ModelVersion.active()
+        if version is None:
+            self.message_user(request, "No active model version to evaluate.", messages.ERROR)
+            return None
+        for dataset in queryset:
+            start_or_report(request, lambda d=dataset: start_evaluation_job(version, d, user=request.user),
+                            f"Evaluating {version} on {dataset}")
+        return None
 
     def get_queryset(self, request):
         return super().get_queryset(request).annotate(

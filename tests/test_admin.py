@@ -515,12 +515,20 @@ def test_activate_action_switches_the_active_version(admin_client, indexed, tiny
     assert admin_client.get(_delete("modelversion", second_version.pk)).status_code == 403
 
 
-def test_activate_refuses_a_version_without_an_index(admin_client, indexed, tiny_version):
+def test_activating_an_unindexed_version_needs_a_job_and_says_when_none_can_run(admin_client, indexed, tiny_version,
+                                                                                  settings, tmp_path):
+    from cbirsite.celery import app
+
     bare = get_or_create_version("tiny", random_weights=True, config={"dimension": 32, "size": 32})
-    response = _run_action(admin_client, VERSIONS, "activate", [bare.pk])
+    old = app.conf.broker_url
+    app.conf.broker_url = f"redis+socket://{tmp_path}/no-redis.sock"  # no broker, so no job can start
+    try:
+        response = _run_action(admin_client, VERSIONS, "activate", [bare.pk])
+    finally:
+        app.conf.broker_url = old
     assert response.status_code == 302
-    assert ModelVersion.active() == tiny_version
-    assert any("no index" in m for m in _messages(admin_client.get(VERSIONS)))
+    assert ModelVersion.active() == tiny_version  # search keeps its complete version
+    assert any("cannot be reached" in m for m in _messages(admin_client.get(VERSIONS)))
 
 
 def test_activate_refuses_more_than_one_version(admin_client, indexed, tiny_version, second_version):

@@ -15,10 +15,10 @@ FROZEN_FIELDS = ["architecture", "config", "weights_source", "weights_path", "we
 @admin.register(ModelVersion)
 class ModelVersionAdmin(admin.ModelAdmin):
     list_display = ["name", "active_mark", "architecture", "dimension", "weights_source", "short_sha", "n_embeddings",
-                    "index_ready", "created"]
+                    "index_ready", "job_links", "created"]
     list_filter = ["architecture", "weights_source", "is_active"]
     search_fields = ["name", "architecture"]
-    readonly_fields = FROZEN_FIELDS + ["is_active", "metrics_pretty", "created"]
+    readonly_fields = FROZEN_FIELDS + ["is_active", "metrics_pretty", "job_links", "created"]
     fields = ["name", "notes"] + readonly_fields
     actions = ["activate"]
 
@@ -59,14 +59,30 @@ class ModelVersionAdmin(admin.ModelAdmin):
     def metrics_pretty(self, obj):
         return format_html("<pre>{}</pre>", json.dumps(obj.metrics, indent=2, sort_keys=True))
 
+    @admin.display(description="jobs")
+    def job_links(self, obj):
+        from search.admin_jobs import jobs_link
+
+        return jobs_link("model_version", obj.pk) if obj.pk else "—"
+
     @admin.action(description="Activate for search")
     def activate(self, request, queryset):
+        """A version that has embedded every image switches at once; otherwise an
+        activation job embeds what is missing and switches when complete."""
+        from search import jobs
+        from search.admin_jobs import start_or_report
+        from search.indexing import missing_image_ids
+
         if queryset.count() != 1:
             self.message_user(request, "Select exactly one model version to activate.", messages.ERROR)
             return
         version = queryset.get()
-        if not version.index_exists():
-            self.message_user(request, f"{version} has no index yet: build its index first.", messages.ERROR)
+        if version.is_active:
+            self.message_user(request, f"{version} is already active.", messages.INFO)
             return
-        version.activate()
-        self.message_user(request, f"{version} is now used for search.", messages.SUCCESS)
+        if version.index_exists() and not missing_image_ids(None, version):
+            version.activate()
+            self.message_user(request, f"{version} is now used for search.", messages.SUCCESS)
+            return
+        start_or_report(request, lambda: jobs.start_activation(version, user=request.user),
+                        f"{version} has no complete index yet: embedding every dataset, then switching search to it")
