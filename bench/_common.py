@@ -8,6 +8,7 @@ import os
 import platform
 import statistics
 import sys
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -54,15 +55,44 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     return "\n".join([line(cells[0]), sep] + [line(r) for r in cells[1:]])
 
 
-def cpu_pressure() -> float | None:
-    """Share of the last 10 s in which some runnable task waited for a CPU
-    (Linux PSI), in percent: a rough 'was the machine busy' label."""
-    try:
-        line = Path("/proc/pressure/cpu").read_text().splitlines()[0]
-    except OSError:
-        return None
-    fields = dict(part.split("=") for part in line.split()[1:])
-    return float(fields.get("avg10", "nan"))
+class OtherLoad:
+    """CPU time other processes used while a benchmark ran, in cores: the
+    machine's busy time (/proc/stat) minus this process and its reaped
+    children (DataLoader workers). The PostgreSQL backend serving the
+    benchmark counts as 'other', a small share. Linux only; None elsewhere."""
+
+    def __init__(self) -> None:
+        self.start = self._snapshot()
+
+    @staticmethod
+    def _snapshot():
+        import resource
+
+        try:
+            fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+        except (OSError, ValueError):
+            return None
+        tick = os.sysconf("SC_CLK_TCK")
+        busy = (fields[0] + fields[1] + fields[2] + fields[5] + fields[6]) / tick  # user nice system irq softirq
+        steal = fields[7] / tick if len(fields) > 7 else 0.0
+        me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        own = me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+        return time.monotonic(), busy, steal, own
+
+    def cores(self) -> dict | None:
+        end = self._snapshot()
+        if self.start is None or end is None:
+            return None
+        wall = end[0] - self.start[0]
+        return {"other_processes": round(max(0.0, (end[1] - self.start[1]) - (end[3] - self.start[3])) / wall, 2),
+                "steal": round((end[2] - self.start[2]) / wall, 2), "seconds": round(wall, 1)}
+
+
+def busy_warning(load: dict | None, threshold: float = 0.2) -> str | None:
+    if load and (load["other_processes"] > threshold or load["steal"] > threshold):
+        return (f"other processes used {load['other_processes']} cores on average during the run "
+                f"(hypervisor steal {load['steal']}): the figures are unreliable; run again when the machine is quiet")
+    return None
 
 
 def machine_info() -> dict:
@@ -76,5 +106,4 @@ def machine_info() -> dict:
         "torch_interop_threads": torch.get_num_interop_threads(),
         "cuda": torch.cuda.is_available(),
         "load_average": [round(x, 2) for x in os.getloadavg()],
-        "cpu_pressure_avg10_pct": cpu_pressure(),
     }

@@ -14,15 +14,21 @@ Measures, in images per second (median over --repeats):
            PostgreSQL; the HNSW index creation is timed once, apart
 
 and their ratio build/forward (the goal is at least 0.8: the pipeline should
-keep the network busy). The build writes to a scratch model version,
-"bench-scratch-<architecture>", a copy of the active one, so the real
-version's rows are never touched; its embeddings are deleted before each
-repeat and the version (with its index) is deleted at the end.
+keep the network busy). Forward and build runs alternate, so a busy spell on
+a shared machine hits both. CPU seconds (user/sys, loader workers included)
+and minor page faults per image are printed too: they show where time goes
+even when the wall clock is noisy.
 
---breakdown times the build's parts on their own (decode in the main
-process, the DataLoader alone, forward, DB writes) to show where time goes.
---sweep runs the build for loader workers 0/1/2 x torch threads 1/2, and a
-replica of embed_images' loop with other prefetch settings.
+The build writes to a scratch model version, "bench-scratch-<architecture>",
+a copy of the active one, so the real version's rows are never touched; its
+embeddings are deleted before each repeat and the version (with its HNSW
+index, by the pre_delete signal) is deleted at the end.
+
+--breakdown  times the build's parts on their own: decode in the main
+             process, the DataLoader alone, forward, DB writes.
+--sweep      round-robin over loader workers 0/1/2 x torch threads 1/2,
+             prefetch 1 vs 4, and the forward pass at batch sizes 1/8/32
+             (about two extra minutes on a quiet 2-core machine).
 --workers / --threads set CBIR_LOADER_WORKERS / torch.set_num_threads for
 the main figures.
 """
@@ -31,11 +37,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from _common import machine_info, median, setup_django, table
+from _common import OtherLoad, busy_warning, machine_info, median, setup_django, table
 
 GOAL = 0.8
 
@@ -48,7 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=None, help="CBIR_LOADER_WORKERS for the run (default: setting)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     parser.add_argument("--breakdown", action="store_true", help="time decode, loader, forward and DB writes apart")
-    parser.add_argument("--sweep", action="store_true", help="try loader workers x torch threads x prefetch")
+    parser.add_argument("--sweep", action="store_true", help="try loader workers x torch threads x prefetch x batch")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = parser.parse_args(argv)
     if args.batch_size < 1 or args.repeats < 1:
@@ -98,48 +106,75 @@ def batches(seq, size):
 
 # --- Measurements -------------------------------------------------------------
 
-def forward_once(model, device, chunks) -> float:
+@dataclass
+class Cost:
+    """CPU seconds and minor page faults, this process plus reaped children
+    (the DataLoader workers)."""
+
+    user: float = 0.0
+    sys: float = 0.0
+    faults: int = 0
+
+    @staticmethod
+    def now() -> "Cost":
+        me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        return Cost(me.ru_utime + kids.ru_utime, me.ru_stime + kids.ru_stime, me.ru_minflt + kids.ru_minflt)
+
+    def __sub__(self, other: "Cost") -> "Cost":
+        return Cost(self.user - other.user, self.sys - other.sys, self.faults - other.faults)
+
+    def __add__(self, other: "Cost") -> "Cost":
+        return Cost(self.user + other.user, self.sys + other.sys, self.faults + other.faults)
+
+    def per_image(self, n: int) -> dict:
+        return {"user_ms": round(1000 * self.user / n, 1), "sys_ms": round(1000 * self.sys / n, 1),
+                "minor_faults": round(self.faults / n)}
+
+
+def forward_once(model, device, chunks) -> tuple[float, Cost]:
     """Images/s of embed_batch alone over the pre-made batches."""
     from training.inference import embed_batch
 
-    start = time.perf_counter()
+    before, start = Cost.now(), time.perf_counter()
     for chunk in chunks:
         embed_batch(model, device, chunk)
-    return sum(len(c) for c in chunks) / (time.perf_counter() - start)
+    return sum(len(c) for c in chunks) / (time.perf_counter() - start), Cost.now() - before
 
 
-def build_once(version, image_ids, batch_size: int, embed=None) -> float:
+def build_once(version, image_ids, batch_size: int, embed=None) -> tuple[float, Cost]:
     """Images/s of one full embed_images run, inserting fresh rows."""
     from search.indexing import embed_images
 
     embed = embed or embed_images
     version.embeddings.all().delete()
-    start = time.perf_counter()
+    before, start = Cost.now(), time.perf_counter()
     report = embed(version, image_ids, batch_size=batch_size)
     seconds = time.perf_counter() - start
+    cost = Cost.now() - before
     if report.embedded != len(image_ids):
         raise SystemExit(f"embedded {report.embedded} of {len(image_ids)}; failures: {report.failed[:3]}")
-    return len(image_ids) / seconds
+    return len(image_ids) / seconds, cost
 
 
 def paired_rates(model, device, chunks, version, image_ids, batch_size: int, repeats: int):
-    """Forward and build measured alternately, so a busy spell on a shared
-    machine hits both; each repeat gives a (forward, build) pair."""
+    """Forward and build measured alternately; each repeat gives a pair."""
     from training.inference import embed_batch
 
     embed_batch(model, device, chunks[0])  # warm-up: allocator, oneDNN kernels
-    # Warm-up build over two batches, so the loader workers start once untimed.
+    # Warm-up build over two batches, so loader workers have started once, untimed.
     build_once(version, image_ids[:2 * batch_size], batch_size)
-    pairs = []
+    pairs, forward_cost, build_cost = [], Cost(), Cost()
     for _ in range(repeats):
-        pairs.append((forward_once(model, device, chunks), build_once(version, image_ids, batch_size)))
-    return pairs
+        f, fc = forward_once(model, device, chunks)
+        b, bc = build_once(version, image_ids, batch_size)
+        pairs.append((f, b))
+        forward_cost, build_cost = forward_cost + fc, build_cost + bc
+    return pairs, forward_cost, build_cost
 
 
 def replica_embed(prefetch_factor: int):
-    """embed_images' loop with other DataLoader settings (the real function
-    hard-codes prefetch_factor=4). Same dataset class, collate, forward and
-    upsert, so only the loader settings differ."""
+    """embed_images' loop with another prefetch_factor (the real function
+    hard-codes 4). Same dataset class, collate, forward and upsert."""
     from django.conf import settings
     from torch.utils.data import DataLoader
 
@@ -191,9 +226,8 @@ def breakdown(version, items, chunks, model, device, batch_size: int, workers: i
     out["  of which to first batch"] = first
 
     start = time.perf_counter()
-    vectors = [embed_batch(model, device, chunk) for chunk in chunks]
+    vectors = np.concatenate([embed_batch(model, device, chunk) for chunk in chunks])
     out["forward"] = time.perf_counter() - start
-    vectors = np.concatenate(vectors)
 
     version.embeddings.all().delete()
     ids = [pk for pk, _ in items]
@@ -213,6 +247,58 @@ def time_index_creation(version) -> float:
     return time.perf_counter() - start
 
 
+# (loader workers, torch threads, prefetch_factor, batch size or None for --batch-size)
+SWEEP_BUILDS = [
+    (0, 1, 4, None), (1, 1, 4, None), (2, 1, 4, None),
+    (0, 2, 4, None), (1, 2, 4, None), (2, 2, 4, None),
+    (1, 2, 1, None), (2, 2, 1, None),
+    (2, 2, 4, 8),
+]
+# (torch threads, batch size or None)
+SWEEP_FORWARDS = [(1, None), (2, None), (2, 1), (2, 8)]
+
+
+def sweep(scratch, model, device, tensors, image_ids, args) -> dict:
+    """Round-robin over the configurations, so a busy spell does not land on
+    one of them only; two rounds at most, to stay within a few minutes."""
+    import torch
+    from django.test import override_settings
+
+    rounds = min(args.repeats, 2)
+    chunks_for = {}
+
+    def chunks(batch_size):
+        if batch_size not in chunks_for:
+            chunks_for[batch_size] = [torch.stack(b) for b in batches(tensors, batch_size)]
+        return chunks_for[batch_size]
+
+    forward = {c: [] for c in SWEEP_FORWARDS}
+    build = {c: [] for c in SWEEP_BUILDS}
+    for _ in range(rounds):
+        for config in SWEEP_FORWARDS:
+            threads, batch_size = config
+            torch.set_num_threads(threads)
+            forward[config].append(forward_once(model, device, chunks(batch_size or args.batch_size))[0])
+        for config in SWEEP_BUILDS:
+            workers, threads, prefetch, batch_size = config
+            torch.set_num_threads(threads)
+            with override_settings(CBIR_LOADER_WORKERS=workers):
+                embed = None if prefetch == 4 else replica_embed(prefetch)
+                build[config].append(build_once(scratch, image_ids, batch_size or args.batch_size, embed=embed)[0])
+    reference = {t: median(forward[(t, None)]) for t in (1, 2)}
+    return {
+        "rounds": rounds,
+        "forward": [{"torch_threads": t, "batch_size": bs or args.batch_size,
+                     "forward_images_per_s": round(median(rates), 1)} for (t, bs), rates in forward.items()],
+        "build": [{"workers": w, "torch_threads": t, "prefetch_factor": p if w else None,
+                   "batch_size": bs or args.batch_size, "via": "embed_images" if p == 4 else "replica loop",
+                   "build_images_per_s": round(median(rates), 1),
+                   "ratio_same_threads": round(median(rates) / reference[t], 3),
+                   "ratio_best_forward": round(median(rates) / max(reference.values()), 3)}
+                  for (w, t, p, bs), rates in build.items()],
+    }
+
+
 # --- Driver -------------------------------------------------------------------
 
 def run(args: argparse.Namespace) -> dict:
@@ -224,6 +310,7 @@ def run(args: argparse.Namespace) -> dict:
     from training.inference import network_for, preprocessing_for
     from training.models import ModelVersion
 
+    other_load = OtherLoad()
     active = ModelVersion.active()
     if active is None:
         raise SystemExit("no active model version; build an index first")
@@ -241,77 +328,46 @@ def run(args: argparse.Namespace) -> dict:
     load_seconds = time.perf_counter() - start
     files = _FileImages(items, preprocessing_for(active))
     tensors = [files[i][0] for i in range(len(files))]
+    chunks = [torch.stack(b) for b in batches(tensors, args.batch_size)]
 
     scratch = scratch_version(active)
+    n = len(items)
     report: dict = {
         "model_version": active.name, "scratch_version": scratch.name, "dataset": args.dataset,
-        "images": len(items), "batch_size": args.batch_size, "repeats": args.repeats,
-        "loader_workers": settings.CBIR_LOADER_WORKERS
-        if len(items) > args.batch_size else 0,  # embed_images uses none for a single batch
+        "images": n, "batch_size": args.batch_size, "repeats": args.repeats,
+        # embed_images uses no workers when everything fits in one batch
+        "loader_workers": settings.CBIR_LOADER_WORKERS if n > args.batch_size else 0,
         "prefetch_factor": 4, "torch_threads": threads, "torch_threads_default": default_threads,
         "device": str(device), "model_load_s": round(load_seconds, 2),
     }
-    chunks = [torch.stack(b) for b in batches(tensors, args.batch_size)]
     try:
         network_for(scratch)  # its own cache entry: load it before timing
-        pairs = paired_rates(model, device, chunks, scratch, image_ids, args.batch_size, args.repeats)
-        forward = [f for f, _ in pairs]
-        build = [b for _, b in pairs]
-        report["forward_images_per_s"] = [round(r, 1) for r in forward]
-        report["build_images_per_s"] = [round(r, 1) for r in build]
-        report["forward_median"] = round(median(forward), 1)
-        report["build_median"] = round(median(build), 1)
-        report["ratio"] = round(median(build) / median(forward), 3)
-        report["ratio_per_repeat"] = [round(b / f, 3) for f, b in pairs]
+        pairs, forward_cost, build_cost = paired_rates(model, device, chunks, scratch, image_ids,
+                                                       args.batch_size, args.repeats)
+        forward, build = [f for f, _ in pairs], [b for _, b in pairs]
+        report.update({
+            "forward_images_per_s": [round(r, 1) for r in forward],
+            "build_images_per_s": [round(r, 1) for r in build],
+            "forward_median": round(median(forward), 1),
+            "build_median": round(median(build), 1),
+            "ratio": round(median(build) / median(forward), 3),
+            "ratio_per_repeat": [round(b / f, 3) for f, b in pairs],
+            "forward_cpu_per_image": forward_cost.per_image(n * args.repeats),
+            "build_cpu_per_image": build_cost.per_image(n * args.repeats),
+        })
         report["ratio_median_of_pairs"] = round(median(report["ratio_per_repeat"]), 3)
         report["hnsw_index_creation_s"] = round(time_index_creation(scratch), 3)
         if args.breakdown:
             parts = breakdown(scratch, items, chunks, model, device, args.batch_size, report["loader_workers"])
             report["breakdown_s"] = {k: round(v, 3) for k, v in parts.items()}
         if args.sweep:
-            report["sweep"] = sweep(scratch, model, device, chunks, image_ids, args)
+            report["sweep"] = sweep(scratch, model, device, tensors, image_ids, args)
             torch.set_num_threads(threads)
     finally:
         scratch.delete()  # cascades to its embeddings; the pre_delete signal drops its index
     report["machine"] = machine_info()
+    report["other_load_cores"] = other_load.cores()
     return report
-
-
-SWEEP = [  # (loader workers, torch threads, prefetch_factor)
-    (0, 1, 4), (1, 1, 4), (2, 1, 4),
-    (0, 2, 4), (1, 2, 4), (2, 2, 4),
-    (1, 2, 1), (2, 2, 1),
-]
-
-
-def sweep(scratch, model, device, chunks, image_ids, args) -> list[dict]:
-    """Build throughput per (workers, threads, prefetch), round-robin over the
-    configurations so a busy spell does not land on one of them only."""
-    import torch
-    from django.test import override_settings
-
-    rounds = min(args.repeats, 2)
-    forward: dict[int, list[float]] = {1: [], 2: []}
-    build: dict[tuple, list[float]] = {c: [] for c in SWEEP}
-    for _ in range(rounds):
-        for threads in forward:
-            torch.set_num_threads(threads)
-            forward[threads].append(forward_once(model, device, chunks))
-        for config in SWEEP:
-            workers, threads, prefetch = config
-            torch.set_num_threads(threads)
-            with override_settings(CBIR_LOADER_WORKERS=workers):
-                embed = None if prefetch == 4 else replica_embed(prefetch)
-                build[config].append(build_once(scratch, image_ids, args.batch_size, embed=embed))
-    best_forward = max(median(v) for v in forward.values())
-    rows = []
-    for (workers, threads, prefetch), rates in build.items():
-        rate, same = median(rates), median(forward[threads])
-        rows.append({"workers": workers, "torch_threads": threads, "prefetch_factor": prefetch if workers else None,
-                     "via": "embed_images" if prefetch == 4 else "replica loop", "rounds": rounds,
-                     "build_images_per_s": round(rate, 1), "forward_images_per_s_same_threads": round(same, 1),
-                     "ratio_same_threads": round(rate / same, 3), "ratio_best_forward": round(rate / best_forward, 3)})
-    return rows
 
 
 def print_report(r: dict) -> None:
@@ -321,18 +377,26 @@ def print_report(r: dict) -> None:
     print(f"settings        batch size {r['batch_size']}, CBIR_LOADER_WORKERS {r['loader_workers']} "
           f"(prefetch_factor {r['prefetch_factor']}), torch threads {r['torch_threads']} "
           f"(default {r['torch_threads_default']}), device {r['device']}, repeats {r['repeats']}")
-    print(f"machine         {m['cpu_count']} CPUs, torch {m['torch']}, load average at end {m['load_average']}, "
-          f"CPU pressure (PSI some avg10) at end {m['cpu_pressure_avg10_pct']}%")
+    load = r["other_load_cores"] or {}
+    print(f"machine         {m['cpu_count']} CPUs, torch {m['torch']}; other processes used "
+          f"{load.get('other_processes', '?')} cores on average over the {load.get('seconds', '?')} s run")
+    warning = busy_warning(r["other_load_cores"])
+    if warning:
+        print(f"WARNING         {warning}")
     print()
-    ok = "meets" if r["ratio"] >= GOAL else "BELOW"
-    print(table(["measure", "images/s (median)", "each repeat"], [
-        ["forward only (embed_batch)", f"{r['forward_median']:.1f}", ", ".join(map(str, r["forward_images_per_s"]))],
-        ["full build (embed_images)", f"{r['build_median']:.1f}", ", ".join(map(str, r["build_images_per_s"]))],
+    fc, bc = r["forward_cpu_per_image"], r["build_cpu_per_image"]
+    print(table(["measure", "images/s (median)", "each repeat", "CPU ms/img user+sys", "minor faults/img"], [
+        ["forward only (embed_batch)", f"{r['forward_median']:.1f}", ", ".join(map(str, r["forward_images_per_s"])),
+         f"{fc['user_ms']} + {fc['sys_ms']}", fc["minor_faults"]],
+        ["full build (embed_images)", f"{r['build_median']:.1f}", ", ".join(map(str, r["build_images_per_s"])),
+         f"{bc['user_ms']} + {bc['sys_ms']}", bc["minor_faults"]],
     ]))
     print()
+    ok = "meets" if r["ratio"] >= GOAL else "BELOW"
     print(f"ratio build/forward  {r['ratio']:.2f}  ({ok} the goal of {GOAL}); per repeat "
           f"{', '.join(f'{x:.2f}' for x in r['ratio_per_repeat'])}, median of those {r['ratio_median_of_pairs']:.2f}")
-    print(f"HNSW index creation  {r['hnsw_index_creation_s'] * 1000:.0f} ms for {r['images']} rows (not in the build figure)")
+    print(f"HNSW index creation  {r['hnsw_index_creation_s'] * 1000:.0f} ms for {r['images']} rows "
+          f"(not in the build figure)")
     print(f"model load           {r['model_load_s']:.2f} s (once per process, not in the figures)")
     if "breakdown_s" in r:
         print()
@@ -341,13 +405,19 @@ def print_report(r: dict) -> None:
             [k, f"{v:.3f}", f"{r['images'] / v:.1f}" if v and not k.startswith("  ") else ""]
             for k, v in r["breakdown_s"].items()]))
     if "sweep" in r:
+        s = r["sweep"]
         print()
-        print(f"Sweep (median images/s over {r['sweep'][0]['rounds']} round-robin rounds):")
-        print(table(["workers", "torch threads", "prefetch", "via", "build img/s", "forward img/s",
-                     "build/forward", "build/best forward"], [
-            [s["workers"], s["torch_threads"], s["prefetch_factor"] or "-", s["via"], f"{s['build_images_per_s']:.1f}",
-             f"{s['forward_images_per_s_same_threads']:.1f}", f"{s['ratio_same_threads']:.2f}",
-             f"{s['ratio_best_forward']:.2f}"] for s in r["sweep"]]))
+        print(f"Sweep, forward only (median of {s['rounds']} round-robin rounds):")
+        print(table(["torch threads", "batch size", "forward img/s"], [
+            [f["torch_threads"], f["batch_size"], f"{f['forward_images_per_s']:.1f}"] for f in s["forward"]]))
+        print()
+        print(f"Sweep, full build (median of {s['rounds']} rounds; ratios against forward at batch size "
+              f"{r['batch_size']}):")
+        print(table(["workers", "torch threads", "prefetch", "batch size", "via", "build img/s",
+                     "build/forward same threads", "build/best forward"], [
+            [b["workers"], b["torch_threads"], b["prefetch_factor"] or "-", b["batch_size"], b["via"],
+             f"{b['build_images_per_s']:.1f}", f"{b['ratio_same_threads']:.2f}", f"{b['ratio_best_forward']:.2f}"]
+            for b in s["build"]]))
 
 
 def main(argv=None) -> int:

@@ -32,7 +32,8 @@ import sys
 import time
 from pathlib import Path
 
-from _common import machine_info, median, percentile, setup_django, table
+from _common import OtherLoad, busy_warning, machine_info, median, percentile, setup_django, table
+
 
 STAGES = ["decode+preprocess", "forward", "sql", "preview", "render"]
 
@@ -95,6 +96,7 @@ def execution_ms(plan: list[str]) -> float | None:
 
 def run(args: argparse.Namespace) -> dict:
     setup_django()
+    other_load = OtherLoad()
     import torch
     from django.conf import settings
     from django.contrib.auth.models import AnonymousUser
@@ -190,6 +192,7 @@ def run(args: argparse.Namespace) -> dict:
         "draft_size": draft_size,
         "hnsw_ef_search": min(max(settings.CBIR_HNSW_EF_SEARCH, 2 * k), 1000),
         "machine": machine_info() | {"torch_threads": torch.get_num_threads()},
+        "other_load_cores": other_load.cores(),
         "stages": figures,
         "explain": plan,
         "explain_execution_ms": execution_ms(plan),
@@ -214,6 +217,12 @@ def print_report(report: dict) -> None:
     print(f"machine            {m['cpu_count']} CPUs, torch {m['torch']} with {m['torch_threads']} threads "
           f"({m['torch_interop_threads']} inter-op), CUDA {'yes' if m['cuda'] else 'no'}, "
           f"load average at end {m['load_average']}")
+    load = report["other_load_cores"] or {}
+    print(f"other load         other processes used {load.get('other_processes', '?')} cores on average "
+          f"over the {load.get('seconds', '?')} s run")
+    warning = busy_warning(report["other_load_cores"])
+    if warning:
+        print(f"WARNING            {warning}")
     print()
     rows = []
     for stage, f in report["stages"].items():

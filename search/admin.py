@@ -260,3 +260,6 @@ class ImageAdmin(admin.ModelAdmin):
     @admin.action(description="Set the split of the selected images…")
     def set_split(self, request, queryset):
         return self._bulk_form(request, queryset, SetSplitForm, "split", "Set split")
+
+
+from search import admin_duplicates  # noqa: E402,F401 - registers the near-duplicate admin

@@ -161,3 +161,29 @@ class JobChunk(models.Model):
         ordering = ["job", "index"]
         constraints = [models.UniqueConstraint(fields=["job", "index"], name="unique_chunk_index")]
         indexes = [models.Index(fields=["status", "heartbeat"], name="chunk_status_heartbeat")]
+
+
+class NearDuplicate(models.Model):
+    """Two images of one dataset whose embeddings are nearly the same direction
+    (cosine similarity at or above CBIR_NEAR_DUPLICATE_THRESHOLD) under
+    `model_version`: a re-encoded, resized or lightly edited copy. `image` is
+    the newer of the two, `duplicate_of` the older one. Written by
+    search.duplicates.flag_near_duplicates; nothing is deleted automatically."""
+
+    image = models.ForeignKey(Image, on_delete=models.CASCADE, related_name="near_duplicates")
+    duplicate_of = models.ForeignKey(Image, on_delete=models.CASCADE, related_name="near_copies")
+    similarity = models.FloatField()
+    model_version = models.ForeignKey(ModelVersion, null=True, blank=True, on_delete=models.SET_NULL,
+                                      related_name="near_duplicates")
+    created = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-similarity", "id"]
+        constraints = [
+            models.UniqueConstraint(fields=["image", "duplicate_of"], name="unique_near_duplicate_pair"),
+            models.CheckConstraint(condition=~models.Q(image=models.F("duplicate_of")),
+                                   name="near_duplicate_not_itself"),
+        ]
+
+    def __str__(self) -> str:
+        return f"image {self.image_id} ≈ image {self.duplicate_of_id} ({self.similarity:.3f})"

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from celery import shared_task
-from celery.signals import worker_ready, worker_shutdown
+from celery.signals import worker_process_init, worker_ready, worker_shutdown
 from django.conf import settings
 from django.db import close_old_connections
 from django.db.models import F
@@ -137,7 +137,20 @@ def run_import(job_id: int) -> str:
     return run_import_job(job_id)
 
 
-# --- Worker life cycle: recover work whose worker died -------------------------
+# --- Worker life cycle ---------------------------------------------------------
+
+@worker_process_init.connect
+def allow_loader_processes(**kwargs) -> None:
+    """Celery's prefork pool runs tasks in daemonic processes, and Python forbids
+    daemonic processes to start children, which a DataLoader with workers needs.
+    The pool process is itself supervised by Celery, and PyTorch's loader
+    workers exit when their parent dies, so lifting the flag is safe here."""
+    import multiprocessing
+
+    multiprocessing.current_process()._config["daemon"] = False
+
+
+# Recover work whose worker died.
 
 _stop = threading.Event()
 

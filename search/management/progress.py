@@ -24,3 +24,20 @@ def progress_bar(description: str, *, unit: str = "img", disable: bool = False):
         yield update
     finally:
         bar.close()
+
+
+def wait_for_job(job, *, stdout=None, disable: bool = False, poll: float = 0.5):
+    """Follow a job's row with a progress bar until it finishes; returns the job."""
+    import time
+
+    from search.jobs import job_status
+
+    with progress_bar(f"job #{job.pk} ({job.kind})", unit="item", disable=disable) as update:
+        while True:
+            status = job_status(job)
+            update(status["done"], max(status["total"], status["done"]), status["message"] or status["status"])
+            if status["finished"]:
+                break
+            time.sleep(poll)
+    job.refresh_from_db()
+    return job

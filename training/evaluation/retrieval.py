@@ -1,0 +1,311 @@
+"""Measuring a model version on a labelled dataset, through the database.
+
+Two measurements, both plain functions that the `evaluate` command, the
+evaluation job and the tests call:
+
+* `evaluate_version`: category retrieval. Every labelled test image is a query
+  against the dataset's train + validation images (or the whole dataset), run
+  through pgvector's HNSW index the same way search runs; a result is right
+  when it has the query's label. Optionally the exact (sequential-scan) top k
+  of each query too, to report how much the approximate index loses.
+* `copy_detection`: identical-image retrieval. Modified copies of indexed
+  images (crop, JPEG, rotation, ...) are embedded with the version's network
+  and searched; the rank of the original is recorded per kind of change.
+
+Results are plain JSON-able dicts, saved on `ModelVersion.metrics` under
+"evaluation" and "copy_detection", keyed by dataset name. docs/evaluation.md
+defines every field.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Callable
+
+from django.conf import settings
+from django.db import connection, transaction
+from django.utils import timezone
+
+from search.models import Dataset, Image, Split
+from search.services import embed_query, nearest, set_search_options
+from training.evaluation.copies import KINDS, generate_queries
+from training.evaluation.metrics import QueryResult, copy_detection_summary, precision_curve, summarize
+from training.models import ModelVersion
+
+Progress = Callable[[int, int, str], None]
+
+# What a test query is searched against.
+AGAINST: dict[str, tuple[str, ...] | None] = {
+    "trainval": (Split.TRAIN, Split.VAL),  # the images a trained model may have learnt from
+    "all": None,  # the whole dataset, the query itself excluded
+}
+N_EXAMPLES = 5  # example queries kept for the page: the first test images by id
+EXAMPLE_DEPTH = 10  # results shown per example query, as on the search page
+
+
+class EvaluationError(Exception):
+    """An evaluation that cannot run; the message says what to do about it."""
+
+
+def _noop(done: int, total: int, message: str) -> None:
+    pass
+
+
+# --- SQL ---------------------------------------------------------------------
+
+def split_query(version: ModelVersion, *, image_id: int, k: int, dataset: Dataset,
+                splits: Sequence[str] | None = None, exact: bool = False) -> tuple[str, list]:
+    """The SQL (and parameters) of "more like this" for an indexed image,
+    restricted to a dataset and, optionally, to some splits; the image itself
+    is excluded.
+
+    The statement mirrors search.services.nearest_query (same vector
+    expression, same ORDER BY on the version's partial HNSW index), with one
+    more condition `i.split IN (...)`. With exact=True the ORDER BY also breaks
+    ties by image id, the order metrics.rank_with_ties uses; run it with index
+    scans off (see `_fetch`) for the brute-force ranking.
+    """
+    dim = int(version.dimension)
+    expr = f"e.vector::halfvec({dim})"
+    query_sql = (f"(SELECT q.vector::halfvec({dim}) FROM search_embedding q "
+                 f"WHERE q.image_id = %s AND q.model_version_id = %s)")
+    query_params = [image_id, version.pk]
+    where = ["e.model_version_id = %s", "i.dataset_id = %s", "e.image_id <> %s"]
+    params: list = [version.pk, dataset.pk, image_id]
+    if splits is not None:
+        where.append(f"i.split IN ({', '.join(['%s'] * len(splits))})")
+        params.extend(str(s) for s in splits)
+    order = f"{expr} <=> {query_sql}" + (", e.image_id" if exact else "")
+    sql = (
+        f"SELECT e.image_id, 1 - ({expr} <=> {query_sql}) AS score, i.label, i.thumbnail "
+        f"FROM search_embedding e JOIN search_image i ON i.id = e.image_id "
+        f"WHERE {' AND '.join(where)} "
+        f"ORDER BY {order} LIMIT %s"
+    )
+    return sql, query_params + params + query_params + [k]
+
+
+def _fetch(sql: str, params: list, *, k: int, exact: bool) -> tuple[list[tuple], float]:
+    """Run one search statement; (rows, seconds spent in execute + fetch)."""
+    with transaction.atomic(), connection.cursor() as cursor:
+        if exact:
+            # A sequential scan and a sort: the true top k, whatever the index would return.
+            cursor.execute("SET LOCAL enable_indexscan = off")
+        else:
+            set_search_options(cursor, k)
+        start = time.perf_counter()
+        cursor.execute(sql, params)
+        rows = cursor.fetchall()
+        return rows, time.perf_counter() - start
+
+
+# --- Checks -------------------------------------------------------------------
+
+def _build_index_hint(version: ModelVersion, dataset: Dataset) -> str:
+    return f"python manage.py build_index --dataset {dataset.name} --model {version.name}"
+
+
+def check_indexed(version: ModelVersion, dataset: Dataset) -> None:
+    """Raise EvaluationError unless every image of `dataset` is embedded by
+    `version` and the version's HNSW index exists."""
+    total = Image.objects.filter(dataset=dataset).count()
+    if total == 0:
+        raise EvaluationError(f"dataset {dataset.name!r} has no images; import some first")
+    embedded = Image.objects.filter(dataset=dataset, embeddings__model_version=version).count()
+    if embedded < total:
+        raise EvaluationError(
+            f"{version.name} has embedded {embedded} of the {total} images of {dataset.name!r}; "
+            f"index them first: {_build_index_hint(version, dataset)}")
+    if not version.index_exists():
+        raise EvaluationError(f"{version.name} has no HNSW index yet; build it: {_build_index_hint(version, dataset)}")
+
+
+def check_evaluable(version: ModelVersion, dataset: Dataset, *, against: str = "trainval") -> None:
+    """Raise EvaluationError unless `evaluate_version` can run (labels, test
+    images, something to search, everything indexed)."""
+    if against not in AGAINST:
+        raise EvaluationError(f"against must be one of {', '.join(AGAINST)}, not {against!r}")
+    images = Image.objects.filter(dataset=dataset)
+    if not images.exclude(label=None).exclude(label="").exists():
+        raise EvaluationError(
+            f"dataset {dataset.name!r} has no labels, so there is no ground truth; import it with labels from "
+            f"folders (import_images --labels-from-folders) or set labels in the admin")
+    if not images.filter(split=Split.TEST).exclude(label=None).exclude(label="").exists():
+        raise EvaluationError(
+            f"dataset {dataset.name!r} has no labelled test images to use as queries; set the split of some "
+            f"images to test in the admin")
+    splits = AGAINST[against]
+    if splits is None and images.count() < 2:
+        raise EvaluationError(f"dataset {dataset.name!r} has a single image: nothing to search but the query")
+    if splits is not None and not images.filter(split__in=splits).exists():
+        raise EvaluationError(f"dataset {dataset.name!r} has no train or validation images to search; "
+                              f"use against='all' (--against all) or set some images' split in the admin")
+    check_indexed(version, dataset)
+
+
+# --- Category retrieval -------------------------------------------------------
+
+def evaluate_version(version: ModelVersion, dataset: Dataset, *, k: int = 10, against: str = "trainval",
+                     exact: bool = True, curve_max_k: int = 50, progress: Progress | None = None) -> dict[str, Any]:
+    """Category retrieval of `version` on `dataset`'s labelled test images.
+
+    Each query's results come from the version's HNSW index with the same
+    search options as the site (split_query); ground truth is "same label".
+    `n_relevant_total` of a query is the number of searched images with its
+    label. With exact=True each query is also answered by a sequential scan
+    and `ann_recall_at_k` says how much of that exact top k the index found.
+    Fields: see summarize() and docs/evaluation.md.
+    """
+    if not isinstance(k, int) or k < 1 or not isinstance(curve_max_k, int) or curve_max_k < 1:
+        raise EvaluationError(f"k and curve_max_k must be positive whole numbers, not {k!r} and {curve_max_k!r}")
+    check_evaluable(version, dataset, against=against)
+    progress = progress or _noop
+    splits = AGAINST[against]
+    rows = list(Image.objects.filter(dataset=dataset, embeddings__model_version=version)
+                .order_by("pk").values_list("pk", "label", "split", "thumbnail"))
+    labels = {pk: (label or None) for pk, label, _, _ in rows}
+    searched = [pk for pk, _, split, _ in rows if splits is None or split in splits]
+    per_label = Counter(labels[pk] for pk in searched if labels[pk] is not None)
+    queries = [(pk, label) for pk, label, split, _ in rows if split == Split.TEST and label]
+    thumbnails = {pk: thumb for pk, _, _, thumb in rows}
+    depth = max(k, curve_max_k, EXAMPLE_DEPTH)
+
+    results: list[QueryResult] = []
+    latencies: list[float] = []
+    examples: list[dict] = []
+    for done, (query_id, label) in enumerate(queries, start=1):
+        sql, params = split_query(version, image_id=query_id, k=depth, dataset=dataset, splits=splits)
+        hits, seconds = _fetch(sql, params, k=k, exact=False)
+        latencies.append(seconds)
+        exact_ids = None
+        if exact:
+            sql, params = split_query(version, image_id=query_id, k=depth, dataset=dataset, splits=splits, exact=True)
+            exact_ids = [row[0] for row in _fetch(sql, params, k=k, exact=True)[0]]
+        # With against="all" the query is in the collection but never a result.
+        n_relevant = per_label[label] - (1 if splits is None else 0)
+        result_ids = [row[0] for row in hits]
+        relevant = [row[2] == label for row in hits]
+        results.append(QueryResult(query_id=query_id, query_label=label, result_ids=result_ids, relevant=relevant,
+                                   n_relevant_total=n_relevant, exact_ids=exact_ids))
+        if len(examples) < N_EXAMPLES:
+            examples.append(_example(query_id, label, thumbnails[query_id], n_relevant, hits[:EXAMPLE_DEPTH]))
+        progress(done, len(queries), f"query {done}/{len(queries)}")
+
+    summary = summarize(results, k)
+    return {
+        **summary,
+        "dataset": dataset.name,
+        "model": version.name,
+        "model_version_id": version.pk,
+        "date": timezone.now().isoformat(timespec="seconds"),
+        "against": against,
+        "n_searched": len(searched),
+        "n_labels": len({labels[pk] for pk, _ in queries}),
+        "n_unlabelled_test_images": sum(1 for pk, label, split, _ in rows if split == Split.TEST and not label),
+        "exact": exact,
+        "curve_max_k": curve_max_k,
+        "precision_curve": [round(p, 6) for p in precision_curve(results, range(1, curve_max_k + 1))],
+        "median_latency_ms": round(statistics.median(latencies) * 1000, 3),
+        "ef_search": min(max(settings.CBIR_HNSW_EF_SEARCH, 2 * k), 1000),
+        "examples": examples,
+    }
+
+
+def _example(query_id: int, label: str, thumbnail: str, n_relevant: int, hits: list[tuple]) -> dict:
+    return {
+        "image_id": query_id, "label": label, "thumbnail": thumbnail, "n_relevant_total": n_relevant,
+        "results": [{"image_id": image_id, "label": hit_label, "score": round(float(score), 6),
+                     "correct": hit_label == label, "thumbnail": thumb}
+                    for image_id, score, hit_label, thumb in hits],
+    }
+
+
+# --- Saving on the version ----------------------------------------------------
+
+@transaction.atomic
+def _save(version: ModelVersion, section: str, dataset_name: str, result: dict) -> None:
+    """metrics[section][dataset_name] = result, keeping every other key. The row
+    is locked, so two evaluations finishing together do not lose each other."""
+    locked = ModelVersion.objects.select_for_update().get(pk=version.pk)
+    metrics = dict(locked.metrics or {})
+    entries = dict(metrics.get(section) or {})
+    entries[dataset_name] = result
+    metrics[section] = entries
+    ModelVersion.objects.filter(pk=version.pk).update(metrics=metrics)
+    version.metrics = metrics
+
+
+def save_evaluation(version: ModelVersion, result: dict) -> None:
+    """Store `result` (from evaluate_version) under metrics["evaluation"][dataset]."""
+    result.setdefault("date", timezone.now().isoformat(timespec="seconds"))
+    _save(version, "evaluation", result["dataset"], result)
+
+
+def save_copy_detection(version: ModelVersion, result: dict) -> None:
+    """Store `result` (from copy_detection) under metrics["copy_detection"][dataset]."""
+    result.setdefault("date", timezone.now().isoformat(timespec="seconds"))
+    _save(version, "copy_detection", result["dataset"], result)
+
+
+# --- Copy detection -----------------------------------------------------------
+
+def copy_detection(version: ModelVersion, dataset: Dataset, *, per_kind: int = 10, seed: int = 0,
+                   kinds: Sequence[str] = KINDS, depth: int = 10, progress: Progress | None = None) -> dict[str, Any]:
+    """Find originals from modified copies.
+
+    `per_kind` indexed images of `dataset` are drawn with `seed` (fewer if the
+    dataset is smaller); for each kind of change one copy of each is made
+    (copies.generate_queries), embedded with the version's network and
+    searched in the dataset, `depth` results deep, exactly as an upload is.
+    The rank of the original (1-based, None if not in the results) goes into
+    metrics.copy_detection_summary. The same seed gives the same copies.
+    """
+    if depth < 10:
+        raise EvaluationError(f"depth must be at least 10 (recall@10 is reported), not {depth}")
+    check_indexed(version, dataset)
+    progress = progress or _noop
+    media = Path(settings.MEDIA_ROOT)
+    items = [(pk, media / name) for pk, name in Image.objects.filter(
+        dataset=dataset, embeddings__model_version=version).order_by("pk").values_list("pk", "file")]
+    per_kind = min(per_kind, len(items))
+    kinds = tuple(kinds)
+    try:
+        queries = generate_queries(items, kinds=kinds, per_kind=per_kind, seed=seed)
+    except ValueError as exc:
+        raise EvaluationError(str(exc)) from None
+    total = per_kind * len(kinds)
+    ranks: dict[str, list[int | None]] = {kind: [] for kind in kinds}
+    records: list[dict] = []
+    forward: list[float] = []
+    sql: list[float] = []
+    for done, query in enumerate(queries, start=1):
+        start = time.perf_counter()
+        vector = embed_query(version, query.image)
+        forward.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        hits = nearest(version, vector=vector, k=depth, dataset=dataset)
+        sql.append(time.perf_counter() - start)
+        ids = [hit.image_id for hit in hits]
+        rank = ids.index(query.original_id) + 1 if query.original_id in ids else None
+        ranks[query.kind].append(rank)
+        records.append({"original_id": query.original_id, "kind": query.kind, "rank": rank,
+                        "top_id": ids[0] if ids else None})
+        progress(done, total, f"copy {done}/{total} ({query.kind})")
+    return {
+        "dataset": dataset.name,
+        "model": version.name,
+        "model_version_id": version.pk,
+        "date": timezone.now().isoformat(timespec="seconds"),
+        "seed": seed,
+        "per_kind": per_kind,
+        "depth": depth,
+        "kinds": list(kinds),
+        "summary": copy_detection_summary(ranks),
+        "median_forward_ms": round(statistics.median(forward) * 1000, 3) if forward else None,
+        "median_latency_ms": round(statistics.median(sql) * 1000, 3) if sql else None,
+        "queries": records,
+    }

@@ -1,0 +1,112 @@
+"""The form behind the admin action "Train a model…" on datasets.
+
+    form = TrainForm(request.POST, dataset=dataset)
+    if form.is_valid():
+        job = start_training_job(dataset, user=request.user, **form.config_fields())
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+from django import forms
+
+from training.networks.base import WeightsUnavailable
+from training.trainer import (
+    MAX_IMAGE_SIZE,
+    MIN_IMAGE_SIZE,
+    OBJECTIVES,
+    SCHEDULERS,
+    TrainConfig,
+    check_dataset,
+    check_pretrained_available,
+    has_pretrained_weights,
+)
+
+OBJECTIVE_LABELS = {
+    "auto": "automatic (autoencoder: reconstruction; siamese: pairs; others: classification over the labels)",
+    "reconstruction": "reconstruction (autoencoder, no labels)",
+    "contrastive": "contrastive pairs (labels, or two augmentations of one image)",
+    "classification": "classification over the labels (cosine classifier)",
+    "triplet": "triplet, batch-hard over P×K batches (labels)",
+}
+
+
+def _architecture_choices() -> list[tuple[str, str]]:
+    from training.networks.registry import ARCHITECTURES
+
+    return [(name, f"{name}: {arch.description}") for name, arch in sorted(ARCHITECTURES.items())]
+
+
+class TrainForm(forms.Form):
+    """The settings of a training run; clean() builds a TrainConfig, so every
+    check it makes shows here as a form error. Give `dataset` to also check
+    that its labels suit the objective."""
+
+    architecture = forms.ChoiceField(choices=_architecture_choices)
+    objective = forms.ChoiceField(choices=[(o, OBJECTIVE_LABELS[o]) for o in OBJECTIVES], initial="auto")
+    epochs = forms.IntegerField(min_value=1, max_value=10_000, initial=10)
+    batch_size = forms.IntegerField(min_value=2, max_value=4096, initial=32,
+                                    help_text="images per batch (pairs for the contrastive objective)")
+    learning_rate = forms.FloatField(min_value=1e-8, max_value=1.0, initial=1e-4)
+    embedding_dim = forms.IntegerField(
+        required=False, min_value=1, max_value=4000, label="Embedding size",
+        help_text="only for networks with a settable size (tiny, siamese, siamese_pretrained, autoencoder); "
+                  "empty: the network's default")
+    pretrained = forms.BooleanField(
+        required=False, initial=True, label="Start from pretrained weights",
+        help_text="where the architecture has them (efficientnet_lite0, resnet50, vgg16, siamese_pretrained); "
+                  "unticked, or for the others, training starts from random weights")
+    image_size = forms.IntegerField(required=False, min_value=MIN_IMAGE_SIZE, max_value=MAX_IMAGE_SIZE,
+                                    help_text="input side in pixels; empty: the network's default (224)")
+    scheduler = forms.ChoiceField(choices=[(s, s) for s in SCHEDULERS], initial="none",
+                                  help_text="cosine: the learning rate decays to 0 over the epochs")
+    early_stopping_patience = forms.IntegerField(min_value=0, initial=3,
+                                                 help_text="stop after this many epochs without a better "
+                                                           "validation loss (0: never)")
+    augment = forms.BooleanField(required=False, initial=True, label="Augment training images")
+
+    def __init__(self, *args, dataset=None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.dataset = dataset
+        self.config: TrainConfig | None = None
+
+    def clean(self):
+        cleaned = super().clean()
+        if self.errors:
+            return cleaned
+        architecture = cleaned["architecture"]
+        fields = {name: cleaned.get(name) for name in (
+            "architecture", "objective", "epochs", "batch_size", "learning_rate", "embedding_dim", "image_size",
+            "scheduler", "early_stopping_patience", "augment")}
+        # The checkbox reads "where the architecture has them": for the others it means random weights.
+        fields["pretrained"] = bool(cleaned.get("pretrained")) and has_pretrained_weights(architecture)
+        try:
+            config = TrainConfig(**fields)
+            check_pretrained_available(config)
+            if self.dataset is not None:
+                check_dataset(self.dataset, config)
+        except (ValueError, WeightsUnavailable) as exc:
+            self._add_config_error(str(exc))
+            return cleaned
+        self.config = config
+        cleaned["config"] = config
+        return cleaned
+
+    def _add_config_error(self, message: str) -> None:
+        """Put a TrainConfig message on the field it names, else on the form."""
+        for name in ("embedding_dim", "image_size", "batch_size", "learning_rate", "epochs", "objective",
+                     "scheduler", "early_stopping_patience", "pretrained"):
+            if message.startswith(name) or f" {name} " in message:
+                self.add_error(name, message)
+                return
+        if "input size" in message:
+            self.add_error("image_size", message)
+            return
+        self.add_error(None, message)
+
+    def config_fields(self) -> dict:
+        """Keyword arguments for training.jobs.start_training_job (after is_valid())."""
+        if self.config is None:
+            raise ValueError("the form is not valid")
+        return asdict(self.config)

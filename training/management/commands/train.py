@@ -1,0 +1,184 @@
+"""python manage.py train --dataset animals --arch autoencoder --epochs 3 --image-size 64"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from django.conf import settings
+from django.core.management.base import BaseCommand, CommandError
+from django.utils import timezone
+from tqdm import tqdm
+
+from search.management.progress import progress_bar
+from search.models import Dataset, Job
+from training.networks.base import WeightsUnavailable
+from training.trainer import (
+    OBJECTIVES,
+    SCHEDULERS,
+    TrainConfig,
+    TrainingStopped,
+    check_dataset,
+    check_pretrained_available,
+    create_version_from_checkpoint,
+    index_and_evaluate,
+    train,
+)
+
+
+class Command(BaseCommand):
+    help = ("Train a network on a dataset's train split (validating on its val split), save the best epoch as a "
+            "new inactive model version and embed the dataset with it. Runs here, in the foreground, unless "
+            "--job hands it to a training worker.")
+
+    def add_arguments(self, parser):
+        parser.add_argument("--dataset", required=True)
+        parser.add_argument("--arch", required=True, help="architecture name (see the model registry)")
+        parser.add_argument("--epochs", type=int, default=10)
+        parser.add_argument("--batch-size", type=int, default=32, help="images per batch (pairs for contrastive)")
+        parser.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate")
+        parser.add_argument("--embedding-dim", type=int, default=None)
+        parser.add_argument("--image-size", type=int, default=None, help="input side in pixels (default 224)")
+        parser.add_argument("--random-weights", action="store_true",
+                            help="start from random weights even where pretrained ones exist")
+        parser.add_argument("--objective", choices=OBJECTIVES, default="auto")
+        parser.add_argument("--scheduler", choices=SCHEDULERS, default="none")
+        parser.add_argument("--patience", type=int, default=3, help="early stopping patience in epochs (0: off)")
+        parser.add_argument("--time-limit", type=float, default=None, help="seconds of training at most")
+        parser.add_argument("--no-augment", action="store_true")
+        parser.add_argument("--num-workers", type=int, default=None)
+        parser.add_argument("--seed", type=int, default=0)
+        parser.add_argument("--checkpoint-dir", default=None,
+                            help="where checkpoints go; one holding last.pt is resumed "
+                                 "(default: a new folder under CBIR_WEIGHTS_DIR/runs/)")
+        parser.add_argument("--job", action="store_true",
+                            help="start a training job on a worker and follow its progress here")
+        parser.add_argument("--no-progress", action="store_true")
+
+    def handle(self, *args, **options):
+        dataset = Dataset.objects.filter(name=options["dataset"]).first()
+        if dataset is None:
+            known = ", ".join(Dataset.objects.values_list("name", flat=True)) or "none yet"
+            raise CommandError(f"unknown dataset {options['dataset']!r} (datasets: {known})")
+        try:
+            config = TrainConfig(
+                architecture=options["arch"], epochs=options["epochs"], batch_size=options["batch_size"],
+                learning_rate=options["lr"], embedding_dim=options["embedding_dim"],
+                objective=options["objective"], pretrained=False if options["random_weights"] else None,
+                scheduler=options["scheduler"], early_stopping_patience=options["patience"],
+                time_limit_s=options["time_limit"], augment=not options["no_augment"],
+                num_workers=options["num_workers"], image_size=options["image_size"], seed=options["seed"])
+            check_dataset(dataset, config)
+            check_pretrained_available(config)
+        except (ValueError, WeightsUnavailable) as exc:
+            raise CommandError(str(exc)) from None
+        if options["job"]:
+            return self._as_job(dataset, config, options)
+        return self._in_process(dataset, config, options)
+
+    # --- In this process ------------------------------------------------------
+
+    def _in_process(self, dataset: Dataset, config: TrainConfig, options) -> None:
+        directory = Path(options["checkpoint_dir"]) if options["checkpoint_dir"] else (
+            Path(settings.CBIR_WEIGHTS_DIR) / "runs"
+            / f"{config.architecture}-{dataset.pk}-{timezone.now():%Y%m%d-%H%M%S}")
+        self.stdout.write(
+            f"training {config.architecture} on {dataset.name}: {config.objective}, {config.epochs} epoch(s), "
+            f"batch {config.batch_size}, lr {config.learning_rate:g}, "
+            f"{'pretrained' if config.pretrained else 'random'} initial weights"
+            f"{f', {config.image_size} px' if config.image_size else ''}; checkpoints in {directory}")
+        bar = tqdm(total=config.epochs, desc="epochs", unit="epoch", file=sys.stderr, dynamic_ncols=True,
+                   disable=options["no_progress"])
+        printed = [0]
+
+        def progress(epoch: int, n_epochs: int, batch: int, n_batches: int, history: list) -> None:
+            if bar.n != len(history):
+                bar.n = len(history)
+            bar.set_postfix_str(f"epoch {epoch} batch {batch}/{n_batches}", refresh=False)
+            bar.refresh()
+            for h in history[printed[0]:]:
+                bar.clear()
+                self.stdout.write(f"epoch {h['epoch']:>3}: train loss {h['train_loss']:.4f}  "
+                                  f"val loss {h['val_loss']:.4f}  {h['seconds']:.1f} s"
+                                  f"{'  best' if h['best'] else ''}")
+                self.stdout.flush()
+            printed[0] = len(history)
+
+        try:
+            result = train(dataset, config, checkpoint_dir=directory, progress=progress)
+        except KeyboardInterrupt:
+            bar.close()
+            raise CommandError(f"interrupted; resume with --checkpoint-dir {directory} and the same settings") \
+                from None
+        except (ValueError, WeightsUnavailable, TrainingStopped) as exc:
+            bar.close()
+            raise CommandError(str(exc)) from None
+        bar.close()
+        if result.resumed_from_epoch:
+            self.stdout.write(f"(resumed after epoch {result.resumed_from_epoch})")
+        for warning in result.warnings:
+            self.stdout.write(f"  note: {warning}")
+        summary = result.summary()
+        version = create_version_from_checkpoint(
+            config, result.best_path, dataset, result.history, result.seconds,
+            extra_metrics={k: summary[k] for k in ("stop_reason", "pairs", "n_train", "n_val", "classes", "device")},
+            notes=f"trained with manage.py train (checkpoints in {directory})")
+        with progress_bar(f"embedding {dataset.name} with {version.name}", disable=options["no_progress"]) as bar2:
+            report, evaluation = index_and_evaluate(version, dataset, progress=bar2)
+        self.stdout.write(
+            f"best epoch {result.best_epoch} of {len(result.history)} ({result.stop_reason}): val loss "
+            f"{result.best_val_loss:.4f}; {result.seconds_per_epoch:.1f} s per epoch on {result.device} "
+            f"({result.n_train} training, {result.n_val} validation images)")
+        self.stdout.write(f"embedded {report.embedded} image(s)" + (f", {len(report.failed)} failed" if report.failed else ""))
+        self._print_evaluation(evaluation)
+        self.stdout.write(self.style.SUCCESS(f"model version {version.name}"))
+
+    def _print_evaluation(self, evaluation: dict | None) -> None:
+        if evaluation is None:
+            return
+        value = evaluation.get("precision_at_10", evaluation.get("precision_at_k", evaluation.get("p@10")))
+        if isinstance(value, (int, float)):
+            self.stdout.write(f"precision@10 on the test split: {value:.4f}")
+        else:
+            self.stdout.write(f"evaluation: {evaluation}")
+
+    # --- As a job -------------------------------------------------------------
+
+    def _as_job(self, dataset: Dataset, config: TrainConfig, options) -> None:
+        from search.jobs import JobError
+        from training.jobs import start_training_job
+
+        try:
+            job = start_training_job(dataset, **asdict(config))
+        except (ValueError, WeightsUnavailable, JobError) as exc:
+            raise CommandError(str(exc)) from None
+        self.stdout.write(f"started training job #{job.pk}; following it (Ctrl-C stops following, not the job)")
+        bar = tqdm(desc=f"job #{job.pk}", file=sys.stderr, dynamic_ncols=True, disable=options["no_progress"])
+        printed = 0
+        try:
+            while True:
+                job.refresh_from_db()
+                bar.total = job.progress_total or None
+                bar.n = job.progress_done
+                bar.set_postfix_str(job.message[-50:], refresh=False)
+                bar.refresh()
+                history = (job.result or {}).get("history") or []
+                for h in history[printed:]:
+                    bar.clear()
+                    self.stdout.write(f"epoch {h['epoch']:>3}: train loss {h['train_loss']:.4f}  "
+                                      f"val loss {h['val_loss']:.4f}  {h['seconds']:.1f} s")
+                printed = len(history)
+                if job.is_finished:
+                    break
+                time.sleep(1.0)
+        except KeyboardInterrupt:
+            bar.close()
+            self.stdout.write(f"job #{job.pk} keeps running on its worker")
+            return
+        bar.close()
+        if job.status != Job.Status.SUCCEEDED:
+            raise CommandError(f"job #{job.pk} {job.status}: {job.error or job.message}")
+        self._print_evaluation((job.result or {}).get("evaluation"))
+        self.stdout.write(self.style.SUCCESS(f"model version {job.result.get('version')}"))
