@@ -126,3 +126,16 @@ def api_similar(request: HttpRequest, image_id: int) -> JsonResponse:
         return _json_error(exc)
     return JsonResponse(result.as_dict())
 
+
+
+@require_GET
+def healthz(request: HttpRequest) -> JsonResponse:
+    """For load balancers and container health checks: the database answers."""
+    from django.db import connection
+
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT 1")
+    except Exception as exc:  # noqa: BLE001 - any failure means unhealthy
+        return JsonResponse({"ok": False, "error": f"database: {type(exc).__name__}"}, status=503)
+    return JsonResponse({"ok": True})

@@ -11,7 +11,11 @@ import numpy as np
 import pytest
 from PIL import Image as PILImage
 
-os.environ.setdefault("XDG_RUNTIME_DIR", "/tmp")
+if not os.environ.get("XDG_RUNTIME_DIR"):
+    # platformdirs (used by the embedded PostgreSQL package) warns without one.
+    _xdg = Path("/tmp") / f"cbir-xdg-{os.getuid()}"
+    _xdg.mkdir(mode=0o700, exist_ok=True)
+    os.environ["XDG_RUNTIME_DIR"] = str(_xdg)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,28 @@
+# One image for the web app and the workers. For GPU workers, build with a CUDA
+# base image: docker build --build-arg BASE=pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime .
+ARG BASE=python:3.11-slim-bookworm
+FROM ${BASE}
+
+ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 DJANGO_SETTINGS_MODULE=cbirsite.settings
+WORKDIR /app
+
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends libjpeg62-turbo libpng16-16 curl \
+ && rm -rf /var/lib/apt/lists/*
+
+COPY pyproject.toml README.md ./
+COPY cbirsite ./cbirsite
+COPY search ./search
+COPY training ./training
+COPY templates ./templates
+COPY static ./static
+COPY manage.py ./
+RUN pip install -e ".[monitoring]"
+RUN DATABASE_URL=postgresql://build@localhost/none SECRET_KEY=build python manage.py collectstatic --no-input -v0
+
+RUN useradd --create-home --uid 1000 cbir && mkdir -p /data/media /data/weights /data/uploads \
+ && chown -R cbir /data /app
+USER cbir
+
+EXPOSE 8000
+CMD ["gunicorn", "cbirsite.wsgi:application", "--bind", "0.0.0.0:8000", "--workers", "3", "--timeout", "120"]
