@@ -23,10 +23,23 @@ def _thumb(image) -> str:
         image.thumbnail.url, image.pk, image.pk, image.original_filename[:40])
 
 
+class DatasetFilter(admin.SimpleListFilter):
+    title = "dataset"
+    parameter_name = "dataset"
+
+    def lookups(self, request, model_admin):
+        datasets = Dataset.objects.filter(images__near_duplicates__isnull=False).distinct().order_by("name")
+        return [(str(d.pk), d.name) for d in datasets]
+
+    def queryset(self, request, queryset):
+        value = self.value()
+        return queryset.filter(image__dataset_id=int(value)) if value and value.isdigit() else queryset
+
+
 @admin.register(NearDuplicate)
 class NearDuplicateAdmin(admin.ModelAdmin):
     list_display = ["image_thumb", "duplicate_thumb", "similarity_display", "dataset", "model_version", "created"]
-    list_filter = [("image__dataset", admin.RelatedOnlyFieldListFilter), "model_version"]
+    list_filter = [DatasetFilter, "model_version"]
     list_select_related = ["image", "image__dataset", "duplicate_of", "model_version"]
     search_fields = ["image__original_filename", "duplicate_of__original_filename"]
     readonly_fields = ["image_thumb", "duplicate_thumb", "similarity", "model_version", "created"]

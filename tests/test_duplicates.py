@@ -20,11 +20,12 @@ from search.models import Dataset, Image, NearDuplicate
 GROUPS = reverse("admin:search_nearduplicate_groups")
 PAIRS = reverse("admin:search_nearduplicate_changelist")
 
-# The tiny random test network maps every image of one dominant colour close
-# together (distinct noise images of one colour reach ~0.998), so these tests
-# use a threshold above that; the real networks separate much better (see
-# docs/evaluation.md for the measured default of 0.95).
-THRESHOLD = 0.9995
+# The tiny random test network maps images of one dominant colour close
+# together, so the pictures below differ in colour and stripes (their nearest
+# distinct neighbours stay under ~0.97, checked by a test) and the tests use a
+# stricter threshold than the default 0.95, which suits the real networks
+# (measured in docs/evaluation.md). A one-pixel edit scores ~0.99997.
+THRESHOLD = 0.99
 
 COLOURS = [(250, 20, 20), (20, 250, 20), (20, 20, 250), (250, 250, 20), (20, 250, 250), (250, 20, 250),
            (128, 128, 128), (250, 140, 0)]
@@ -153,10 +154,10 @@ def test_pair_list_shows_both_thumbnails_and_filters_by_dataset(admin_client, pl
     a = planted["copies"][0]
     assert a.thumbnail.url in html and planted["originals"][0].thumbnail.url in html
     assert GROUPS in html
-    filtered = admin_client.get(PAIRS, {"image__dataset__id__exact": planted["dataset"].pk})
+    filtered = admin_client.get(PAIRS, {"dataset": planted["dataset"].pk})
     assert len(filtered.context["cl"].result_list) == 4
     other = Dataset.objects.create(name="nothing-here")
-    assert len(admin_client.get(PAIRS, {"image__dataset__id__exact": other.pk}).context["cl"].result_list) == 0
+    assert len(admin_client.get(PAIRS, {"dataset": other.pk}).context["cl"].result_list) == 0
 
 
 def test_groups_page_renders_with_and_without_groups(admin_client, planted, tiny_version):
