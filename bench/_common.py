@@ -26,6 +26,21 @@ def setup_django() -> None:
     import django
 
     django.setup()
+    _require_migrated()
+
+
+def _require_migrated() -> None:
+    """Refuse to run on a database behind the code: deleting the scratch
+    model version (or any query) would fail half-way on a missing table."""
+    from django.db import connection
+    from django.db.migrations.executor import MigrationExecutor
+
+    executor = MigrationExecutor(connection)
+    pending = executor.migration_plan(executor.loader.graph.leaf_nodes())
+    if pending:
+        names = ", ".join(f"{m.app_label}.{m.name}" for m, _ in pending)
+        raise SystemExit(f"the database has unapplied migrations ({names}): run "
+                         f".venv/bin/python manage.py migrate first")
 
 
 def median(values: Sequence[float]) -> float:

@@ -249,6 +249,9 @@ def test_a_training_job_resumes_from_its_checkpoint_and_publishes_a_version(labe
     assert job.model_version.name == job.result["version"] == "tiny-colours-ft-1"
     assert Embedding.objects.filter(model_version=job.model_version).count() == Image.objects.count()
     assert any("resuming" in line["msg"] for line in job.log)
+    assert 0 <= job.result["evaluation"]["precision_at_k"] <= 1 and job.result["evaluation"]["k"] == 10
+    assert job.model_version.metrics["evaluation"]["colours"]["precision_at_k"] == \
+        job.result["evaluation"]["precision_at_k"]
     assert run_training_job(job.pk) == "not claimed"
 
 
@@ -301,7 +304,7 @@ def test_the_train_command_trains_in_process_and_names_the_version(labelled, tmp
                  "--checkpoint-dir", str(tmp_path / "cmd"), stdout=out)
     text = out.getvalue()
     assert "epoch   1: train loss" in text and "epoch   2:" in text
-    assert "model version tiny-colours-ft-1" in text
+    assert "model version tiny-colours-ft-1" in text and "precision@10 on the test split" in text
     assert ModelVersion.objects.get(name="tiny-colours-ft-1").embeddings.count() == 30
 
 

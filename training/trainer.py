@@ -152,9 +152,9 @@ class TrainConfig:
         if self.embedding_dim is not None:
             _check_int("embedding_dim", self.embedding_dim, 1, MAX_DIMENSION)
             if "dimension" not in takes:
-                raise ValueError(
-                    f"{self.architecture} has a fixed {architecture.default_dimension}-d embedding; embedding_dim "
-                    f"applies to {', '.join(sorted(a for a in _all_architectures() if 'dimension' in architecture_settings(a)))}")
+                sizable = sorted(a for a in _all_architectures() if "dimension" in architecture_settings(a))
+                raise ValueError(f"{self.architecture} has a fixed {architecture.default_dimension}-d embedding; "
+                                 f"embedding_dim applies to {', '.join(sizable)}")
         if self.image_size is not None:
             _check_int("image_size", self.image_size, MIN_IMAGE_SIZE, MAX_IMAGE_SIZE)
         if self.objective not in OBJECTIVES:
@@ -707,20 +707,32 @@ def _json_safe(value):
 
 
 def evaluate_if_available(version: ModelVersion, dataset: Dataset, k: int = 10) -> dict | None:
-    """training.evaluation.retrieval.evaluate_version's result, stored in
-    version.metrics["evaluation"]; None when that module does not exist (yet)."""
+    """Category retrieval of the new version on the dataset's labelled test
+    images (training.evaluation.retrieval), saved on the version under
+    metrics["evaluation"][dataset name]. None when that module does not exist;
+    {"skipped": reason} when the dataset cannot be evaluated (no labels, no
+    test images): that is not a failure of the training."""
     try:
-        from training.evaluation.retrieval import evaluate_version
+        from training.evaluation import retrieval
     except ModuleNotFoundError as exc:
         if exc.name in ("training.evaluation.retrieval", "training.evaluation"):
             return None
         raise
-    result = _json_safe(evaluate_version(version, dataset, k=k))
-    metrics = dict(version.metrics or {})
-    metrics["evaluation"] = result
-    ModelVersion.objects.filter(pk=version.pk).update(metrics=metrics)
-    version.metrics = metrics
+    try:
+        retrieval.check_evaluable(version, dataset)
+    except retrieval.EvaluationError as exc:
+        return {"skipped": str(exc)}
+    result = retrieval.evaluate_version(version, dataset, k=k)
+    retrieval.save_evaluation(version, result)
     return result
+
+
+def evaluation_summary(evaluation: dict | None) -> dict | None:
+    """The headline numbers of an evaluation, for a job's result and a command's output."""
+    if evaluation is None or "skipped" in evaluation:
+        return evaluation
+    keys = ("k", "precision_at_k", "recall_at_k", "map_at_k", "n_queries", "against")
+    return {key: evaluation.get(key) for key in keys}
 
 
 def index_and_evaluate(version: ModelVersion, dataset: Dataset, *, progress=None) -> tuple[Any, dict | None]:
@@ -886,7 +898,9 @@ def _run_training(job: Job, jobs, should_stop) -> str:
     final = {**summary, "phase": "done", "version": version.name, "version_id": version.pk,
              "embedded": report.embedded, "embed_failed": len(report.failed)}
     if evaluation is not None:
-        final["evaluation"] = evaluation
+        final["evaluation"] = evaluation_summary(evaluation)
+        jobs.add_log(job_id, f"evaluation skipped: {evaluation['skipped']}" if "skipped" in evaluation else
+                     f"precision@{evaluation.get('k')} on the test split: {evaluation.get('precision_at_k')}")
     if not jobs.transition(job_id, S.SUCCEEDED, expect=[S.RUNNING], result=_json_safe(final),
                            message=f"trained {version.name}", progress_done=1, progress_total=1):
         return "stopped"

@@ -131,18 +131,21 @@ class Command(BaseCommand):
             f"best epoch {result.best_epoch} of {len(result.history)} ({result.stop_reason}): val loss "
             f"{result.best_val_loss:.4f}; {result.seconds_per_epoch:.1f} s per epoch on {result.device} "
             f"({result.n_train} training, {result.n_val} validation images)")
-        self.stdout.write(f"embedded {report.embedded} image(s)" + (f", {len(report.failed)} failed" if report.failed else ""))
+        failed = f", {len(report.failed)} failed" if report.failed else ""
+        self.stdout.write(f"embedded {report.embedded} image(s){failed}")
         self._print_evaluation(evaluation)
         self.stdout.write(self.style.SUCCESS(f"model version {version.name}"))
 
     def _print_evaluation(self, evaluation: dict | None) -> None:
         if evaluation is None:
             return
-        value = evaluation.get("precision_at_10", evaluation.get("precision_at_k", evaluation.get("p@10")))
+        if "skipped" in evaluation:
+            self.stdout.write(f"evaluation skipped: {evaluation['skipped']}")
+            return
+        k, value = evaluation.get("k"), evaluation.get("precision_at_k")
         if isinstance(value, (int, float)):
-            self.stdout.write(f"precision@10 on the test split: {value:.4f}")
-        else:
-            self.stdout.write(f"evaluation: {evaluation}")
+            self.stdout.write(f"precision@{k} on the test split ({evaluation.get('n_queries')} queries): "
+                              f"{value:.4f}")
 
     # --- As a job -------------------------------------------------------------
 
