@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from django.contrib import admin, messages
 from django.db.models import Count, Q
-from django.shortcuts import render
+from django.shortcuts import redirect, render
 from django.utils.html import format_html, format_html_join
 
 from django.urls import path, reverse
@@ -79,7 +79,7 @@ class DatasetAdmin(admin.ModelAdmin):
             self.message_user(request, "Select exactly one dataset to train on.", messages.ERROR)
             return None
         dataset = queryset.get()
-        form = TrainForm(request.POST if "apply" in request.POST else None)
+        form = TrainForm(request.POST if "apply" in request.POST else None, dataset=dataset)
         if "apply" in request.POST and form.is_valid():
             job = start_or_report(request, lambda: start_training_job(dataset, user=request.user, **form.config_fields()),
                                   f"Training on {dataset}")
@@ -179,6 +179,8 @@ class LabelFilter(admin.SimpleListFilter):
         value = self.value()
         if value == "__none__":
             return queryset.filter(label=None)
+        if value and "\x00" in value:
+            return queryset.none()  # no label holds NUL, and PostgreSQL would refuse the query (a 500)
         if value:
             return queryset.filter(label=value)
         return queryset
@@ -263,3 +265,4 @@ class ImageAdmin(admin.ModelAdmin):
 
 
 from search import admin_duplicates  # noqa: E402,F401 - registers the near-duplicate admin
+from search import admin_tokens  # noqa: E402,F401 - registers the API token admin

@@ -13,6 +13,7 @@ from django.utils.html import format_html
 
 from search import jobs
 from search.models import Job
+from training.networks.base import WeightsUnavailable
 
 
 @admin.register(Job)
@@ -66,7 +67,7 @@ def start_or_report(request, start, success: str):
     except jobs.JobError as exc:
         messages.error(request, str(exc))
         return None
-    except ValueError as exc:
+    except (ValueError, WeightsUnavailable) as exc:
         messages.error(request, f"Not started: {exc}")
         return None
     messages.success(request, format_html("{} — {}", success, job_link(job)))

@@ -114,3 +114,33 @@ def test_jobs_page_lists_jobs_for_staff(staff, small_set):
     detail = staff.get(f"/jobs/{job.pk}/")
     assert detail.status_code == 200 and 'role="progressbar"' in detail.content.decode()
     assert staff.get(f"/jobs/{job.pk}/status").json()["percent"] == 40.0
+
+
+def test_train_action_shows_a_form_and_creates_a_training_job(staff, small_set):
+    url = reverse("admin:search_dataset_changelist")
+    form = staff.post(url, {"action": "train_model", "_selected_action": [small_set.pk]})
+    assert form.status_code == 200 and 'name="architecture"' in form.content.decode()
+    response = staff.post(url, {
+        "action": "train_model", "_selected_action": [small_set.pk], "apply": "1",
+        "architecture": "tiny", "objective": "auto", "epochs": "1", "batch_size": "4", "learning_rate": "0.001",
+        "image_size": "32", "scheduler": "none", "early_stopping_patience": "3",
+    })
+    assert response.status_code == 302, response.content.decode()[-3000:]
+    job = Job.objects.get(kind=Job.Kind.TRAIN, dataset=small_set)
+    assert job.params["architecture"] == "tiny" and job.params["epochs"] == 1
+    assert response["Location"] == reverse("job-detail", args=[job.pk])
+    job = wait_for(lambda: _done(job.pk), timeout=150, message="the training job")
+    assert job.status == S.SUCCEEDED, (job.error, job.log[-5:])
+    assert job.model_version is not None and job.model_version.index_exists()
+    assert len(job.result["history"]) == 1
+
+
+def test_train_action_with_bad_settings_shows_the_error_and_creates_nothing(staff, small_set):
+    url = reverse("admin:search_dataset_changelist")
+    response = staff.post(url, {
+        "action": "train_model", "_selected_action": [small_set.pk], "apply": "1",
+        "architecture": "tiny", "objective": "auto", "epochs": "0", "batch_size": "4", "learning_rate": "0.001",
+        "scheduler": "none", "early_stopping_patience": "3",
+    })
+    assert response.status_code == 200 and "errorlist" in response.content.decode()
+    assert not Job.objects.filter(kind=Job.Kind.TRAIN).exists()

@@ -22,7 +22,9 @@ from training.trainer import (
     TrainConfig,
     TrainingStopped,
     checkpoint_dir_for,
+    create_initial_version,
     create_version_from_checkpoint,
+    index_and_evaluate,
     run_training_job,
     train,
 )
@@ -136,6 +138,14 @@ def test_the_autoencoder_trains_on_unlabelled_images(unlabelled, tmp_path):
     assert all(math.isfinite(h["val_loss"]) for h in result.history)
 
 
+def test_an_unlabelled_dataset_is_indexed_but_its_evaluation_skipped(unlabelled, tmp_path):
+    config = TrainConfig("autoencoder", epochs=1, batch_size=8, image_size=32, embedding_dim=16)
+    result = train(unlabelled, config, checkpoint_dir=tmp_path / "ae")
+    version = create_version_from_checkpoint(config, result.best_path, unlabelled, result.history, result.seconds)
+    report, evaluation = index_and_evaluate(version, unlabelled)
+    assert report.embedded == 30 and "no labels" in evaluation["skipped"]
+
+
 def test_the_siamese_network_trains_on_augmented_pairs_without_labels(unlabelled, tmp_path):
     config = TrainConfig("siamese", epochs=1, batch_size=8, learning_rate=1e-4, image_size=32, embedding_dim=16)
     result = train(unlabelled, config, checkpoint_dir=tmp_path / "siamese")
@@ -158,6 +168,15 @@ def test_labelled_objectives_refuse_a_dataset_without_labels(unlabelled, tmp_pat
 def test_triplet_training_runs_on_pk_batches(labelled, tmp_path):
     result = train(labelled, tiny(objective="triplet", epochs=1), checkpoint_dir=tmp_path / "triplet")
     assert math.isfinite(result.history[0]["train_loss"])
+
+
+def test_without_validation_images_some_training_images_validate(labelled, unlabelled, tmp_path):
+    Image.objects.filter(dataset__in=[labelled, unlabelled]).update(split="train")
+    result = train(labelled, tiny(epochs=1), checkpoint_dir=tmp_path / "holdout")
+    assert (result.n_train, result.n_val) == (24, 6)
+    assert any("validate instead" in warning for warning in result.warnings)
+    pairs = TrainConfig("siamese", epochs=1, batch_size=8, image_size=32, embedding_dim=16)
+    assert train(unlabelled, pairs, checkpoint_dir=tmp_path / "pairs").n_val == 6
 
 
 def test_a_resumed_run_continues_from_its_last_epoch_as_if_never_stopped(labelled, tmp_path):
@@ -213,6 +232,16 @@ def test_a_published_version_rebuilds_the_trained_network_exactly(labelled, tmp_
         torch.testing.assert_close(rebuilt(x), trained.eval()(x))
     again = create_version_from_checkpoint(config, result.best_path, labelled, result.history, result.seconds)
     assert again.name == "tiny-colours-ft-2"
+
+
+def test_the_baseline_version_holds_the_untrained_starting_network(labelled):
+    config = tiny(embedding_dim=8, seed=3)
+    version = create_initial_version(config, labelled)
+    assert version.name == "tiny-colours-init-1" and version.weights_source == "random" and version.dimension == 8
+    rebuilt = build_for_version(version.architecture, version.weights_source, version.weights_path, version.config)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt.eval()(x), config.build_model().eval()(x))
 
 
 def test_the_image_size_of_a_pooled_network_is_kept_in_its_preprocessing(labelled, tmp_path):
@@ -301,9 +330,10 @@ def test_the_train_command_trains_in_process_and_names_the_version(labelled, tmp
     out = io.StringIO()
     call_command("train", "--dataset", "colours", "--arch", "tiny", "--epochs", "2", "--batch-size", "8",
                  "--lr", "0.003", "--image-size", "32", "--no-augment", "--no-progress",
-                 "--checkpoint-dir", str(tmp_path / "cmd"), stdout=out)
+                 "--checkpoint-dir", str(tmp_path / "cmd"), "--baseline", stdout=out)
     text = out.getvalue()
     assert "epoch   1: train loss" in text and "epoch   2:" in text
+    assert "before training: model version tiny-colours-init-1" in text
     assert "model version tiny-colours-ft-1" in text and "precision@10 on the test split" in text
     assert ModelVersion.objects.get(name="tiny-colours-ft-1").embeddings.count() == 30
 

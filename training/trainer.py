@@ -383,8 +383,11 @@ class _Plan:
             val = [row for row in val if row[2] in self.classes]
         elif objective == "triplet":
             val = [row for row in val if row[2] is not None]
-        if not val:
-            val = train[VALIDATION_EVERY - 1::VALIDATION_EVERY] or train[-1:]
+        needed = 2 if objective == "contrastive" else 1  # a pair needs two images
+        if len(val) < needed:
+            val = train[VALIDATION_EVERY - 1::VALIDATION_EVERY]
+            if len(val) < needed:
+                val = train[-needed:]
             held = {row[0] for row in val}
             train = [row for row in train if row[0] not in held]
             self.warnings.append(f"the val split has no usable image; {len(val)} training image(s) validate instead")
@@ -413,8 +416,6 @@ class _Plan:
                 val_pairs = make_pairs(val_labels, max(len(val_items), 16), seed=config.seed)
                 val_augment = False
             else:  # too few labelled validation images: the same kind of pairs as without labels
-                if len(val_items) < 2:
-                    raise ValueError("contrastive validation needs at least 2 validation images")
                 val_pairs = make_augmented_pairs(len(val_items), seed=config.seed, n_pairs=max(len(val_items), 16))
                 val_augment = True
             self.val_loader = DataLoader(PairDataset(val_items, val_pairs, preprocessing, augment=val_augment),
@@ -423,9 +424,10 @@ class _Plan:
             self._preprocessing = preprocessing
             return
 
-        train_set = ImageListDataset(train_items, preprocessing, augment=config.augment)
-        val_set = ImageListDataset(val_items, preprocessing, augment=False,
-                                   label_to_index=train_set.label_to_index if objective == "classification" else None)
+        # The classifier's classes are fixed above (they are checked again on resume).
+        mapping = {label: i for i, label in enumerate(self.classes)} if self.classes is not None else None
+        train_set = ImageListDataset(train_items, preprocessing, augment=config.augment, label_to_index=mapping)
+        val_set = ImageListDataset(val_items, preprocessing, augment=False, label_to_index=mapping)
         if objective == "triplet":
             self.objective = TripletObjective()
             k = 4 if batch >= 8 else 2
@@ -561,10 +563,10 @@ def _train(dataset: Dataset, config: TrainConfig, checkpoint_dir: Path, progress
     if not resume:
         for path in (last_path, best_path):
             path.unlink(missing_ok=True)
-    checkpoint_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device()
     model = config.build_model().to(device)
     plan = _Plan(dataset, config, model, device)
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
     plan.objective.to(device)
     parameters = list(model.parameters()) + list(plan.objective.parameters())
     optimizer = torch.optim.Adam(parameters, lr=config.learning_rate)
@@ -654,9 +656,6 @@ def create_version_from_checkpoint(config: TrainConfig, best_path: str | os.Path
     Its config is the build settings, so training.inference.build_for_version
     rebuilds exactly this network (weights="random", then the saved state)."""
     checkpoint = torch.load(best_path, map_location="cpu", weights_only=True)
-    model = build_network(config.architecture, weights="random", **config.build_kwargs())
-    model = apply_image_size(model, config.image_size)
-    model.load_state_dict(checkpoint["model"])  # strict: proves the file rebuilds this network
     best_epoch, best_val_loss = _best(history)
     training = {
         "history": history, "best_epoch": best_epoch, "best_val_loss": best_val_loss,
@@ -666,27 +665,47 @@ def create_version_from_checkpoint(config: TrainConfig, best_path: str | os.Path
         "config": asdict(config),
     }
     training.update(extra_metrics or {})
+    return _publish(config, checkpoint["model"], f"{config.architecture}-{dataset.name}"[:90] + "-ft-",
+                    ModelVersion.WeightsSource.CHECKPOINT, {"training": training},
+                    notes or (f"{config.architecture} trained on {dataset.name} ({config.objective}, "
+                              f"{len(history)} epoch(s), from {'pretrained' if config.pretrained else 'random'} "
+                              f"weights)"))
+
+
+def create_initial_version(config: TrainConfig, dataset: Dataset) -> ModelVersion:
+    """A new, inactive ModelVersion "<arch>-<dataset>-init-<n>" of the very
+    network a run with `config` starts from (same seed, same input size,
+    pretrained or random weights), to measure what training changed."""
+    model = config.build_model()
+    source = ModelVersion.WeightsSource.CHECKPOINT if config.pretrained else ModelVersion.WeightsSource.RANDOM
+    return _publish(config, model.state_dict(), f"{config.architecture}-{dataset.name}"[:88] + "-init-", source,
+                    {"baseline": {"config": asdict(config), "pretrained": bool(config.pretrained),
+                                  "dataset": dataset.name}},
+                    f"the untrained starting point of {config.architecture} runs on {dataset.name} "
+                    f"({'pretrained' if config.pretrained else 'random'} weights, seed {config.seed})")
+
+
+def _publish(config: TrainConfig, state_dict: dict, prefix: str, source: str, metrics: dict,
+             notes: str) -> ModelVersion:
+    """Save the embedding network's weights under CBIR_WEIGHTS_DIR/trained/ and
+    make an inactive version "<prefix><n>" (the next free n) that rebuilds it."""
+    model = build_network(config.architecture, weights="random", **config.build_kwargs())
+    model = apply_image_size(model, config.image_size)
+    model.load_state_dict(state_dict)  # strict: proves the file rebuilds this network
     folder = Path(settings.CBIR_WEIGHTS_DIR) / "trained"
-    prefix = f"{config.architecture}-{dataset.name}"[:90] + "-ft-"
     for _attempt in range(20):
         n = ModelVersion.objects.filter(name__startswith=prefix).count() + 1
         while ModelVersion.objects.filter(name=f"{prefix}{n}").exists():
             n += 1
         name = f"{prefix}{n}"
         path = folder / f"{_file_safe(name)}.pt"
-        _save_atomically({"model": checkpoint["model"], "architecture": config.architecture,
-                          "config": model.config}, path)
+        _save_atomically({"model": state_dict, "architecture": config.architecture, "config": model.config}, path)
         try:
             with transaction.atomic():
                 return ModelVersion.objects.create(
-                    name=name, architecture=config.architecture, config=model.config,
-                    weights_source=ModelVersion.WeightsSource.CHECKPOINT, weights_path=str(path.resolve()),
-                    weights_sha256=sha256_of(path), dimension=model.dimension,
-                    preprocessing=model.preprocessing.to_dict(), metrics={"training": _json_safe(training)},
-                    notes=notes or (f"{config.architecture} trained on {dataset.name} ({config.objective}, "
-                                    f"{len(history)} epoch(s), from "
-                                    f"{'pretrained' if config.pretrained else 'random'} weights)"),
-                )
+                    name=name, architecture=config.architecture, config=model.config, weights_source=source,
+                    weights_path=str(path.resolve()), weights_sha256=sha256_of(path), dimension=model.dimension,
+                    preprocessing=model.preprocessing.to_dict(), metrics=_json_safe(metrics), notes=notes)
         except IntegrityError:  # another run took the name meanwhile: next number
             path.unlink(missing_ok=True)
     raise RuntimeError(f"could not find a free model version name starting {prefix!r}")
@@ -826,7 +845,13 @@ def run_training_job(job_id: int) -> str:
         jobs.add_log(job_id, "stopped; the last finished epoch is kept in its checkpoint")
         return "stopped"
     except Exception as exc:
-        fail(f"{type(exc).__name__}: {exc}")
+        from celery.exceptions import SoftTimeLimitExceeded
+
+        if isinstance(exc, SoftTimeLimitExceeded):
+            fail(f"the task ran past CBIR_TRAIN_TIME_LIMIT ({settings.CBIR_TRAIN_TIME_LIMIT} s); the last finished "
+                 f"epoch is kept, and Run again continues from it")
+        else:
+            fail(f"{type(exc).__name__}: {exc}")
         raise
     return outcome
 
@@ -900,7 +925,7 @@ def _run_training(job: Job, jobs, should_stop) -> str:
     if evaluation is not None:
         final["evaluation"] = evaluation_summary(evaluation)
         jobs.add_log(job_id, f"evaluation skipped: {evaluation['skipped']}" if "skipped" in evaluation else
-                     f"precision@{evaluation.get('k')} on the test split: {evaluation.get('precision_at_k')}")
+                     f"precision@{evaluation.get('k')} on the test split: {evaluation.get('precision_at_k') or 0:.4f}")
     if not jobs.transition(job_id, S.SUCCEEDED, expect=[S.RUNNING], result=_json_safe(final),
                            message=f"trained {version.name}", progress_done=1, progress_total=1):
         return "stopped"

@@ -22,10 +22,14 @@ from training.trainer import (
     TrainingStopped,
     check_dataset,
     check_pretrained_available,
+    create_initial_version,
     create_version_from_checkpoint,
     index_and_evaluate,
     train,
 )
+
+
+PAIRS = {"labels": "; pairs from labels", "augmented": "; pairs of two augmented views of one image"}
 
 
 class Command(BaseCommand):
@@ -53,6 +57,9 @@ class Command(BaseCommand):
         parser.add_argument("--checkpoint-dir", default=None,
                             help="where checkpoints go; one holding last.pt is resumed "
                                  "(default: a new folder under CBIR_WEIGHTS_DIR/runs/)")
+        parser.add_argument("--baseline", action="store_true",
+                            help="first publish, embed and evaluate the untrained starting network as "
+                                 "<arch>-<dataset>-init-<n>, to compare before and after training")
         parser.add_argument("--job", action="store_true",
                             help="start a training job on a worker and follow its progress here")
         parser.add_argument("--no-progress", action="store_true")
@@ -89,6 +96,15 @@ class Command(BaseCommand):
             f"batch {config.batch_size}, lr {config.learning_rate:g}, "
             f"{'pretrained' if config.pretrained else 'random'} initial weights"
             f"{f', {config.image_size} px' if config.image_size else ''}; checkpoints in {directory}")
+        if options["baseline"]:
+            try:
+                baseline = create_initial_version(config, dataset)
+            except WeightsUnavailable as exc:
+                raise CommandError(str(exc)) from None
+            with progress_bar(f"embedding {dataset.name} with {baseline.name}", disable=options["no_progress"]) as b:
+                _, evaluation = index_and_evaluate(baseline, dataset, progress=b)
+            self.stdout.write(f"before training: model version {baseline.name}")
+            self._print_evaluation(evaluation)
         bar = tqdm(total=config.epochs, desc="epochs", unit="epoch", file=sys.stderr, dynamic_ncols=True,
                    disable=options["no_progress"])
         printed = [0]
@@ -130,7 +146,8 @@ class Command(BaseCommand):
         self.stdout.write(
             f"best epoch {result.best_epoch} of {len(result.history)} ({result.stop_reason}): val loss "
             f"{result.best_val_loss:.4f}; {result.seconds_per_epoch:.1f} s per epoch on {result.device} "
-            f"({result.n_train} training, {result.n_val} validation images)")
+            f"({result.n_train} training, {result.n_val} validation images"
+            f"{PAIRS.get(result.pairs, '')})")
         failed = f", {len(report.failed)} failed" if report.failed else ""
         self.stdout.write(f"embedded {report.embedded} image(s){failed}")
         self._print_evaluation(evaluation)
