@@ -23,6 +23,9 @@ def setup_django() -> None:
     # The embedded PostgreSQL package (via platformdirs) wants a runtime dir.
     os.environ.setdefault("XDG_RUNTIME_DIR", "/tmp")
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "cbirsite.settings")
+    # Benchmarks send many searches from one address in-process: the per-client
+    # limit (docs/security.md) would answer 429 part-way. Export it to measure it.
+    os.environ.setdefault("CBIR_SEARCH_RATE_LIMIT", "0")
     import django
 
     django.setup()
@@ -110,6 +113,10 @@ def busy_warning(load: dict | None, threshold: float = 0.2) -> str | None:
     return None
 
 
+ENV_ECHO = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "MKL_NUM_THREADS", "MALLOC_MMAP_MAX_",
+            "MALLOC_TRIM_THRESHOLD_", "LD_PRELOAD", "CBIR_LOADER_WORKERS", "CBIR_EMBED_BATCH_SIZE", "CBIR_DEVICE")
+
+
 def machine_info() -> dict:
     import torch
 
@@ -120,5 +127,7 @@ def machine_info() -> dict:
         "torch_threads": torch.get_num_threads(),
         "torch_interop_threads": torch.get_num_interop_threads(),
         "cuda": torch.cuda.is_available(),
+        # Settings read at process start that change CPU inference speed.
+        "environment": {name: os.environ[name] for name in ENV_ECHO if name in os.environ},
         "load_average": [round(x, 2) for x in os.getloadavg()],
     }

@@ -1,7 +1,7 @@
 """Index build throughput against the network's own forward throughput.
 
     .venv/bin/python bench/index_throughput.py [--dataset animals] [--batch-size 32] [--repeats 3]
-        [--workers N] [--threads N] [--breakdown] [--sweep] [--json]
+        [--workers N] [--threads N] [--mallopt] [--breakdown] [--sweep] [--json]
 
 Measures, in images per second (median over --repeats):
 
@@ -27,10 +27,13 @@ index, by the pre_delete signal) is deleted at the end.
 --breakdown  times the build's parts on their own: decode in the main
              process, the DataLoader alone, forward, DB writes.
 --sweep      round-robin over loader workers 0/1/2 x torch threads 1/2,
-             prefetch 1 vs 4, and the forward pass at batch sizes 1/8/32
-             (about two extra minutes on a quiet 2-core machine).
+             prefetch_factor 1, a thread-pool decoder instead of DataLoader
+             processes, and the forward pass at batch sizes 1/8/32 (about
+             two extra minutes on a quiet 2-core machine).
 --workers / --threads set CBIR_LOADER_WORKERS / torch.set_num_threads for
-the main figures.
+the main figures; --mallopt tries the glibc allocator setting suggested in
+docs/benchmarks.md. Environment variables such as OMP_WAIT_POLICY apply as
+usual and are echoed in the report.
 """
 
 from __future__ import annotations
@@ -55,6 +58,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workers", type=int, default=None, help="CBIR_LOADER_WORKERS for the run (default: setting)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    parser.add_argument("--mallopt", action="store_true",
+                        help="keep freed memory in glibc's heap (M_MMAP_MAX=0, M_TRIM_THRESHOLD=2GiB), to try "
+                             "the allocator change suggested in docs/benchmarks.md")
     parser.add_argument("--breakdown", action="store_true", help="time decode, loader, forward and DB writes apart")
     parser.add_argument("--sweep", action="store_true", help="try loader workers x torch threads x prefetch x batch")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
@@ -172,9 +178,14 @@ def paired_rates(model, device, chunks, version, image_ids, batch_size: int, rep
     return pairs, forward_cost, build_cost
 
 
-def replica_embed(prefetch_factor: int):
-    """embed_images' loop with another prefetch_factor (the real function
-    hard-codes 4). Same dataset class, collate, forward and upsert."""
+def replica_embed(*, prefetch_factor: int = 4, decode_threads: int = 0):
+    """embed_images' loop with loader settings the real function does not
+    offer: another prefetch_factor (it hard-codes 4), or, with
+    decode_threads > 0, no DataLoader at all but a thread pool decoding the
+    next batches while the network runs (Pillow and NumPy release the GIL).
+    Same dataset class, collate, forward and upsert as embed_images."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from django.conf import settings
     from torch.utils.data import DataLoader
 
@@ -182,14 +193,28 @@ def replica_embed(prefetch_factor: int):
     from search.models import Image
     from training.inference import embed_batch, network_for, preprocessing_for
 
+    def threaded_batches(dataset, batch_size):
+        chunks = batches(list(range(len(dataset))), batch_size)
+        with ThreadPoolExecutor(decode_threads) as pool:
+            pending = [pool.submit(lambda c: _collate([dataset[i] for i in c]), c) for c in chunks[:2]]
+            for chunk in chunks[2:] + [None] * len(pending):
+                batch = pending.pop(0).result()
+                if chunk is not None:
+                    pending.append(pool.submit(lambda c: _collate([dataset[i] for i in c]), chunk))
+                yield batch
+
     def embed(version, image_ids, *, batch_size):
         media = Path(settings.MEDIA_ROOT)
         items = [(pk, str(media / f)) for pk, f in
                  Image.objects.filter(pk__in=list(image_ids)).order_by("pk").values_list("pk", "file")]
         model, device = network_for(version)
-        n = settings.CBIR_LOADER_WORKERS if len(items) > batch_size else 0
-        loader = DataLoader(_FileImages(items, preprocessing_for(version)), batch_size=batch_size,
-                            num_workers=n, collate_fn=_collate, prefetch_factor=prefetch_factor if n else None)
+        dataset = _FileImages(items, preprocessing_for(version))
+        if decode_threads:
+            loader = threaded_batches(dataset, batch_size)
+        else:
+            n = settings.CBIR_LOADER_WORKERS if len(items) > batch_size else 0
+            loader = DataLoader(dataset, batch_size=batch_size, num_workers=n, collate_fn=_collate,
+                                prefetch_factor=prefetch_factor if n else None)
         report = EmbedReport()
         for tensors, ids, bad in loader:
             report.failed.extend(bad)
@@ -238,6 +263,24 @@ def breakdown(version, items, chunks, model, device, batch_size: int, workers: i
     return out
 
 
+def tune_glibc_malloc() -> bool:
+    """Stop glibc handing big freed blocks back to the kernel. Without this,
+    every batch's activation buffers (tens of MB each at batch 32) are mmap'd
+    fresh and page-faulted in again. True if applied (Linux with glibc only)."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if not name:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+        return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+    except (OSError, AttributeError):
+        return False
+
+
 def time_index_creation(version) -> float:
     from search.indexing import drop_hnsw_index, ensure_hnsw_index
 
@@ -247,14 +290,15 @@ def time_index_creation(version) -> float:
     return time.perf_counter() - start
 
 
-# (loader workers, torch threads, prefetch_factor, batch size or None for --batch-size)
+# (label, loader workers, torch threads, replica settings or None for the real embed_images)
 SWEEP_BUILDS = [
-    (0, 1, 4, None), (1, 1, 4, None), (2, 1, 4, None),
-    (0, 2, 4, None), (1, 2, 4, None), (2, 2, 4, None),
-    (1, 2, 1, None), (2, 2, 1, None),
-    (2, 2, 4, 8),
+    ("embed_images", 0, 1, None), ("embed_images", 1, 1, None), ("embed_images", 2, 1, None),
+    ("embed_images", 0, 2, None), ("embed_images", 1, 2, None), ("embed_images", 2, 2, None),
+    ("replica, prefetch_factor 1", 2, 2, {"prefetch_factor": 1}),
+    ("replica, 1 decode thread", 0, 1, {"decode_threads": 1}),
+    ("replica, 1 decode thread", 0, 2, {"decode_threads": 1}),
 ]
-# (torch threads, batch size or None)
+# (torch threads, batch size or None for --batch-size)
 SWEEP_FORWARDS = [(1, None), (2, None), (2, 1), (2, 8)]
 
 
@@ -273,29 +317,36 @@ def sweep(scratch, model, device, tensors, image_ids, args) -> dict:
         return chunks_for[batch_size]
 
     forward = {c: [] for c in SWEEP_FORWARDS}
-    build = {c: [] for c in SWEEP_BUILDS}
+    forward_cost = {c: Cost() for c in SWEEP_FORWARDS}
+    build = {c[:3]: [] for c in SWEEP_BUILDS}
+    build_cost = {c[:3]: Cost() for c in SWEEP_BUILDS}
     for _ in range(rounds):
         for config in SWEEP_FORWARDS:
             threads, batch_size = config
             torch.set_num_threads(threads)
-            forward[config].append(forward_once(model, device, chunks(batch_size or args.batch_size))[0])
-        for config in SWEEP_BUILDS:
-            workers, threads, prefetch, batch_size = config
+            rate, cost = forward_once(model, device, chunks(batch_size or args.batch_size))
+            forward[config].append(rate)
+            forward_cost[config] += cost
+        for label, workers, threads, replica in SWEEP_BUILDS:
             torch.set_num_threads(threads)
             with override_settings(CBIR_LOADER_WORKERS=workers):
-                embed = None if prefetch == 4 else replica_embed(prefetch)
-                build[config].append(build_once(scratch, image_ids, batch_size or args.batch_size, embed=embed)[0])
+                embed = replica_embed(**replica) if replica else None
+                rate, cost = build_once(scratch, image_ids, args.batch_size, embed=embed)
+            build[(label, workers, threads)].append(rate)
+            build_cost[(label, workers, threads)] += cost
+    n = len(tensors) * rounds
     reference = {t: median(forward[(t, None)]) for t in (1, 2)}
     return {
         "rounds": rounds,
         "forward": [{"torch_threads": t, "batch_size": bs or args.batch_size,
-                     "forward_images_per_s": round(median(rates), 1)} for (t, bs), rates in forward.items()],
-        "build": [{"workers": w, "torch_threads": t, "prefetch_factor": p if w else None,
-                   "batch_size": bs or args.batch_size, "via": "embed_images" if p == 4 else "replica loop",
+                     "forward_images_per_s": round(median(rates), 1),
+                     "cpu_per_image": forward_cost[(t, bs)].per_image(n)} for (t, bs), rates in forward.items()],
+        "build": [{"via": label, "workers": w, "torch_threads": t,
                    "build_images_per_s": round(median(rates), 1),
                    "ratio_same_threads": round(median(rates) / reference[t], 3),
-                   "ratio_best_forward": round(median(rates) / max(reference.values()), 3)}
-                  for (w, t, p, bs), rates in build.items()],
+                   "ratio_best_forward": round(median(rates) / max(reference.values()), 3),
+                   "cpu_per_image": build_cost[(label, w, t)].per_image(n)}
+                  for (label, w, t), rates in build.items()],
     }
 
 
@@ -311,6 +362,9 @@ def run(args: argparse.Namespace) -> dict:
     from training.models import ModelVersion
 
     other_load = OtherLoad()
+    mallopt = tune_glibc_malloc() if args.mallopt else False
+    if args.mallopt and not mallopt:
+        raise SystemExit("--mallopt needs Linux with glibc")
     active = ModelVersion.active()
     if active is None:
         raise SystemExit("no active model version; build an index first")
@@ -338,7 +392,7 @@ def run(args: argparse.Namespace) -> dict:
         # embed_images uses no workers when everything fits in one batch
         "loader_workers": settings.CBIR_LOADER_WORKERS if n > args.batch_size else 0,
         "prefetch_factor": 4, "torch_threads": threads, "torch_threads_default": default_threads,
-        "device": str(device), "model_load_s": round(load_seconds, 2),
+        "device": str(device), "model_load_s": round(load_seconds, 2), "mallopt": mallopt,
     }
     try:
         network_for(scratch)  # its own cache entry: load it before timing
@@ -376,7 +430,9 @@ def print_report(r: dict) -> None:
     print(f"data            {r['images']} images of dataset {r['dataset']!r}")
     print(f"settings        batch size {r['batch_size']}, CBIR_LOADER_WORKERS {r['loader_workers']} "
           f"(prefetch_factor {r['prefetch_factor']}), torch threads {r['torch_threads']} "
-          f"(default {r['torch_threads_default']}), device {r['device']}, repeats {r['repeats']}")
+          f"(default {r['torch_threads_default']}), device {r['device']}, repeats {r['repeats']}, "
+          f"glibc malloc {'tuned (--mallopt)' if r['mallopt'] else 'default'}")
+    print(f"environment     {m['environment'] or '(no OMP_/MALLOC_/CBIR_ overrides)'}")
     load = r["other_load_cores"] or {}
     print(f"machine         {m['cpu_count']} CPUs, torch {m['torch']}; other processes used "
           f"{load.get('other_processes', '?')} cores on average over the {load.get('seconds', '?')} s run")
@@ -408,16 +464,17 @@ def print_report(r: dict) -> None:
         s = r["sweep"]
         print()
         print(f"Sweep, forward only (median of {s['rounds']} round-robin rounds):")
-        print(table(["torch threads", "batch size", "forward img/s"], [
-            [f["torch_threads"], f["batch_size"], f"{f['forward_images_per_s']:.1f}"] for f in s["forward"]]))
+        print(table(["torch threads", "batch size", "forward img/s", "CPU ms/img user+sys"], [
+            [f["torch_threads"], f["batch_size"], f"{f['forward_images_per_s']:.1f}",
+             f"{f['cpu_per_image']['user_ms']} + {f['cpu_per_image']['sys_ms']}"] for f in s["forward"]]))
         print()
-        print(f"Sweep, full build (median of {s['rounds']} rounds; ratios against forward at batch size "
-              f"{r['batch_size']}):")
-        print(table(["workers", "torch threads", "prefetch", "batch size", "via", "build img/s",
-                     "build/forward same threads", "build/best forward"], [
-            [b["workers"], b["torch_threads"], b["prefetch_factor"] or "-", b["batch_size"], b["via"],
-             f"{b['build_images_per_s']:.1f}", f"{b['ratio_same_threads']:.2f}", f"{b['ratio_best_forward']:.2f}"]
-            for b in s["build"]]))
+        print(f"Sweep, full build at batch size {r['batch_size']} (median of {s['rounds']} rounds; ratios against "
+              f"forward at the same batch size):")
+        print(table(["via", "loader workers", "torch threads", "build img/s", "build/forward same threads",
+                     "build/best forward", "CPU ms/img user+sys"], [
+            [b["via"], b["workers"], b["torch_threads"], f"{b['build_images_per_s']:.1f}",
+             f"{b['ratio_same_threads']:.2f}", f"{b['ratio_best_forward']:.2f}",
+             f"{b['cpu_per_image']['user_ms']} + {b['cpu_per_image']['sys_ms']}"] for b in s["build"]]))
 
 
 def main(argv=None) -> int:

@@ -217,6 +217,7 @@ def print_report(report: dict) -> None:
     print(f"machine            {m['cpu_count']} CPUs, torch {m['torch']} with {m['torch_threads']} threads "
           f"({m['torch_interop_threads']} inter-op), CUDA {'yes' if m['cuda'] else 'no'}, "
           f"load average at end {m['load_average']}")
+    print(f"environment        {m['environment'] or '(no OMP_/MALLOC_/CBIR_ overrides)'}")
     load = report["other_load_cores"] or {}
     print(f"other load         other processes used {load.get('other_processes', '?')} cores on average "
           f"over the {load.get('seconds', '?')} s run")

@@ -114,3 +114,45 @@ def database_from_url(url: str) -> dict:
         "CONN_MAX_AGE": 60,
         "CONN_HEALTH_CHECKS": True,
     }
+
+
+# Window lengths a rate may use: "60/m" is 60 per minute ("60/minute" also reads).
+RATE_PERIODS = {"s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60,
+                "h": 3600, "hour": 3600, "d": 86400, "day": 86400}
+
+
+def parse_rate(value: str) -> tuple[int, int] | None:
+    """"60/m" -> (60, 60): that many requests per fixed window of that many
+    seconds. "0" or "off" -> None (no limit). ValueError on anything else."""
+    text = value.strip().lower().replace(" ", "")
+    if text in ("0", "off"):
+        return None
+    count, sep, unit = text.partition("/")
+    seconds = RATE_PERIODS.get(unit) or (RATE_PERIODS.get(unit[:-1]) if len(unit) > 3 and unit[-1] == "s" else None)
+    if not sep or not count.isdigit() or int(count) < 1 or seconds is None:
+        raise ValueError(f"{value!r} is not a rate: write COUNT/UNIT with a unit of s, m, h or d "
+                         "(e.g. 60/m), or 0 for no limit")
+    return int(count), seconds
+
+
+def env_rate(name: str, default: str) -> str:
+    """A rate such as "60/m" or "0" (off), checked now and returned as written."""
+    value = os.environ.get(name, "").strip() or default
+    try:
+        parse_rate(value)
+    except ValueError as exc:
+        raise ImproperlyConfigured(f"{name}: {exc}") from None
+    return value
+
+
+def env_networks(name: str) -> list[str]:
+    """Comma-separated IP addresses or networks (10.0.0.0/8), each checked."""
+    import ipaddress
+
+    items = env_list(name, [])
+    for item in items:
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            raise ImproperlyConfigured(f"{name}: {item!r} is not an IP address or network") from None
+    return items

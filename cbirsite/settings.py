@@ -16,6 +16,8 @@ from cbirsite.env import (
     env_float,
     env_int,
     env_list,
+    env_networks,
+    env_rate,
     env_str,
 )
 
@@ -24,7 +26,17 @@ VAR_DIR = embedded.VAR_DIR
 
 DEFAULT_SECRET_KEY = "insecure-dev-key-change-me-for-any-real-deployment"
 SECRET_KEY = env_str("SECRET_KEY", DEFAULT_SECRET_KEY)
-DEBUG = env_bool("DEBUG", True)
+# Production refuses to start with the debug pages on or the published key
+# (see docs/security.md); everything below that needs HTTPS follows this switch.
+CBIR_PRODUCTION = env_bool("CBIR_PRODUCTION", False)
+DEBUG = env_bool("DEBUG", not CBIR_PRODUCTION)
+if CBIR_PRODUCTION and DEBUG:
+    raise ImproperlyConfigured("DEBUG is on but CBIR_PRODUCTION=true: set DEBUG=false "
+                               "(debug pages show settings and source code to anyone)")
+if CBIR_PRODUCTION and SECRET_KEY == DEFAULT_SECRET_KEY:
+    raise ImproperlyConfigured("SECRET_KEY is the published development key but CBIR_PRODUCTION=true: set SECRET_KEY "
+                               "(or SECRET_KEY_FILE) to a long random string, e.g. the output of "
+                               "python -c 'import secrets; print(secrets.token_urlsafe(50))'")
 ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["127.0.0.1", "localhost", "[::1]", "testserver"])
 CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", [])
 
@@ -47,6 +59,8 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "cbirsite.middleware.DatabaseUnavailableMiddleware",  # 503, not 500, while the database is down
+    "cbirsite.middleware.ApiBadRequestMiddleware",  # an unreadable request body: JSON 400/413 under /api/
 ]
 
 ROOT_URLCONF = "cbirsite.urls"
@@ -138,7 +152,36 @@ STATICFILES_DIRS = [BASE_DIR / "static"]
 MEDIA_URL = "/media/"
 MEDIA_ROOT = Path(env_str("MEDIA_ROOT", str(VAR_DIR / "media"))).resolve()
 
-LOGIN_URL = "/admin/login/"
+LOGIN_URL = "login"
+LOGIN_REDIRECT_URL = "/"
+LOGOUT_REDIRECT_URL = "/"
+
+# --- Who can do what (docs/security.md) ----------------------------------------
+# Search pages, the search API, the model pages and /media/ for signed-in users
+# only (the API and /media/ also take an API token). Admin, jobs: staff, always.
+CBIR_SEARCH_REQUIRES_LOGIN = env_bool("CBIR_SEARCH_REQUIRES_LOGIN", False)
+# Searches per client (its API token, else its IP address) per fixed window:
+# "60/m", "1000/h", ... or "0" for no limit. Counted in PostgreSQL, not Redis.
+CBIR_SEARCH_RATE_LIMIT = env_rate("CBIR_SEARCH_RATE_LIMIT", "60/m")
+# Proxies (IP addresses or networks) whose X-Forwarded-For is believed; empty:
+# the client is REMOTE_ADDR, and X-Forwarded-For, which anyone can send, is ignored.
+CBIR_TRUSTED_PROXIES = env_networks("CBIR_TRUSTED_PROXIES")
+
+# --- HTTPS and security headers (what `manage.py check --deploy` asks for) ------
+SECURE_SSL_REDIRECT = env_bool("SECURE_SSL_REDIRECT", CBIR_PRODUCTION)
+SECURE_REDIRECT_EXEMPT = [r"^healthz$"]  # container health checks call plain HTTP on localhost
+SESSION_COOKIE_SECURE = CBIR_PRODUCTION
+CSRF_COOKIE_SECURE = CBIR_PRODUCTION
+SECURE_HSTS_SECONDS = env_int("SECURE_HSTS_SECONDS", 365 * 24 * 3600 if CBIR_PRODUCTION else 0, minimum=0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", CBIR_PRODUCTION)
+SECURE_HSTS_PRELOAD = env_bool("SECURE_HSTS_PRELOAD", CBIR_PRODUCTION)
+SECURE_CONTENT_TYPE_NOSNIFF = True
+SECURE_REFERRER_POLICY = "same-origin"
+X_FRAME_OPTIONS = "DENY"
+if env_bool("CBIR_BEHIND_TLS_PROXY", False):
+    # Only behind a proxy that sets this header itself and drops the client's copy:
+    # otherwise any client could claim its plain-HTTP request was HTTPS.
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
 
 # --- Retrieval --------------------------------------------------------------
 CBIR_DEVICE = env_choice("CBIR_DEVICE", "auto", ("auto", "cpu", "cuda"))
@@ -158,6 +201,9 @@ CBIR_LOADER_WORKERS = env_int("CBIR_LOADER_WORKERS", min(4, os.cpu_count() or 1)
 # HNSW search breadth; raised to at least 2k per query.
 CBIR_HNSW_EF_SEARCH = env_int("CBIR_HNSW_EF_SEARCH", 100, minimum=1, maximum=1000)
 CBIR_SPLIT_SEED = env_str("CBIR_SPLIT_SEED", "cbir-split-v1")
+# Newly embedded images at least this similar (cosine) to an image already in
+# their dataset are flagged as near-duplicates (exact duplicates are skipped by SHA-256).
+CBIR_NEAR_DUPLICATE_THRESHOLD = env_float("CBIR_NEAR_DUPLICATE_THRESHOLD", 0.95, minimum=0.01, maximum=1.0)
 CBIR_WEIGHTS_DIR = Path(env_str("CBIR_WEIGHTS_DIR", str(VAR_DIR / "weights")))
 # Offline: never try to download pretrained weights, fail with instructions instead.
 CBIR_OFFLINE = env_bool("CBIR_OFFLINE", False)

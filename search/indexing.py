@@ -162,6 +162,7 @@ class EmbedReport:
     embedded: int = 0
     failed: list[tuple[int, str]] = field(default_factory=list)  # (image id, reason)
     index_created: bool = False
+    near_duplicates: int = 0  # pairs flagged
 
     def as_dict(self) -> dict:
         return {"embedded": self.embedded, "failed": len(self.failed),
@@ -215,9 +216,13 @@ def build_index(dataset: Dataset, version: ModelVersion, *, batch_size: int | No
                 progress: Progress = _noop) -> EmbedReport:
     """Embed what is missing for (dataset, version), then make sure the HNSW index
     exists. Running it again embeds nothing new."""
+    from search.jobs import flag_new_near_duplicates
+
     missing = missing_image_ids(dataset, version)
     report = embed_images(version, missing, batch_size=batch_size, progress=progress)
     report.index_created = ensure_hnsw_index(version)
+    failed = {image_id for image_id, _ in report.failed}
+    report.near_duplicates = flag_new_near_duplicates(version, [i for i in missing if i not in failed])
     if ModelVersion.active() is None:
         # The first version ever indexed becomes the one search uses.
         version.activate()

@@ -63,22 +63,52 @@ class ImportReport:
         return Counter(reason for _, reason in self.rejected)
 
 
+class StorageError(Exception):
+    """MEDIA_ROOT cannot be written (disk full, read-only, not a folder). Not a
+    fault of the file being imported, so an import stops at the first one
+    instead of reporting every later file as bad. `report` holds what was
+    imported before it, when an importer raised it."""
+
+    report: "ImportReport | None" = None
+
+
+def _storage_error(exc: OSError) -> StorageError:
+    return StorageError(f"cannot write to the media folder {settings.MEDIA_ROOT} ({exc.strerror or exc}); "
+                        f"free some space or fix its permissions, then import again")
+
+
 def _write_atomically(relative: str, data: bytes) -> Path:
     """Write a file under MEDIA_ROOT through a temporary name, so no reader
     ever sees half a file and a failure leaves nothing behind."""
     target = Path(settings.MEDIA_ROOT) / relative
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
+    except OSError as exc:
+        raise _storage_error(exc) from exc
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise _storage_error(exc) from exc
         raise
     return target
+
+
+def printable_name(text: str) -> str:
+    """A file name as text PostgreSQL and terminals accept: bytes that are not
+    UTF-8 (legal in Linux file names, seen here as surrogates) become U+FFFD,
+    NUL characters are dropped."""
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        raw = text.encode("utf-8", "replace")
+    return raw.decode("utf-8", "replace").replace("\x00", "")
 
 
 def storage_paths(dataset_id: int, sha256: str, extension: str) -> tuple[str, str]:
@@ -98,7 +128,7 @@ def add_image(dataset: Dataset, data: bytes, original_filename: str, label: str 
     if existing:
         return existing, False
     file_path, thumb_path = storage_paths(dataset.pk, decoded.sha256, decoded.extension)
-    label = (label or "").strip()[:200] or None
+    label = printable_name(label or "").strip()[:200] or None
     written: list[Path] = []
     try:
         written.append(_write_atomically(file_path, data))
@@ -107,7 +137,7 @@ def add_image(dataset: Dataset, data: bytes, original_filename: str, label: str 
             image = Image.objects.create(
                 dataset=dataset, file=file_path, thumbnail=thumb_path, sha256=decoded.sha256,
                 label=label, split=split_for(decoded.sha256), width=decoded.width, height=decoded.height,
-                original_filename=original_filename[:500],
+                original_filename=printable_name(original_filename)[:500],
             )
         return image, True
     except IntegrityError:
@@ -159,14 +189,15 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".png", ".webp", ".bmp", ".gif", ".ti
 def import_folder(root: str | Path, dataset: Dataset, *, labels_from_folders: bool = False,
                   label_depth: int | None = None, progress: Progress = _noop) -> ImportReport:
     """Import every image below `root`. Files are recognised by content; one bad
-    file never aborts the import, it is reported with its reason."""
+    file never aborts the import, it is reported with its reason. A storage
+    failure (StorageError) stops it: every later file would fail the same way."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"{root} is not a folder")
     files = list(iter_folder(root))
     report = ImportReport()
     for index, path in enumerate(files, start=1):
-        relative = str(path.relative_to(root))
+        relative = printable_name(str(path.relative_to(root)))
         label = label_for(path, root, label_depth) if labels_from_folders else None
         try:
             if path.stat().st_size > settings.CBIR_MAX_IMPORT_FILE_BYTES:
@@ -180,6 +211,9 @@ def import_folder(root: str | Path, dataset: Dataset, *, labels_from_folders: bo
             report.rejected.append((relative, reason))
         except OSError as exc:
             report.rejected.append((relative, f"cannot be read ({exc.strerror or exc})"))
+        except StorageError as exc:
+            exc.report = report
+            raise
         else:
             if created:
                 report.imported += 1
@@ -198,21 +232,28 @@ def import_zip(zip_path: str | Path, dataset: Dataset, *, labels_from_folders: b
                progress: Progress = _noop, should_stop: Callable[[], bool] | None = None) -> ImportReport:
     """Import the images in a zip. Entry names are only used as labels and
     display names, never as paths on disk (no traversal); sizes are checked
-    while reading (no zip bombs); one bad entry never aborts the import."""
+    while reading (no zip bombs); one bad entry never aborts the import; a
+    zip that declares more than CBIR_ZIP_MAX_TOTAL_BYTES is refused whole."""
+    import lzma
     import zipfile
+    import zlib
 
     max_entries = settings.CBIR_ZIP_MAX_ENTRIES
     max_total = settings.CBIR_ZIP_MAX_TOTAL_BYTES
     max_file = settings.CBIR_MAX_IMPORT_FILE_BYTES
     try:
         archive = zipfile.ZipFile(zip_path)
-    except (zipfile.BadZipFile, OSError) as exc:
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:  # ValueError: a name that is not UTF-8
         raise ZipRejected(f"not a readable zip file ({exc})") from None
     report = ImportReport()
     with archive:
         entries = [info for info in archive.infolist() if not info.is_dir()]
         if len(entries) > max_entries:
             raise ZipRejected(f"the zip holds {len(entries):,} files; the limit is {max_entries:,}")
+        declared = sum(info.file_size for info in entries)
+        if declared > max_total:
+            # Refused before anything is stored; reads below never exceed the declared sizes.
+            raise ZipRejected(f"the zip unpacks to {declared:,} bytes, more than the limit of {max_total:,}")
         total_read = 0
         for index, info in enumerate(entries, start=1):
             name = info.filename.replace("\\", "/")
@@ -244,9 +285,13 @@ def import_zip(zip_path: str | Path, dataset: Dataset, *, labels_from_folders: b
                 if reason.startswith("not a supported image") and Path(display).suffix.lower() not in IMAGE_SUFFIXES:
                     reason = "not an image"
                 report.rejected.append((display, reason))
-            except (zipfile.BadZipFile, OSError, RuntimeError, EOFError) as exc:
+            except (zipfile.BadZipFile, OSError, RuntimeError, EOFError, zlib.error, lzma.LZMAError) as exc:
                 # Corrupt member, bad CRC, encrypted entry, unsupported compression.
-                report.rejected.append((display, f"cannot be read from the zip ({exc})"))
+                detail = "it is encrypted" if "encrypted" in str(exc) else exc
+                report.rejected.append((display, f"cannot be read from the zip ({detail})"))
+            except StorageError as exc:
+                exc.report = report
+                raise
             else:
                 if created:
                     report.imported += 1

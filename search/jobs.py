@@ -244,16 +244,35 @@ def finish_embed_job(job_id: int) -> bool:
         version = job.model_version
         done, failed = chunk_progress(job_id)
         created = ensure_hnsw_index(version)
+        message = f"{done} embedded" + (f", {failed} unreadable" if failed else "")
         activated = False
         if job.params.get("activate") or ModelVersion.active() is None:
             version.activate()
             activated = True
         transition(job_id, S.SUCCEEDED, expect=[S.QUEUED, S.RUNNING], progress_done=done,
                    result={"embedded": done, "failed": failed, "index_created": created, "activated": activated},
-                   message="done")
+                   message=message)
     add_log(job_id, f"done: {done} embedded, {failed} unreadable"
                     f"{', index built' if created else ''}{', now active for search' if activated else ''}")
+    image_ids = [i for ids in JobChunk.objects.filter(job_id=job_id).values_list("image_ids", flat=True) for i in ids]
+    flagged = flag_new_near_duplicates(version, image_ids)
+    if flagged:
+        add_log(job_id, f"{flagged} near-duplicate pair(s) flagged (see admin: Near duplicates)")
     return True
+
+
+def flag_new_near_duplicates(version: ModelVersion, image_ids: list[int]) -> int:
+    """Flag newly embedded images that nearly duplicate an image of their dataset.
+    Runs after the index exists, so each lookup is an HNSW query."""
+    from search.duplicates import flag_near_duplicates
+
+    by_dataset: dict[int, list[int]] = {}
+    for image_id, dataset_id in Image.objects.filter(pk__in=image_ids).values_list("pk", "dataset_id"):
+        by_dataset.setdefault(dataset_id, []).append(image_id)
+    flagged = 0
+    for dataset in Dataset.objects.filter(pk__in=by_dataset):
+        flagged += flag_near_duplicates(version, dataset, by_dataset[dataset.pk])
+    return flagged
 
 
 # --- Cancel, re-run, recovery -------------------------------------------------

@@ -187,3 +187,53 @@ class NearDuplicate(models.Model):
 
     def __str__(self) -> str:
         return f"image {self.image_id} ≈ image {self.duplicate_of_id} ({self.similarity:.3f})"
+
+
+class ApiToken(models.Model):
+    """A key for the JSON search API (`Authorization: Bearer <key>`), created by
+    a staff member in the admin. Only the SHA-256 of the key is stored: the key
+    itself is shown once, on creation. A token works while it is not revoked and
+    its owner is an active staff member; it opens the search API and /media/,
+    never the admin or the job pages."""
+
+    KEY_PREFIX = "cbir_"
+
+    name = models.CharField(max_length=100, help_text="what the token is for, e.g. the client's name")
+    key_hash = models.CharField(max_length=64, unique=True, editable=False)
+    # The key's first characters, to tell tokens apart in lists and logs.
+    prefix = models.CharField(max_length=12, editable=False)
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="api_tokens",
+                             help_text="the staff member who owns it")
+    created = models.DateTimeField(auto_now_add=True)
+    last_used = models.DateTimeField(null=True, blank=True)
+    revoked = models.BooleanField(default=False)
+
+    class Meta:
+        ordering = ["-created"]
+        verbose_name = "API token"
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.prefix}…)"
+
+    @staticmethod
+    def hash_key(key: str) -> str:
+        return hashlib.sha256(key.encode()).hexdigest()
+
+    def set_new_key(self) -> str:
+        """Give this token a fresh random key; returns the key, which is not kept."""
+        import secrets
+
+        key = self.KEY_PREFIX + secrets.token_urlsafe(32)
+        self.key_hash = self.hash_key(key)
+        self.prefix = key[:12]
+        return key
+
+
+class RateCounter(models.Model):
+    """Searches by one client (`key`: its token or IP address) in the fixed
+    window that started at `window_start` (Unix seconds). Counted with one
+    atomic upsert per search by search.access.count_search."""
+
+    key = models.CharField(max_length=100, primary_key=True)
+    window_start = models.BigIntegerField()
+    count = models.PositiveIntegerField()

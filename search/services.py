@@ -86,7 +86,8 @@ def parse_k(raw) -> int:
 def parse_dataset(name) -> Dataset | None:
     if name is None or str(name).strip() == "":
         return None
-    dataset = Dataset.objects.filter(name=str(name).strip()).first()
+    # PostgreSQL refuses NUL in text (a DataError, so a 500); no dataset has one in its name.
+    dataset = None if "\x00" in str(name) else Dataset.objects.filter(name=str(name).strip()).first()
     if dataset is None:
         raise BadParameter(f"unknown dataset {str(name)[:100]!r}")
     return dataset

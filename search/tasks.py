@@ -88,7 +88,7 @@ def finish_embed_job(job_id: int) -> bool:
 
 def run_import_job(job_id: int) -> str:
     from search.indexing import resolve_version  # noqa: F401 - keeps import order explicit
-    from search.ingest import ZipRejected, import_zip
+    from search.ingest import StorageError, ZipRejected, import_zip
     from training.models import ModelVersion
 
     job = Job.objects.select_related("dataset").filter(pk=job_id).first()
@@ -109,6 +109,13 @@ def run_import_job(job_id: int) -> str:
             jobs.add_log(job_id, f"failed: {exc}")
         zip_path.unlink(missing_ok=True)
         return "rejected"
+    except StorageError as exc:
+        # Not the zip's fault: it is kept, so Run again works once there is room.
+        done = exc.report.imported if exc.report else 0
+        reason = f"{exc} (stopped there; {done} image(s) imported before it are complete)"
+        if jobs.transition(job_id, S.FAILED, expect=[S.RUNNING], error=reason):
+            jobs.add_log(job_id, f"failed: {reason}")
+        return "storage error"
     except Exception as exc:
         reason = f"{type(exc).__name__}: {exc}"
         if jobs.transition(job_id, S.FAILED, expect=[S.RUNNING], error=reason):

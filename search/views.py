@@ -6,14 +6,16 @@ from __future__ import annotations
 
 import base64
 from functools import wraps
+from pathlib import Path
 
 from django.conf import settings
-from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import render
 from django.views.decorators.csrf import csrf_exempt
-from django.views.decorators.http import require_GET, require_http_methods
+from django.views.decorators.http import require_GET, require_http_methods, require_safe
+from django.views.static import serve
 
-from search import services
+from search import access, services
 from search.imaging import ImageRejected, decode_image, make_thumbnail
 from search.models import Dataset, Image
 from search.services import SearchError, UploadTooLarge
@@ -55,12 +57,40 @@ def _query_preview(data: bytes) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(thumb).decode()
 
 
+def guarded(*, api: bool, counted: tuple[str, ...] = ("GET", "POST")):
+    """Who may search (login when CBIR_SEARCH_REQUIRES_LOGIN; on the API also a
+    token) and how often: requests with a method in `counted` are searches and
+    count towards the client's CBIR_SEARCH_RATE_LIMIT (429 + Retry-After)."""
+
+    def decorator(view):
+        @wraps(view)
+        def wrapped(request: HttpRequest, *args, **kwargs):
+            refused = access.check_access(request, api=api)
+            if refused is not None:
+                return refused
+            if request.method in counted:
+                try:
+                    access.count_search(request)
+                except access.RateLimited as exc:
+                    response = _json_error(exc) if api else render(
+                        request, "search/index.html", _page_context(error=str(exc)), status=exc.status)
+                    response["Retry-After"] = str(exc.retry_after)
+                    return response
+            return view(request, *args, **kwargs)
+
+        return wrapped
+
+    return decorator
+
+
 @require_GET
+@guarded(api=False, counted=())
 def index(request: HttpRequest) -> HttpResponse:
     return render(request, "search/index.html", _page_context())
 
 
 @require_http_methods(["GET", "POST"])
+@guarded(api=False, counted=("POST",))
 def search_page(request: HttpRequest) -> HttpResponse:
     if request.method == "GET":
         return render(request, "search/index.html", _page_context())
@@ -75,6 +105,7 @@ def search_page(request: HttpRequest) -> HttpResponse:
 
 
 @require_GET
+@guarded(api=False)
 def similar_page(request: HttpRequest, image_id: int) -> HttpResponse:
     query = Image.objects.select_related("dataset").filter(pk=image_id).first()
     try:
@@ -108,6 +139,7 @@ def _json_error(exc: SearchError) -> JsonResponse:
 
 
 @csrf_exempt  # a read-only query that stores nothing; see docs/api.md
+@guarded(api=True, counted=("POST",))  # 401 before 405: a client without access learns nothing more
 @json_methods("POST")
 def api_search(request: HttpRequest) -> JsonResponse:
     try:
@@ -118,6 +150,7 @@ def api_search(request: HttpRequest) -> JsonResponse:
     return JsonResponse(result.as_dict())
 
 
+@guarded(api=True, counted=("GET",))
 @json_methods("GET")
 def api_similar(request: HttpRequest, image_id: int) -> JsonResponse:
     try:
@@ -139,3 +172,37 @@ def healthz(request: HttpRequest) -> JsonResponse:
     except Exception as exc:  # noqa: BLE001 - any failure means unhealthy
         return JsonResponse({"ok": False, "error": f"database: {type(exc).__name__}"}, status=503)
     return JsonResponse({"ok": True})
+
+
+# The folders of MEDIA_ROOT that hold dataset images and their thumbnails: the
+# only ones served. Anything else there (a stray upload, a partial ".tmp-" file)
+# is not.
+MEDIA_FOLDERS = ("datasets", "thumbnails")
+
+
+@require_safe
+def media(request: HttpRequest, path: str) -> HttpResponse:
+    """A dataset image or thumbnail by its URL, under the same login rule as
+    search (API tokens accepted). No directory listings, no dotfiles, and the
+    real path, symlinks resolved, must stay inside MEDIA_ROOT: Django's own
+    static `serve` checks the path as written and follows symlinks out."""
+    refused = access.check_access(request, api=False, tokens=True)
+    if refused is not None:
+        return refused
+    root = Path(settings.MEDIA_ROOT).resolve()
+    parts = path.split("/")
+    if "\\" in path or "\x00" in path or parts[0] not in MEDIA_FOLDERS or any(
+            part in ("", ".", "..") or part.startswith(".") for part in parts):
+        raise Http404("no such file")
+    try:
+        real = (root / path).resolve(strict=True)
+    except (OSError, RuntimeError):  # missing, or a symlink loop
+        raise Http404("no such file") from None
+    if not real.is_relative_to(root) or real.relative_to(root).parts[0] not in MEDIA_FOLDERS or not real.is_file():
+        raise Http404("no such file")
+    response = serve(request, real.relative_to(root).as_posix(), document_root=str(root))
+    # An image never needs to run anything, whatever a browser sniffs it to be.
+    response["Content-Security-Policy"] = "default-src 'none'; sandbox"
+    if settings.CBIR_SEARCH_REQUIRES_LOGIN:
+        response["Cache-Control"] = "private"
+    return response

@@ -60,11 +60,12 @@ def image_folder(tmp_path) -> Path:
     """Two labelled classes of distinct noisy images plus junk: 6 red, 6 blue,
     one exact duplicate, one text file, one truncated PNG."""
     root = tmp_path / "photos"
-    for label, color in (("red", (250, 20, 20)), ("blue", (20, 20, 250))):
+    for offset, (label, color) in enumerate((("red", (250, 20, 20)), ("blue", (20, 20, 250)))):
         folder = root / label
         folder.mkdir(parents=True)
         for i in range(6):
-            (folder / f"{label}-{i}.png").write_bytes(image_bytes(color, pattern=hash((label, i)) % 10_000))
+            # Fixed patterns: the same bytes, hence the same splits, in every run.
+            (folder / f"{label}-{i}.png").write_bytes(image_bytes(color, pattern=100 * offset + i))
     (root / "red" / "copy-of-red-0.png").write_bytes((root / "red" / "red-0.png").read_bytes())
     (root / "notes.txt").write_text("not an image")
     good = image_bytes((1, 2, 3), size=(64, 64), pattern=99)

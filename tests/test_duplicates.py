@@ -46,10 +46,11 @@ def _picture(index: int) -> np.ndarray:
 
 
 @pytest.fixture
-def planted(db, tiny_version):
+def planted(db, tiny_version, settings):
     """8 distinct images, then a copy of #0 with one pixel changed, the same
     pixels of #0 re-encoded as BMP, and a copy of #3 with one pixel changed:
     different bytes each, so the importer lets them in."""
+    settings.CBIR_NEAR_DUPLICATE_THRESHOLD = THRESHOLD  # build_index flags with it
     dataset = Dataset.objects.create(name="dups")
     originals = [add_image(dataset, _png(_picture(i)), f"orig-{i}.png", "x")[0] for i in range(len(COLOURS))]
     one_pixel = _picture(0).copy()
@@ -59,8 +60,17 @@ def planted(db, tiny_version):
     other = _picture(3).copy()
     other[0, 0] = (0, 0, 0)
     copy_c = add_image(dataset, _png(other), "orig-3-edited.png", "x")[0]
-    build_index(dataset, tiny_version)
-    return {"dataset": dataset, "originals": originals, "copies": [copy_a, copy_b, copy_c]}
+    report = build_index(dataset, tiny_version)
+    auto = set(NearDuplicate.objects.values_list("image_id", "duplicate_of_id"))
+    NearDuplicate.objects.all().delete()  # the tests below flag explicitly
+    return {"dataset": dataset, "originals": originals, "copies": [copy_a, copy_b, copy_c],
+            "auto_flagged": auto, "auto_count": report.near_duplicates}
+
+
+def test_building_the_index_flags_the_new_near_copies(planted):
+    orig, (a, b, c) = planted["originals"], planted["copies"]
+    assert planted["auto_flagged"] == {(a.pk, orig[0].pk), (b.pk, orig[0].pk), (b.pk, a.pk), (c.pk, orig[3].pk)}
+    assert planted["auto_count"] == 4
 
 
 def _pairs() -> set[tuple[int, int]]:

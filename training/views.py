@@ -27,14 +27,24 @@ STUDY_LABEL = "study (one query)"
 # Columns compared across versions: (key, heading, which way is better).
 COLUMNS = [
     ("training_seconds", "training time", "low"),
-    ("precision_at_k", "precision@k", "high"),
+    ("precision_at_k", "P@k", "high"),
     ("map_at_k", "mAP@k", "high"),
     ("mean_similar", "similar of k", "high"),
     ("mean_dissimilar", "dissimilar of k", "low"),
-    ("copy_recall_at_1", "copy detection R@1", "high"),
-    ("median_latency_ms", "median query latency (ms)", "low"),
+    ("copy_recall_at_1", "copy R@1", "high"),
+    ("median_latency_ms", "latency (ms)", "low"),
 ]
-CURVE_COLOURS = ["#2458d6", "#d6456b", "#1e7b34", "#c77c02", "#7b3fc4", "#0f8c8c", "#5b6478", "#b3261e"]
+COLUMN_TITLES = {
+    "training_seconds": "training time (metrics.training.seconds)",
+    "precision_at_k": "mean precision at k over the test queries",
+    "map_at_k": "mean average precision at k",
+    "mean_similar": "mean number of results with the query's label among the first k",
+    "mean_dissimilar": "mean number of results with another label among the first k",
+    "copy_recall_at_1": "copy detection: fraction of modified copies whose original came first (all kinds)",
+    "median_latency_ms": "median time of the search SQL statement",
+}
+CURVE_COLOURS = ["#2458d6", "#d6456b", "#1e7b34", "#c77c02", "#7b3fc4", "#0f8c8c", "#5b6478", "#b3261e",
+                 "#8fb4ff", "#e59bd2", "#9ccf6b", "#1d2433"]
 
 
 @dataclass
@@ -161,7 +171,7 @@ def comparison(dataset: str | None = None) -> dict[str, Any]:
             "study": [{"model": name, "similar": s, "dissimilar": d, "queries": 1} for name, s, d in STUDY_REFERENCE]}
 
 
-def precision_plot(rows: list[ModelRow], *, width: int = 640, height: int = 300) -> dict[str, Any] | None:
+def precision_plot(rows: list[ModelRow], *, width: int = 900, height: int = 340) -> dict[str, Any] | None:
     """Geometry of an inline SVG of precision@k against k, one line per version."""
     curves = [(row, row.precision_curve) for row in rows if row.precision_curve]
     if not curves:
@@ -198,8 +208,10 @@ def models_page(request: HttpRequest) -> HttpResponse:
     context = comparison(request.GET.get("dataset"))
     context["plot"] = precision_plot(context["rows"])
     k = context["k"]
-    context["headings"] = [(key, heading.replace("@k", f"@{k}").replace("of k", f"of {k}"), better)
-                           for key, heading, better in COLUMNS]
+    context["headings"] = [
+        {"key": key, "text": heading.replace("@k", f"@{k}").replace("of k", f"of {k}"),
+         "title": f"{COLUMN_TITLES[key]}; {'higher' if better == 'high' else 'lower'} is better"}
+        for key, heading, better in COLUMNS]
     context["study_label"] = STUDY_LABEL
     counts = {"mean_similar": "similar", "mean_dissimilar": "dissimilar"}
     context["study_rows"] = [

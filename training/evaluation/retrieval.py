@@ -198,6 +198,9 @@ def evaluate_version(version: ModelVersion, dataset: Dataset, *, k: int = 10, ag
     summary = summarize(results, k)
     return {
         **summary,
+        # The best P@k any ranking could reach here: a label with 3 searched
+        # images caps that query's P@10 at 0.3.
+        "precision_at_k_ceiling": statistics.fmean(min(k, q.n_relevant_total) / k for q in results),
         "dataset": dataset.name,
         "model": version.name,
         "model_version_id": version.pk,

@@ -49,4 +49,5 @@ class Command(BaseCommand):
         self.stdout.write(self.style.SUCCESS(
             f"{version.name}: embedded {report.embedded} new image(s) in {elapsed:.1f} s ({rate:.1f} img/s), "
             f"{len(report.failed)} failed; index {'created' if report.index_created else 'ready'}"
+            f"{f'; {report.near_duplicates} near-duplicate pair(s) flagged' if report.near_duplicates else ''}"
             f"{'; active for search' if version.is_active else ''}"))

@@ -8,7 +8,7 @@ from pathlib import Path
 from django.core.management.base import BaseCommand, CommandError
 
 from search import jobs
-from search.ingest import ZipRejected, import_folder, import_zip
+from search.ingest import StorageError, ZipRejected, import_folder, import_zip
 from search.management.progress import progress_bar, wait_for_job
 from search.models import Dataset
 
@@ -43,16 +43,19 @@ class Command(BaseCommand):
             self.stdout.write(f"created dataset {dataset.name!r}")
         if is_zip and not options["in_process"]:
             return self._zip_job(path, dataset, options)
-        with progress_bar(f"importing into {dataset.name}", disable=options["no_progress"]) as progress:
-            if is_zip:
-                try:
+        try:
+            with progress_bar(f"importing into {dataset.name}", disable=options["no_progress"]) as progress:
+                if is_zip:
                     report = import_zip(path, dataset, labels_from_folders=options["labels_from_folders"],
                                         progress=progress)
-                except ZipRejected as exc:
-                    raise CommandError(str(exc)) from None
-            else:
-                report = import_folder(path, dataset, labels_from_folders=options["labels_from_folders"],
-                                       label_depth=options["label_depth"], progress=progress)
+                else:
+                    report = import_folder(path, dataset, labels_from_folders=options["labels_from_folders"],
+                                           label_depth=options["label_depth"], progress=progress)
+        except ZipRejected as exc:
+            raise CommandError(str(exc)) from None
+        except StorageError as exc:
+            done = exc.report.imported if exc.report else 0
+            raise CommandError(f"{exc} (stopped there; {done} image(s) imported before it are complete)") from None
         not_images = [name for name, reason in report.rejected if reason == "not an image"]
         for name, reason in report.rejected:
             if reason != "not an image":
