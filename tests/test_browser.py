@@ -122,6 +122,7 @@ def test_staff_starts_an_index_build_and_watches_the_progress_bar_reach_done(bro
     Select(browser.find_element(By.NAME, "model")).select_by_value(f"version:{tiny_version.pk}")
     browser.find_element(By.NAME, "apply").click()
     # Redirected to the job page, whose bar fills without reloading.
+    wait_for(lambda: "/jobs/" in browser.current_url, timeout=30, message="the redirect to the job page")
     job = Job.objects.get(dataset=fresh)
     assert browser.current_url.endswith(f"/jobs/{job.pk}/")
     wait_for(lambda: browser.find_element(By.ID, "status").text.lower() == "succeeded", timeout=90,
