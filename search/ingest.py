@@ -186,6 +186,30 @@ def label_for(path: Path, root: Path, depth: int | None = None) -> str | None:
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".heic", ".avif"}
 
 
+def _import_one(report: ImportReport, dataset: Dataset, name: str, label: str | None, read: Callable[[], bytes],
+                *, unreadable: tuple[type[BaseException], ...], describe: Callable[[BaseException], str]) -> None:
+    """Read and add one file, recording the outcome in `report`: a bad file is
+    reported with its reason; a storage failure stops the whole import."""
+    try:
+        image, created = add_image(dataset, read(), name, label)
+    except ImageRejected as exc:
+        reason = str(exc)
+        if reason.startswith("not a supported image") and Path(name).suffix.lower() not in IMAGE_SUFFIXES:
+            reason = "not an image"
+        report.rejected.append((name, reason))
+    except StorageError as exc:
+        exc.report = report
+        raise
+    except unreadable as exc:
+        report.rejected.append((name, describe(exc)))
+    else:
+        if created:
+            report.imported += 1
+            report.image_ids.append(image.pk)
+        else:
+            report.duplicates += 1
+
+
 def import_folder(root: str | Path, dataset: Dataset, *, labels_from_folders: bool = False,
                   label_depth: int | None = None, progress: Progress = _noop) -> ImportReport:
     """Import every image below `root`. Files are recognised by content; one bad
@@ -199,27 +223,13 @@ def import_folder(root: str | Path, dataset: Dataset, *, labels_from_folders: bo
     for index, path in enumerate(files, start=1):
         relative = printable_name(str(path.relative_to(root)))
         label = label_for(path, root, label_depth) if labels_from_folders else None
-        try:
+        def read(path: Path = path) -> bytes:
             if path.stat().st_size > settings.CBIR_MAX_IMPORT_FILE_BYTES:
                 raise ImageRejected(f"the file is larger than the limit of {settings.CBIR_MAX_IMPORT_FILE_BYTES:,} bytes")
-            data = path.read_bytes()
-            image, created = add_image(dataset, data, relative, label)
-        except ImageRejected as exc:
-            reason = str(exc)
-            if reason.startswith("not a supported image") and path.suffix.lower() not in IMAGE_SUFFIXES:
-                reason = "not an image"
-            report.rejected.append((relative, reason))
-        except OSError as exc:
-            report.rejected.append((relative, f"cannot be read ({exc.strerror or exc})"))
-        except StorageError as exc:
-            exc.report = report
-            raise
-        else:
-            if created:
-                report.imported += 1
-                report.image_ids.append(image.pk)
-            else:
-                report.duplicates += 1
+            return path.read_bytes()
+
+        _import_one(report, dataset, relative, label, read, unreadable=(OSError,),
+                    describe=lambda exc: f"cannot be read ({exc.strerror or exc})")
         progress(index, len(files), relative)
     return report
 
@@ -265,7 +275,8 @@ def import_zip(zip_path: str | Path, dataset: Dataset, *, labels_from_folders: b
                 progress(index, len(entries), display)
                 continue
             label = "/".join(parts[:-1]) or None if labels_from_folders else None
-            try:
+            def read(info=info) -> bytes:
+                nonlocal total_read
                 if info.file_size > max_file:
                     raise ImageRejected(f"the file is larger than the limit of {max_file:,} bytes")
                 if total_read + info.file_size > max_total:
@@ -276,27 +287,17 @@ def import_zip(zip_path: str | Path, dataset: Dataset, *, labels_from_folders: b
                 if len(data) > max_file:
                     raise ImageRejected(f"the file is larger than the limit of {max_file:,} bytes")
                 total_read += len(data)
-                image, created = add_image(dataset, data, display, label)
+                return data
+
+            try:
+                # Corrupt member, bad CRC, encrypted entry, unsupported compression: that entry only.
+                _import_one(report, dataset, display, label, read,
+                            unreadable=(zipfile.BadZipFile, OSError, RuntimeError, EOFError, zlib.error,
+                                        lzma.LZMAError),
+                            describe=lambda exc: "cannot be read from the zip ("
+                                                 + ("it is encrypted" if "encrypted" in str(exc) else str(exc)) + ")")
             except ZipRejected as exc:
                 report.rejected.append((display, str(exc)))
                 break
-            except ImageRejected as exc:
-                reason = str(exc)
-                if reason.startswith("not a supported image") and Path(display).suffix.lower() not in IMAGE_SUFFIXES:
-                    reason = "not an image"
-                report.rejected.append((display, reason))
-            except (zipfile.BadZipFile, OSError, RuntimeError, EOFError, zlib.error, lzma.LZMAError) as exc:
-                # Corrupt member, bad CRC, encrypted entry, unsupported compression.
-                detail = "it is encrypted" if "encrypted" in str(exc) else exc
-                report.rejected.append((display, f"cannot be read from the zip ({detail})"))
-            except StorageError as exc:
-                exc.report = report
-                raise
-            else:
-                if created:
-                    report.imported += 1
-                    report.image_ids.append(image.pk)
-                else:
-                    report.duplicates += 1
             progress(index, len(entries), display)
     return report
