@@ -96,9 +96,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=300)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--chunk-size", type=int, default=64)
+    parser.add_argument("--chunk-size", type=int, default=None, help="default: CBIR_CHUNK_SIZE")
     parser.add_argument("--folder", default="/usr/share/tuxpaint/stamps")
     args = parser.parse_args()
+    args.chunk_size = args.chunk_size or settings.CBIR_CHUNK_SIZE
 
     dataset, ids = bench_dataset(Path(args.folder), args.images)
     # Only these images: a dataset-wide job embeds exactly them.
@@ -118,6 +119,7 @@ def main() -> None:
           f"chunk {args.chunk_size}, {CORES} cores, loader workers {settings.CBIR_LOADER_WORKERS}")
     results: dict[str, list[float]] = {"direct (1 process)": [], "jobs, 1 worker": [], "jobs, 2 workers": []}
     try:
+        run_direct(version, ids, threads=CORES)  # warm-up: loads the network in this process
         for _ in range(args.repeats):
             results["direct (1 process)"].append(run_direct(version, ids, threads=CORES))
         for n_workers in (1, 2):

@@ -6,6 +6,7 @@ weights, so a web process or a worker pays the load once."""
 
 from __future__ import annotations
 
+import logging
 import threading
 from contextlib import nullcontext
 from functools import lru_cache
@@ -19,6 +20,7 @@ from training.networks.registry import build_network
 from training.preprocessing import Preprocessing
 
 _lock = threading.Lock()
+logger = logging.getLogger(__name__)
 
 
 def resolve_device(choice: str | None = None) -> torch.device:
@@ -63,6 +65,8 @@ def _cached_network(key: tuple) -> tuple[EmbeddingNet, torch.device]:
     model = model.to(device).eval()
     if device.type == "cuda" or _channels_last_helps():
         model = model.to(memory_format=torch.channels_last)
+    logger.info("loaded %s (%s weights) on %s, %d torch thread(s)", architecture, weights_source, device,
+                torch.get_num_threads())
     return model, device
 
 
