@@ -391,7 +391,8 @@ def run(args: argparse.Namespace) -> dict:
         "images": n, "batch_size": args.batch_size, "repeats": args.repeats,
         # embed_images uses no workers when everything fits in one batch
         "loader_workers": settings.CBIR_LOADER_WORKERS if n > args.batch_size else 0,
-        "prefetch_factor": 4, "torch_threads": threads, "torch_threads_default": default_threads,
+        "prefetch_factor": 4 if settings.CBIR_LOADER_WORKERS and n > args.batch_size else None,
+        "torch_threads": threads, "torch_threads_default": default_threads,
         "device": str(device), "model_load_s": round(load_seconds, 2), "mallopt": mallopt,
     }
     try:
@@ -429,7 +430,7 @@ def print_report(r: dict) -> None:
     print(f"model version   {r['model_version']} (build writes to scratch copy {r['scratch_version']}, deleted after)")
     print(f"data            {r['images']} images of dataset {r['dataset']!r}")
     print(f"settings        batch size {r['batch_size']}, CBIR_LOADER_WORKERS {r['loader_workers']} "
-          f"(prefetch_factor {r['prefetch_factor']}), torch threads {r['torch_threads']} "
+          f"(prefetch_factor {r['prefetch_factor'] or '-'}), torch threads {r['torch_threads']} "
           f"(default {r['torch_threads_default']}), device {r['device']}, repeats {r['repeats']}, "
           f"glibc malloc {'tuned (--mallopt)' if r['mallopt'] else 'default'}")
     print(f"environment     {m['environment'] or '(no OMP_/MALLOC_/CBIR_ overrides)'}")

@@ -146,6 +146,10 @@ def set_search_options(cursor, k: int) -> None:
     ef_search = min(max(settings.CBIR_HNSW_EF_SEARCH, 2 * k), 1000)
     cursor.execute(f"SET LOCAL hnsw.ef_search = {int(ef_search)}")
     cursor.execute("SET LOCAL hnsw.iterative_scan = strict_order")
+    # On a small table the planner would rather sort every row of the version
+    # than start an HNSW scan; ordering through the index is what scales, and
+    # measured faster even at 146 rows (docs/benchmarks.md), so ask for it.
+    cursor.execute("SET LOCAL enable_sort = off")
 
 
 def nearest(version: ModelVersion, *, vector: np.ndarray | None = None, image_id: int | None = None, k: int,

@@ -214,6 +214,7 @@ def _plan(sql: str, params: list, *, k: int, exact: bool = False) -> str:
     with transaction.atomic(), connection.cursor() as cursor:
         if exact:
             cursor.execute("SET LOCAL enable_indexscan = off")
+            cursor.execute("SET LOCAL enable_sort = on")  # search's settings may linger in an outer transaction
         else:
             set_search_options(cursor, k)
         cursor.execute("EXPLAIN " + sql, params)

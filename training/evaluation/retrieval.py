@@ -95,6 +95,7 @@ def _fetch(sql: str, params: list, *, k: int, exact: bool) -> tuple[list[tuple],
         if exact:
             # A sequential scan and a sort: the true top k, whatever the index would return.
             cursor.execute("SET LOCAL enable_indexscan = off")
+            cursor.execute("SET LOCAL enable_sort = on")  # search's settings may linger in an outer transaction
         else:
             set_search_options(cursor, k)
         start = time.perf_counter()
