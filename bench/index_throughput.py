@@ -191,7 +191,7 @@ def replica_embed(*, prefetch_factor: int = 4, decode_threads: int = 0):
 
     from search.indexing import EmbedReport, _collate, _FileImages, write_embeddings
     from search.models import Image
-    from training.inference import embed_batch, network_for, preprocessing_for
+    from training.inference import embed_batch, loader_workers, network_for, preprocessing_for
 
     def threaded_batches(dataset, batch_size):
         chunks = batches(list(range(len(dataset))), batch_size)
@@ -212,7 +212,7 @@ def replica_embed(*, prefetch_factor: int = 4, decode_threads: int = 0):
         if decode_threads:
             loader = threaded_batches(dataset, batch_size)
         else:
-            n = settings.CBIR_LOADER_WORKERS if len(items) > batch_size else 0
+            n = loader_workers(device) if len(items) > batch_size else 0
             loader = DataLoader(dataset, batch_size=batch_size, num_workers=n, collate_fn=_collate,
                                 prefetch_factor=prefetch_factor if n else None)
         report = EmbedReport()
@@ -390,8 +390,8 @@ def run(args: argparse.Namespace) -> dict:
         "model_version": active.name, "scratch_version": scratch.name, "dataset": args.dataset,
         "images": n, "batch_size": args.batch_size, "repeats": args.repeats,
         # embed_images uses no workers when everything fits in one batch
-        "loader_workers": settings.CBIR_LOADER_WORKERS if n > args.batch_size else 0,
-        "prefetch_factor": 4 if settings.CBIR_LOADER_WORKERS and n > args.batch_size else None,
+        "loader_workers": _workers(n, args.batch_size),
+        "prefetch_factor": 4 if _workers(n, args.batch_size) else None,
         "torch_threads": threads, "torch_threads_default": default_threads,
         "device": str(device), "model_load_s": round(load_seconds, 2), "mallopt": mallopt,
     }
@@ -476,6 +476,12 @@ def print_report(r: dict) -> None:
             [b["via"], b["workers"], b["torch_threads"], f"{b['build_images_per_s']:.1f}",
              f"{b['ratio_same_threads']:.2f}", f"{b['ratio_best_forward']:.2f}",
              f"{b['cpu_per_image']['user_ms']} + {b['cpu_per_image']['sys_ms']}"] for b in s["build"]]))
+
+
+def _workers(n_images: int, batch_size: int) -> int:
+    from training.inference import loader_workers, resolve_device
+
+    return loader_workers(resolve_device()) if n_images > batch_size else 0
 
 
 def main(argv=None) -> int:

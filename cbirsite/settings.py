@@ -199,7 +199,10 @@ if CBIR_DEFAULT_K > CBIR_MAX_K:
     raise ImproperlyConfigured(f"CBIR_DEFAULT_K={CBIR_DEFAULT_K} is above CBIR_MAX_K={CBIR_MAX_K}")
 CBIR_THUMBNAIL_SIZE = env_int("CBIR_THUMBNAIL_SIZE", 256, minimum=16, maximum=2048)
 CBIR_EMBED_BATCH_SIZE = env_int("CBIR_EMBED_BATCH_SIZE", 32, minimum=1, maximum=4096)
-CBIR_LOADER_WORKERS = env_int("CBIR_LOADER_WORKERS", min(4, os.cpu_count() or 1), minimum=0, maximum=64)
+# DataLoader processes decoding images; -1 (default) = 0 on the CPU (decoding is
+# ~5% of a CPU forward pass and loader processes would compete for the same
+# cores, measured in docs/benchmarks.md), min(4, CPUs) on CUDA.
+CBIR_LOADER_WORKERS = env_int("CBIR_LOADER_WORKERS", -1, minimum=-1, maximum=64)
 # HNSW search breadth; raised to at least 2k per query.
 CBIR_HNSW_EF_SEARCH = env_int("CBIR_HNSW_EF_SEARCH", 100, minimum=1, maximum=1000)
 CBIR_SPLIT_SEED = env_str("CBIR_SPLIT_SEED", "cbir-split-v1")

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 
 from search.models import Dataset, Embedding, Image
-from training.inference import embed_batch, network_for, preprocessing_for
+from training.inference import embed_batch, loader_workers, network_for, preprocessing_for
 from training.models import ModelVersion
 from training.networks.base import sha256_of
 from training.networks.registry import build_network
@@ -190,7 +190,7 @@ def embed_images(version: ModelVersion, image_ids: Sequence[int], *, batch_size:
     if not items:
         return report
     model, device = network_for(version)
-    workers = settings.CBIR_LOADER_WORKERS if len(items) > batch_size else 0
+    workers = loader_workers(device) if len(items) > batch_size else 0
     loader = DataLoader(_FileImages(items, preprocessing_for(version)), batch_size=batch_size, shuffle=False,
                         num_workers=workers, collate_fn=_collate, pin_memory=device.type == "cuda",
                         prefetch_factor=4 if workers else None)

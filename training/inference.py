@@ -34,6 +34,16 @@ def resolve_device(choice: str | None = None) -> torch.device:
     return torch.device("cpu")
 
 
+def loader_workers(device: torch.device) -> int:
+    """DataLoader processes to use on `device` (CBIR_LOADER_WORKERS, -1 = automatic)."""
+    import os
+
+    configured = int(getattr(settings, "CBIR_LOADER_WORKERS", -1))
+    if configured >= 0:
+        return configured
+    return min(4, os.cpu_count() or 1) if device.type == "cuda" else 0
+
+
 def autocast_for(device: torch.device):
     """Mixed precision on CUDA (bf16 where supported, else fp16); plain fp32 on the CPU."""
     if device.type == "cuda":

@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader
 
 from search.models import Dataset, Image, Job, Split
 from training.data import ImageListDataset, PairDataset
-from training.inference import resolve_device
+from training.inference import loader_workers, resolve_device
 from training.loop import evaluate, load_checkpoint, mixed_precision, save_checkpoint, train_one_epoch
 from training.models import ModelVersion
 from training.networks.base import EmbeddingNet, WeightsUnavailable, sha256_of
@@ -122,7 +122,7 @@ class TrainConfig:
       whose builder takes no size (vgg16, resnet50, efficientnet_lite0, all
       globally pooled) only the preprocessing changes.
     - batch_size counts images, or pairs for the contrastive objective.
-    - num_workers None → settings.CBIR_LOADER_WORKERS.
+    - num_workers None → training.inference.loader_workers (CBIR_LOADER_WORKERS; 0 on a CPU by default).
     """
 
     architecture: str
@@ -397,7 +397,7 @@ class _Plan:
         val_items: list[tuple[str, str | None]] = [(path, label) for _, path, label in val]
 
         preprocessing = model.preprocessing
-        workers = settings.CBIR_LOADER_WORKERS if config.num_workers is None else config.num_workers
+        workers = loader_workers(device) if config.num_workers is None else config.num_workers
         self.loader_args = {"num_workers": workers, "pin_memory": device.type == "cuda",
                             "prefetch_factor": 2 if workers else None}
         self.generator = torch.Generator()
