@@ -131,3 +131,16 @@ def machine_info() -> dict:
         "environment": {name: os.environ[name] for name in ENV_ECHO if name in os.environ},
         "load_average": [round(x, 2) for x in os.getloadavg()],
     }
+
+
+def emit(report: dict, as_json: bool, print_report) -> int:
+    """Print a benchmark's report as JSON or as its readable table; exit status 0."""
+    import json
+    import sys
+
+    if as_json:
+        json.dump(report, sys.stdout, indent=2)
+        print()
+    else:
+        print_report(report)
+    return 0

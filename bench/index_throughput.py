@@ -39,14 +39,13 @@ usual and are echoed in the report.
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from _common import OtherLoad, busy_warning, machine_info, median, setup_django, table
+from _common import OtherLoad, busy_warning, emit, machine_info, median, setup_django, table
 
 GOAL = 0.8
 
@@ -486,13 +485,7 @@ def _workers(n_images: int, batch_size: int) -> int:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    report = run(args)
-    if args.json:
-        json.dump(report, sys.stdout, indent=2)
-        print()
-    else:
-        print_report(report)
-    return 0
+    return emit(run(args), args.json, print_report)
 
 
 if __name__ == "__main__":

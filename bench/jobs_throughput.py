@@ -36,7 +36,7 @@ from django.conf import settings  # noqa: E402
 from search import jobs  # noqa: E402
 from search.indexing import embed_images  # noqa: E402
 from search.ingest import import_folder  # noqa: E402
-from search.models import Dataset, Embedding, Image, Job  # noqa: E402
+from search.models import Dataset, Embedding, Job  # noqa: E402
 from tests.workers import RedisServer, Worker  # noqa: E402
 from training.models import ModelVersion  # noqa: E402
 

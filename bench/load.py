@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import http.client
-import json
 import multiprocessing
 import os
 import random
@@ -381,13 +380,9 @@ def print_report(report: dict) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    report = run(args)
-    if args.json:
-        json.dump(report, sys.stdout, indent=2)
-        print()
-    else:
-        print_report(report)
-    return 0
+    from _common import emit
+
+    return emit(run(args), args.json, print_report)
 
 
 if __name__ == "__main__":

@@ -33,13 +33,12 @@ show the index is usable for the statement.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 import time
 from pathlib import Path
 
-from _common import OtherLoad, busy_warning, machine_info, median, percentile, setup_django, table
+from _common import OtherLoad, busy_warning, emit, machine_info, median, percentile, setup_django, table
 
 
 STAGES = ["decode+preprocess", "forward", "sql", "preview", "render"]
@@ -261,13 +260,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.queries < 1 or args.warmup < 0:
         raise SystemExit("--queries must be at least 1 and --warmup at least 0")
-    report = run(args)
-    if args.json:
-        json.dump(report, sys.stdout, indent=2)
-        print()
-    else:
-        print_report(report)
-    return 0
+    return emit(run(args), args.json, print_report)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ from django.db.models import Count, Q
 from django.shortcuts import redirect, render
 from django.utils.html import format_html, format_html_join
 
-from django.urls import path, reverse
+from django.urls import path
 
 from search import jobs
 from search.admin_jobs import intermediate, jobs_link, redirect_to_job, save_upload, start_or_report

@@ -297,8 +297,6 @@ def cancel(job: Job) -> bool:
 @transaction.atomic
 def rerun(job: Job, *, check: bool = True) -> Job:
     """Queue a failed or cancelled job again; an embedding job does only the missing work."""
-    from search import tasks
-
     if check:
         check_workers("train" if job.kind == Job.Kind.TRAIN else "embed")
     if not transition(job.pk, S.QUEUED, expect=[S.FAILED, S.CANCELLED], error="", message="queued again"):

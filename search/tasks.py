@@ -87,7 +87,6 @@ def finish_embed_job(job_id: int) -> bool:
 
 
 def run_import_job(job_id: int) -> str:
-    from search.indexing import resolve_version  # noqa: F401 - keeps import order explicit
     from search.ingest import StorageError, ZipRejected, import_zip
     from training.models import ModelVersion
 

@@ -5,10 +5,9 @@ import pytest
 from django.utils import timezone
 
 from search import jobs
-from search.indexing import ensure_hnsw_index
 from search.ingest import import_folder
 from search.jobs import S, transition
-from search.models import Embedding, Image, Job, JobChunk
+from search.models import Embedding, Job, JobChunk
 from search.tasks import run_chunk
 
 

@@ -1,7 +1,6 @@
 """Jobs on real Celery workers against a real Redis: end to end, a worker
 killed with SIGKILL mid-job, Redis restarted mid-job."""
 
-import io
 import zipfile
 
 import pytest
