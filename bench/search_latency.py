@@ -12,7 +12,7 @@ POST /search/ for the end-to-end figure:
                      service) and the version's preprocessing to a tensor
   forward            training.inference.embed_batch on that tensor
   sql                search.services.nearest with the active version
-  preview            the view's query thumbnail (a second decode + JPEG);
+  preview            the view's query thumbnail (a JPEG of the decoded upload);
                      the results page pays it on every request
   render             render_to_string("search/results.html") with the
                      context search.views.search_page gives
@@ -149,7 +149,7 @@ def run(args: argparse.Namespace) -> dict:
         t2 = time.perf_counter()
         hits = services.nearest(version, vector=vector, k=k, dataset=dataset)
         t3 = time.perf_counter()
-        preview = _query_preview(data)
+        preview = _query_preview(decoded.rgb)
         t4 = time.perf_counter()
         result = services.SearchResult(model=version, k=k, hits=hits)
         request = factory.post("/search/")

@@ -66,6 +66,7 @@ class SearchResult:
     k: int
     hits: list[Hit]
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+    query_rgb: object = None  # the decoded upload (PIL RGB), for a preview; never stored
 
     def as_dict(self) -> dict:
         return {"model": self.model.name, "k": self.k, "results": [h.as_dict() for h in self.hits]}
@@ -188,7 +189,7 @@ def search_by_upload(data: bytes, *, k=None, dataset=None) -> SearchResult:
     start = time.perf_counter()
     hits = nearest(version, vector=vector, k=k, dataset=dataset)
     timings["sql"] = time.perf_counter() - start
-    return SearchResult(model=version, k=k, hits=hits, timings=timings)
+    return SearchResult(model=version, k=k, hits=hits, timings=timings, query_rgb=decoded.rgb)
 
 
 def input_size(version: ModelVersion) -> int:

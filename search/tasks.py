@@ -50,7 +50,8 @@ def run_chunk(chunk_id: int) -> str:
             time.sleep(throttle)
 
     try:
-        report = jobs_embed(embed_images, job, chunk, progress)
+        report = embed_images(job.model_version, chunk.image_ids, progress=progress,
+                              should_stop=lambda: jobs.is_stopped(job.pk))
     except Exception as exc:
         reason = f"{type(exc).__name__}: {exc}"
         JobChunk.objects.filter(pk=chunk_id).update(status=S.FAILED, error=reason)
@@ -66,11 +67,6 @@ def run_chunk(chunk_id: int) -> str:
         jobs.add_log(job.pk, f"image {image_id} could not be embedded: {reason}")
     jobs.finish_embed_job(job.pk)
     return "done"
-
-
-def jobs_embed(embed_images, job: Job, chunk: JobChunk, progress):
-    return embed_images(job.model_version, chunk.image_ids, progress=progress,
-                        should_stop=lambda: jobs.is_stopped(job.pk))
 
 
 @shared_task(acks_late=True, time_limit=settings.CBIR_CHUNK_TIME_LIMIT + 60,

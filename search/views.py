@@ -16,7 +16,7 @@ from django.views.decorators.http import require_GET, require_http_methods, requ
 from django.views.static import serve
 
 from search import access, services
-from search.imaging import ImageRejected, decode_image, make_thumbnail
+from search.imaging import make_thumbnail
 from search.models import Dataset, Image
 from search.services import SearchError, UploadTooLarge
 
@@ -48,13 +48,9 @@ def _page_context(**extra) -> dict:
             "max_upload_mb": settings.CBIR_MAX_UPLOAD_BYTES / 1024 / 1024, **extra}
 
 
-def _query_preview(data: bytes) -> str:
-    """A small data: URL of the query image for the results page; nothing is stored."""
-    try:
-        thumb = make_thumbnail(decode_image(data).rgb, 256)
-    except ImageRejected:
-        return ""
-    return "data:image/jpeg;base64," + base64.b64encode(thumb).decode()
+def _query_preview(rgb) -> str:
+    """A small data: URL of the (already decoded) query image for the results page; nothing is stored."""
+    return "data:image/jpeg;base64," + base64.b64encode(make_thumbnail(rgb, 256)).decode()
 
 
 def guarded(*, api: bool, counted: tuple[str, ...] = ("GET", "POST")):
@@ -100,7 +96,7 @@ def search_page(request: HttpRequest) -> HttpResponse:
     except SearchError as exc:
         return render(request, "search/index.html", _page_context(error=str(exc)), status=exc.status)
     return render(request, "search/results.html", _page_context(
-        result=result, query_preview=_query_preview(data), selected_dataset=request.POST.get("dataset", ""),
+        result=result, query_preview=_query_preview(result.query_rgb), selected_dataset=request.POST.get("dataset", ""),
         k=result.k))
 
 

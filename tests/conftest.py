@@ -88,6 +88,31 @@ def tiny_version(db):
     return get_or_create_version("tiny", random_weights=True, config={"dimension": 32, "size": 32})
 
 
+def store_embeddings(dataset, version, vectors, *, splits=None, labels=None):
+    """Rows for many placeholder images with the given vectors (normalised), the
+    version's HNSW index, fresh planner statistics. Returns the unit vectors."""
+    from django.db import connection
+
+    from search.indexing import ensure_hnsw_index
+    from search.models import Embedding, Image
+
+    vectors = np.asarray(vectors, dtype=np.float32)
+    vectors = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    n = len(vectors)
+    images = Image.objects.bulk_create([
+        Image(dataset=dataset, file=f"f/{i}.png", thumbnail=f"t/{i}.jpg", sha256=f"{i:064x}",
+              split=splits[i] if splits else "train", label=labels[i] if labels else None,
+              width=1, height=1, original_filename=f"{i}.png") for i in range(n)
+    ])
+    Embedding.objects.bulk_create([Embedding(image=im, model_version=version, vector=v)
+                                   for im, v in zip(images, vectors)])
+    ensure_hnsw_index(version)
+    with connection.cursor() as cursor:
+        cursor.execute("ANALYZE search_embedding")
+        cursor.execute("ANALYZE search_image")
+    return vectors
+
+
 @pytest.fixture
 def indexed(db, dataset, image_folder, tiny_version):
     """The image folder imported and indexed with the tiny version, which is active."""

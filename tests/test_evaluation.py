@@ -14,16 +14,17 @@ from django.core.management import CommandError, call_command
 from django.db import connection, transaction
 from PIL import Image as PILImage
 
-from search.indexing import build_index, ensure_hnsw_index, get_or_create_version
+from search.indexing import build_index, get_or_create_version
 from search.ingest import add_image
 from search.jobs import S, JobError
 from search.models import Dataset, Embedding, Image, Job
 from search.services import set_search_options
 from training.evaluation.jobs import run_evaluation_job, start_evaluation_job
 from training.evaluation.retrieval import (
-    EvaluationError, copy_detection, evaluate_version, save_copy_detection, save_evaluation, split_query,
+    EvaluationError, copy_detection, evaluate_version, save_copy_detection, save_evaluation, set_exact_options,
+    split_query,
 )
-from tests.conftest import wait_for
+from tests.conftest import store_embeddings, wait_for
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "evaluation.md"
 
@@ -194,27 +195,17 @@ def large_labelled(dataset, tiny_version):
     for the planner to prefer the HNSW index, as in test_search."""
     rng = np.random.default_rng(1)
     splits = ["train", "train", "train", "val", "test"]
-    images = Image.objects.bulk_create([
-        Image(dataset=dataset, file=f"f/{i}.png", thumbnail=f"t/{i}.jpg", sha256=f"{i:064x}", split=splits[i % 5],
-              label=f"label-{i % 10}", width=1, height=1, original_filename=f"{i}.png") for i in range(3000)
-    ])
     centres = rng.normal(size=(10, 32))
     vectors = (centres[np.arange(3000) % 10] + 1.5 * rng.normal(size=(3000, 32))).astype(np.float32)
-    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    Embedding.objects.bulk_create([Embedding(image=im, model_version=tiny_version, vector=v)
-                                   for im, v in zip(images, vectors)])
-    ensure_hnsw_index(tiny_version)
-    with connection.cursor() as cursor:
-        cursor.execute("ANALYZE search_embedding")
-        cursor.execute("ANALYZE search_image")
+    store_embeddings(dataset, tiny_version, vectors, splits=[splits[i % 5] for i in range(3000)],
+                     labels=[f"label-{i % 10}" for i in range(3000)])
     return dataset
 
 
 def _plan(sql: str, params: list, *, k: int, exact: bool = False) -> str:
     with transaction.atomic(), connection.cursor() as cursor:
         if exact:
-            cursor.execute("SET LOCAL enable_indexscan = off")
-            cursor.execute("SET LOCAL enable_sort = on")  # search's settings may linger in an outer transaction
+            set_exact_options(cursor)
         else:
             set_search_options(cursor, k)
         cursor.execute("EXPLAIN " + sql, params)

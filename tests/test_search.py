@@ -5,9 +5,9 @@ import pytest
 from django.db import connection, transaction
 
 from search import services
-from search.indexing import ensure_hnsw_index
 from search.models import Dataset, Embedding, Image
 from search.services import nearest, nearest_query, set_search_options
+from tests.conftest import store_embeddings
 
 
 def _stored_vectors(version):
@@ -68,19 +68,7 @@ def test_search_without_an_index_says_so(db):
 @pytest.fixture
 def large_index(dataset, tiny_version):
     """3,000 random 32-d embeddings: enough rows for the planner to prefer the index."""
-    rng = np.random.default_rng(0)
-    images = Image.objects.bulk_create([
-        Image(dataset=dataset, file=f"f/{i}.png", thumbnail=f"t/{i}.jpg", sha256=f"{i:064x}", split="train",
-              width=1, height=1, original_filename=f"{i}.png") for i in range(3000)
-    ])
-    vectors = rng.normal(size=(3000, 32)).astype(np.float32)
-    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    Embedding.objects.bulk_create([Embedding(image=im, model_version=tiny_version, vector=v)
-                                   for im, v in zip(images, vectors)])
-    ensure_hnsw_index(tiny_version)
-    with connection.cursor() as cursor:
-        cursor.execute("ANALYZE search_embedding")
-        cursor.execute("ANALYZE search_image")
+    vectors = store_embeddings(dataset, tiny_version, np.random.default_rng(0).normal(size=(3000, 32)))
     tiny_version.activate()
     return vectors
 

@@ -73,16 +73,11 @@ def _cached_network(key: tuple) -> tuple[EmbeddingNet, torch.device]:
     model = build_for_version(architecture, weights_source, weights_path, dict(config_items))
     device = resolve_device()
     model = model.to(device).eval()
-    if device.type == "cuda" or _channels_last_helps():
-        model = model.to(memory_format=torch.channels_last)
+    # channels_last: measured 1.5-4x faster for these convnets on the CPU, and the layout Tensor Cores want.
+    model = model.to(memory_format=torch.channels_last)
     logger.info("loaded %s (%s weights) on %s, %d torch thread(s)", architecture, weights_source, device,
                 torch.get_num_threads())
     return model, device
-
-
-def _channels_last_helps() -> bool:
-    # Measured on this project's CPU machines: channels_last is 1.5-4x faster for convnets.
-    return True
 
 
 def _freeze(value):

@@ -143,10 +143,18 @@ def save_checkpoint(path: str | os.PathLike[str], model: nn.Module, optimizer: t
     }
     if objective is not None:
         checkpoint["objective"] = objective.state_dict()
+    save_atomically(checkpoint, path)
+
+
+def save_atomically(obj: dict, path: str | os.PathLike[str]) -> None:
+    """torch.save through a temporary file in the same folder and os.replace:
+    readers see the old file or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     descriptor, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(descriptor, "wb") as handle:
-            torch.save(checkpoint, handle)
+            torch.save(obj, handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp_name, path)

@@ -23,7 +23,6 @@ import logging
 import math
 import os
 import re
-import tempfile
 import threading
 import time
 from collections import Counter
@@ -42,7 +41,7 @@ from torch.utils.data import DataLoader
 from search.models import Dataset, Image, Job, Split
 from training.data import ImageListDataset, PairDataset
 from training.inference import loader_workers, resolve_device
-from training.loop import evaluate, load_checkpoint, mixed_precision, save_checkpoint, train_one_epoch
+from training.loop import evaluate, load_checkpoint, mixed_precision, save_atomically, save_checkpoint, train_one_epoch
 from training.models import ModelVersion
 from training.networks.base import EmbeddingNet, WeightsUnavailable, sha256_of
 from training.networks.registry import MAX_DIMENSION, build_network, get_architecture
@@ -632,20 +631,6 @@ def _file_safe(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "dataset"
 
 
-def _save_atomically(obj: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def create_version_from_checkpoint(config: TrainConfig, best_path: str | os.PathLike[str], dataset: Dataset,
                                    history: list[dict], training_seconds: float, *,
                                    extra_metrics: dict | None = None, notes: str = "") -> ModelVersion:
@@ -699,7 +684,7 @@ def _publish(config: TrainConfig, state_dict: dict, prefix: str, source: str, me
             n += 1
         name = f"{prefix}{n}"
         path = folder / f"{_file_safe(name)}.pt"
-        _save_atomically({"model": state_dict, "architecture": config.architecture, "config": model.config}, path)
+        save_atomically({"model": state_dict, "architecture": config.architecture, "config": model.config}, path)
         try:
             with transaction.atomic():
                 return ModelVersion.objects.create(

@@ -89,13 +89,17 @@ def split_query(version: ModelVersion, *, image_id: int, k: int, dataset: Datase
     return sql, query_params + params + query_params + [k]
 
 
+def set_exact_options(cursor) -> None:
+    """A sequential scan and a sort: the true top k, whatever the index would return."""
+    cursor.execute("SET LOCAL enable_indexscan = off")
+    cursor.execute("SET LOCAL enable_sort = on")  # search's settings may linger in an outer transaction
+
+
 def _fetch(sql: str, params: list, *, k: int, exact: bool) -> tuple[list[tuple], float]:
     """Run one search statement; (rows, seconds spent in execute + fetch)."""
     with transaction.atomic(), connection.cursor() as cursor:
         if exact:
-            # A sequential scan and a sort: the true top k, whatever the index would return.
-            cursor.execute("SET LOCAL enable_indexscan = off")
-            cursor.execute("SET LOCAL enable_sort = on")  # search's settings may linger in an outer transaction
+            set_exact_options(cursor)
         else:
             set_search_options(cursor, k)
         start = time.perf_counter()
