@@ -30,13 +30,13 @@ def main() -> int:
     import django
 
     django.setup()
+    import logging
+
     from django.conf import settings
     from django.db import connection
     from django.test.utils import override_settings, setup_test_environment
 
     from tests import badinput as corpus
-
-    import logging
 
     logging.getLogger("django.request").setLevel(logging.ERROR)  # every 4xx would be logged
     setup_test_environment()
@@ -57,7 +57,7 @@ def main() -> int:
     return 0
 
 
-def _safely(call, *args) -> "object":
+def _safely(call, *args) -> object:
     from tests.badinput import Outcome
 
     try:
@@ -70,10 +70,11 @@ def run(corpus, scratch: Path) -> str:
     from django.contrib.auth import get_user_model
     from django.test import Client
 
-    from search.indexing import build_index, get_or_create_version
+    from search.indexing import build_index
     from search.ingest import import_folder
     from search.models import Dataset, Image
-    from tests.conftest import image_bytes
+    from tests.helpers import image_bytes
+    from training.versions import get_or_create_version
 
     folder = scratch / "indexed"
     for label, color in (("red", (250, 20, 20)), ("blue", (20, 20, 250))):

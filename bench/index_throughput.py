@@ -85,8 +85,9 @@ def scratch_version(active):
         if all(getattr(existing, f) == v for f, v in fields.items()):
             return existing
         existing.delete()  # left over from another active version; drops its index too
-    return ModelVersion.objects.create(name=name, is_active=False,
-                                       notes=f"benchmark scratch copy of {active.name}; safe to delete", **fields)
+    from training.versions import copy_version
+
+    return copy_version(active, name, notes=f"benchmark scratch copy of {active.name}; safe to delete")
 
 
 def dataset_items(dataset_name: str) -> list[tuple[int, str]]:
@@ -121,14 +122,14 @@ class Cost:
     faults: int = 0
 
     @staticmethod
-    def now() -> "Cost":
+    def now() -> Cost:
         me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
         return Cost(me.ru_utime + kids.ru_utime, me.ru_stime + kids.ru_stime, me.ru_minflt + kids.ru_minflt)
 
-    def __sub__(self, other: "Cost") -> "Cost":
+    def __sub__(self, other: Cost) -> Cost:
         return Cost(self.user - other.user, self.sys - other.sys, self.faults - other.faults)
 
-    def __add__(self, other: "Cost") -> "Cost":
+    def __add__(self, other: Cost) -> Cost:
         return Cost(self.user + other.user, self.sys + other.sys, self.faults + other.faults)
 
     def per_image(self, n: int) -> dict:

@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from search import embed_jobs
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "cbirsite.settings")
@@ -33,7 +35,6 @@ django.setup()
 import torch  # noqa: E402
 from django.conf import settings  # noqa: E402
 
-from search import jobs  # noqa: E402
 from search.indexing import embed_images  # noqa: E402
 from search.ingest import import_folder  # noqa: E402
 from search.models import Dataset, Embedding, Job  # noqa: E402
@@ -49,10 +50,9 @@ def scratch_version() -> ModelVersion:
         sys.exit("no active model version: run scripts/cbir up (or build_index) first")
     name = f"bench-jobs-{active.architecture}"
     ModelVersion.objects.filter(name=name).delete()
-    return ModelVersion.objects.create(
-        name=name, architecture=active.architecture, config=active.config, weights_source=active.weights_source,
-        weights_path=active.weights_path, weights_sha256=active.weights_sha256, dimension=active.dimension,
-        preprocessing=active.preprocessing, notes="scratch copy for bench/jobs_throughput.py")
+    from training.versions import copy_version
+
+    return copy_version(active, name, notes="scratch copy for bench/jobs_throughput.py")
 
 
 def bench_dataset(folder: Path, limit: int) -> tuple[Dataset, list[int]]:
@@ -79,8 +79,8 @@ def run_direct(version: ModelVersion, ids: list[int], threads: int) -> float:
 def run_direct_same_work(version: ModelVersion, ids: list[int], threads: int) -> float:
     """What an embedding job does besides embedding, in one process: the index
     check and the near-duplicate lookups of the new images."""
+    from search.duplicates import flag_new_near_duplicates
     from search.indexing import ensure_hnsw_index
-    from search.jobs import flag_new_near_duplicates
 
     Embedding.objects.filter(model_version=version).delete()
     torch.set_num_threads(threads)
@@ -97,7 +97,7 @@ def run_jobs(version: ModelVersion, dataset: Dataset, n_images: int, chunk_size:
     Embedding.objects.filter(model_version=version).delete()
     Job.objects.filter(model_version=version).delete()
     start = time.perf_counter()
-    job = jobs.start_embed_job(version, dataset, chunk_size=chunk_size)
+    job = embed_jobs.start_embed_job(version, dataset, chunk_size=chunk_size)
     while True:
         job.refresh_from_db()
         if job.is_finished:

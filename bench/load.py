@@ -154,7 +154,7 @@ def run_clients(port: int, args: argparse.Namespace, duration: float, items, med
                 if sample is not None:
                     sample()
                 if not process.is_alive() and out.empty():
-                    raise SystemExit(f"the client process ended with exit code {process.exitcode} and no results")
+                    raise SystemExit(f"the client process ended with exit code {process.exitcode} and no results") from None
     finally:
         process.join(timeout=30)
         if process.is_alive():
@@ -281,9 +281,9 @@ def run(args: argparse.Namespace) -> dict:
     # benchmarks that write; this one only reads, and the warm-up below checks
     # that the served search path works (every request must answer 200).
     django.setup()
+    from _common import OtherLoad, machine_info
     from django.conf import settings
 
-    from _common import OtherLoad, machine_info
     from search.models import Dataset, Image
     from training.models import ModelVersion
 

@@ -44,6 +44,7 @@ class DatabaseUnavailableMiddleware:
         else:
             return None
         logger.warning("service unavailable for %s %s: %s", request.method, request.path, exception)
+        response: HttpResponse
         if wants_json(request):
             response = JsonResponse({"error": message}, status=503)
         else:

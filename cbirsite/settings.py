@@ -109,7 +109,6 @@ CELERY_WORKER_PREFETCH_MULTIPLIER = 1  # long tasks: take one at a time
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_BROKER_CONNECTION_TIMEOUT = 3
 CELERY_TASK_DEFAULT_QUEUE = "embed"
-CELERY_TASK_ROUTES = {"training.tasks.*": {"queue": "train"}, "search.tasks.*": {"queue": "embed"}}
 # Longest job time (training): the visibility timeout must exceed it, or Redis
 # would hand a still-running task to a second worker.
 CBIR_TRAIN_TIME_LIMIT = env_int("CBIR_TRAIN_TIME_LIMIT", 24 * 3600, minimum=60)
@@ -149,10 +148,10 @@ USE_I18N = True
 USE_TZ = True
 
 STATIC_URL = "static/"
-STATIC_ROOT = Path(env_str("STATIC_ROOT", str(BASE_DIR / "staticfiles")))
+STATIC_ROOT = Path(env_str("STATIC_ROOT", str(BASE_DIR / "staticfiles")) or BASE_DIR / "staticfiles")
 STATICFILES_DIRS = [BASE_DIR / "static"]
 MEDIA_URL = "/media/"
-MEDIA_ROOT = Path(env_str("MEDIA_ROOT", str(VAR_DIR / "media"))).resolve()
+MEDIA_ROOT = Path(env_str("MEDIA_ROOT", str(VAR_DIR / "media")) or VAR_DIR / "media").resolve()
 
 LOGIN_URL = "login"
 LOGIN_REDIRECT_URL = "/"
@@ -209,7 +208,7 @@ CBIR_SPLIT_SEED = env_str("CBIR_SPLIT_SEED", "cbir-split-v1")
 # Newly embedded images at least this similar (cosine) to an image already in
 # their dataset are flagged as near-duplicates (exact duplicates are skipped by SHA-256).
 CBIR_NEAR_DUPLICATE_THRESHOLD = env_float("CBIR_NEAR_DUPLICATE_THRESHOLD", 0.95, minimum=0.01, maximum=1.0)
-CBIR_WEIGHTS_DIR = Path(env_str("CBIR_WEIGHTS_DIR", str(VAR_DIR / "weights")))
+CBIR_WEIGHTS_DIR = Path(env_str("CBIR_WEIGHTS_DIR", str(VAR_DIR / "weights")) or VAR_DIR / "weights")
 # Offline: never try to download pretrained weights, fail with instructions instead.
 CBIR_OFFLINE = env_bool("CBIR_OFFLINE", False)
 

@@ -86,13 +86,14 @@ def check_access(request: HttpRequest, *, api: bool, tokens: bool | None = None)
     401 JSON for the API (`api`), a redirect to the login page otherwise.
     `tokens` (default: `api`) says whether a Bearer token is read; the one
     used is left on `request.api_token` for the rate limit."""
-    request.api_token = None
+    token = None
     if api if tokens is None else tokens:
         try:
-            request.api_token = token_from_request(request)
+            token = token_from_request(request)
         except InvalidToken as exc:
             return _unauthorized(str(exc))
-    if not settings.CBIR_SEARCH_REQUIRES_LOGIN or request.api_token is not None or request.user.is_authenticated:
+    request.api_token = token  # type: ignore[attr-defined]  # read by the rate limit
+    if not settings.CBIR_SEARCH_REQUIRES_LOGIN or token is not None or request.user.is_authenticated:
         return None
     if api:
         return _unauthorized("log in, or send an API token: Authorization: Bearer <key>")

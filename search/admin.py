@@ -3,11 +3,10 @@ from __future__ import annotations
 from django.contrib import admin, messages
 from django.db.models import Count, Q
 from django.shortcuts import redirect, render
+from django.urls import path
 from django.utils.html import format_html, format_html_join
 
-from django.urls import path
-
-from search import jobs
+from search import embed_jobs, import_jobs, jobs
 from search.admin_jobs import intermediate, jobs_link, redirect_to_job, save_upload, start_or_report
 from search.forms import BuildIndexForm, ImageUploadForm, SetLabelForm, SetSplitForm, ZipImportForm
 from search.indexing import coverage
@@ -48,7 +47,7 @@ class DatasetAdmin(admin.ModelAdmin):
                 messages.error(request, str(exc))
             else:
                 path = save_upload(form.cleaned_data["archive"])
-                job = start_or_report(request, lambda: jobs.start_import_job(
+                job = start_or_report(request, lambda: import_jobs.start_import_job(
                     dataset, path, labels_from_folders=form.cleaned_data["labels_from_folders"], user=request.user,
                     original_name=form.cleaned_data["archive"].name, check=False), "Import started")
                 if job:
@@ -64,7 +63,7 @@ class DatasetAdmin(admin.ModelAdmin):
         form = BuildIndexForm(request.POST if "apply" in request.POST else None)
         if "apply" in request.POST and form.is_valid():
             version = form.cleaned_data["model"]
-            started = [start_or_report(request, lambda d=d: jobs.start_embed_job(version, d, user=request.user),
+            started = [start_or_report(request, lambda d=d: embed_jobs.start_embed_job(version, d, user=request.user),
                                        f"Indexing {d} with {version}") for d in queryset]
             started = [j for j in started if j]
             return redirect_to_job(started[0], "admin:search_dataset_changelist") if len(started) == 1 else None
@@ -73,7 +72,7 @@ class DatasetAdmin(admin.ModelAdmin):
     @admin.action(description="Train a model…")
     def train_model(self, request, queryset):
         from training.forms import TrainForm
-        from training.jobs import start_training_job
+        from training.train_job import start_training_job
 
         if queryset.count() != 1:
             self.message_user(request, "Select exactly one dataset to train on.", messages.ERROR)
@@ -264,5 +263,5 @@ class ImageAdmin(admin.ModelAdmin):
         return self._bulk_form(request, queryset, SetSplitForm, "split", "Set split")
 
 
-from search import admin_duplicates  # noqa: E402,F401 - registers the near-duplicate admin
-from search import admin_tokens  # noqa: E402,F401 - registers the API token admin
+# Registers the near-duplicate and API token admins.
+from search import admin_duplicates, admin_tokens  # noqa: E402,F401

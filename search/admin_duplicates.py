@@ -38,12 +38,12 @@ class DatasetFilter(admin.SimpleListFilter):
 
 @admin.register(NearDuplicate)
 class NearDuplicateAdmin(admin.ModelAdmin):
-    list_display = ["image_thumb", "duplicate_thumb", "similarity_display", "dataset", "model_version", "created"]
+    list_display = ("image_thumb", "duplicate_thumb", "similarity_display", "dataset", "model_version", "created")
     list_filter = [DatasetFilter, "model_version"]
     list_select_related = ["image", "image__dataset", "duplicate_of", "model_version"]
     search_fields = ["image__original_filename", "duplicate_of__original_filename"]
     readonly_fields = ["image_thumb", "duplicate_thumb", "similarity", "model_version", "created"]
-    fields = readonly_fields
+    fields = tuple(readonly_fields)
     list_per_page = 50
     change_list_template = "admin/search/nearduplicate/change_list.html"
 
@@ -87,7 +87,7 @@ class NearDuplicateAdmin(admin.ModelAdmin):
             "datasets": datasets, "dataset": dataset, "groups": groups, "threshold": near_duplicate_threshold(),
             "can_delete": request.user.has_perm("search.delete_image"),
         }
-        if request.method == "POST" and request.POST.get("action") == "delete_extras":
+        if dataset is not None and request.method == "POST" and request.POST.get("action") == "delete_extras":
             if not context["can_delete"]:
                 raise PermissionDenied
             chosen = {int(v) for v in request.POST.getlist("group") if v.isdigit()}

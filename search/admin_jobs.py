@@ -3,7 +3,7 @@ import a zip, activate a model version, train, evaluate)."""
 
 from __future__ import annotations
 
-import shutil
+import os
 import uuid
 
 from django.contrib import admin, messages
@@ -11,7 +11,7 @@ from django.shortcuts import redirect, render
 from django.urls import reverse
 from django.utils.html import format_html
 
-from search import jobs
+from search import import_jobs, jobs
 from search.models import Job
 from training.networks.base import WeightsUnavailable
 
@@ -76,7 +76,7 @@ def start_or_report(request, start, success: str):
 
 def save_upload(upload) -> str:
     """Save an uploaded zip where workers can read it; returns its path."""
-    path = jobs.uploads_dir() / f"{uuid.uuid4().hex}.zip"
+    path = import_jobs.uploads_dir() / f"{uuid.uuid4().hex}.zip"
     with path.open("wb") as handle:
         for chunk in upload.chunks():
             handle.write(chunk)
@@ -97,6 +97,6 @@ def redirect_to_job(job: Job | None, fallback: str):
 
 def remove_quietly(path: str) -> None:
     try:
-        shutil.os.unlink(path)
+        os.unlink(path)
     except OSError:
         pass

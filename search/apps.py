@@ -7,4 +7,9 @@ class SearchConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        from search import signals  # noqa: F401 - connects file clean-up on delete
+        from search import embed_jobs, jobs, signals, worker  # noqa: F401 - signals: file clean-up on delete
+
+        jobs.register_kind(jobs.JobKind("import", task="search.tasks.run_import", queue="embed"))
+        jobs.register_kind(jobs.JobKind("embed", task="search.tasks.finish_embed_job", queue="embed",
+                                        chunk_task="search.tasks.embed_chunk", requeue=embed_jobs.queue_chunks))
+        worker.connect_worker_signals()

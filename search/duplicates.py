@@ -17,7 +17,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django.db import transaction
 
 from search.models import Dataset, Image, NearDuplicate
-from search.services import nearest
+from search.neighbours import nearest
 from training.models import ModelVersion
 
 DEFAULT_THRESHOLD = 0.95
@@ -69,6 +69,19 @@ def flag_near_duplicates(version: ModelVersion, dataset: Dataset, image_ids: Ite
     NearDuplicate.objects.bulk_create(rows, update_conflicts=True, unique_fields=["image", "duplicate_of"],
                                       update_fields=["similarity", "model_version"])
     return len(rows)
+
+
+def flag_new_near_duplicates(version: ModelVersion, image_ids: Iterable[int]) -> int:
+    """Flag newly embedded images that nearly duplicate an image of their own
+    dataset, dataset by dataset. Run after the index exists, so each lookup is
+    an index query. Returns the number of pairs flagged."""
+    by_dataset: dict[int, list[int]] = {}
+    for image_id, dataset_id in Image.objects.filter(pk__in=list(image_ids)).values_list("pk", "dataset_id"):
+        by_dataset.setdefault(dataset_id, []).append(image_id)
+    flagged = 0
+    for dataset in Dataset.objects.filter(pk__in=by_dataset):
+        flagged += flag_near_duplicates(version, dataset, by_dataset[dataset.pk])
+    return flagged
 
 
 def _ages(ids: set[int]) -> dict[int, tuple]:

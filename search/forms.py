@@ -70,9 +70,9 @@ class BuildIndexForm(forms.Form):
         self.fields["model"].choices = _version_choices()
 
     def clean_model(self):
-        from search.indexing import get_or_create_version
         from training.models import ModelVersion
         from training.networks.base import WeightsUnavailable
+        from training.versions import get_or_create_version
 
         value = self.cleaned_data["model"]
         kind, _, ident = value.partition(":")

@@ -6,22 +6,21 @@ tests all call these."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
 from django.conf import settings
-from django.db import connection, transaction
+from django.db import connection
 from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 
+from search.duplicates import flag_new_near_duplicates
 from search.models import Dataset, Embedding, Image
 from training.inference import embed_batch, loader_workers, network_for, preprocessing_for
 from training.models import ModelVersion
-from training.networks.base import sha256_of
-from training.networks.registry import build_network
 from training.preprocessing import Preprocessing, load_rgb
 
 logger = logging.getLogger(__name__)
@@ -38,68 +37,6 @@ def _noop(done: int, total: int, message: str) -> None:
 
 
 # --- Model versions -----------------------------------------------------------
-
-def pretrained_version_name(architecture: str) -> str:
-    return f"{architecture}-imagenet"
-
-
-@transaction.atomic
-def get_or_create_version(architecture: str, *, random_weights: bool = False, config: dict | None = None,
-                          name: str | None = None) -> ModelVersion:
-    """The ModelVersion for a registered architecture's pretrained weights, made
-    on first use; with random_weights=True (only when asked) a new version whose
-    random initial weights are saved, so queries and index agree."""
-    config = config or {}
-    if name is None:
-        name = pretrained_version_name(architecture) if not random_weights else None
-    if name:
-        existing = ModelVersion.objects.filter(name=name).first()
-        if existing:
-            return existing
-    model = build_network(architecture, weights="random" if random_weights else "pretrained", **config)
-    info = model.weights_info
-    version = ModelVersion(
-        architecture=architecture, config=model.config or config, dimension=model.dimension,
-        preprocessing=model.preprocessing.to_dict(), weights_source=info.source,
-        weights_path=info.path, weights_sha256=info.sha256, notes=info.detail,
-    )
-    if random_weights:
-        count = ModelVersion.objects.filter(architecture=architecture, weights_source="random").count()
-        version.name = name or f"{architecture}-random-{count + 1}"
-        weights_dir = Path(settings.CBIR_WEIGHTS_DIR)
-        weights_dir.mkdir(parents=True, exist_ok=True)
-        path = weights_dir / f"{version.name}.pt"
-        torch.save({"model": model.state_dict(), "architecture": architecture, "config": version.config}, path)
-        version.weights_source = ModelVersion.WeightsSource.RANDOM
-        version.weights_path = str(path)
-        version.weights_sha256 = sha256_of(path)
-    else:
-        version.name = name
-    version.save()
-    return version
-
-
-def resolve_version(name_or_architecture: str | None, *, random_weights: bool = False) -> ModelVersion:
-    """A model version by name; an architecture name gives its pretrained version
-    (created on first use); None gives the active version, else the default."""
-    from training.networks.registry import ARCHITECTURES, UnknownArchitecture
-
-    if not name_or_architecture:
-        active = ModelVersion.active()
-        if active:
-            return active
-        name_or_architecture = settings.CBIR_DEFAULT_ARCHITECTURE
-    version = ModelVersion.objects.filter(name=name_or_architecture).first()
-    if version:
-        return version
-    if name_or_architecture in ARCHITECTURES:
-        return get_or_create_version(name_or_architecture, random_weights=random_weights)
-    known = ", ".join(ModelVersion.objects.values_list("name", flat=True)) or "none yet"
-    raise UnknownArchitecture(
-        f"{name_or_architecture!r} is neither a model version (existing: {known}) nor an architecture "
-        f"(known: {', '.join(sorted(ARCHITECTURES))})"
-    )
-
 
 # --- HNSW index ---------------------------------------------------------------
 
@@ -216,8 +153,6 @@ def build_index(dataset: Dataset, version: ModelVersion, *, batch_size: int | No
                 progress: Progress = _noop) -> EmbedReport:
     """Embed what is missing for (dataset, version), then make sure the HNSW index
     exists. Running it again embeds nothing new."""
-    from search.jobs import flag_new_near_duplicates
-
     missing = missing_image_ids(dataset, version)
     report = embed_images(version, missing, batch_size=batch_size, progress=progress)
     report.index_created = ensure_hnsw_index(version)

@@ -11,9 +11,9 @@ import logging
 import os
 import tempfile
 from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
@@ -69,7 +69,7 @@ class StorageError(Exception):
     instead of reporting every later file as bad. `report` holds what was
     imported before it, when an importer raised it."""
 
-    report: "ImportReport | None" = None
+    report: ImportReport | None = None
 
 
 def _storage_error(exc: OSError) -> StorageError:
@@ -229,7 +229,7 @@ def import_folder(root: str | Path, dataset: Dataset, *, labels_from_folders: bo
             return path.read_bytes()
 
         _import_one(report, dataset, relative, label, read, unreadable=(OSError,),
-                    describe=lambda exc: f"cannot be read ({exc.strerror or exc})")
+                    describe=lambda exc: f"cannot be read ({getattr(exc, 'strerror', None) or exc})")
         progress(index, len(files), relative)
     return report
 

@@ -8,10 +8,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from django.conf import settings
-from django.db import connection, transaction
 
 from search.imaging import ImageRejected, decode_image
 from search.models import Dataset, Image
+from search.neighbours import Hit, nearest
 from training.inference import embed_batch, network_for, preprocessing_for
 from training.models import ModelVersion
 
@@ -36,28 +36,6 @@ class NotFound(SearchError):
 
 class IndexNotReady(SearchError):
     status = 503
-
-
-@dataclass
-class Hit:
-    image_id: int
-    score: float  # cosine similarity, 1.0 = identical direction
-    label: str | None
-    dataset: str
-    file: str
-    thumbnail: str
-
-    @property
-    def url(self) -> str:
-        return settings.MEDIA_URL + self.file
-
-    @property
-    def thumbnail_url(self) -> str:
-        return settings.MEDIA_URL + self.thumbnail
-
-    def as_dict(self) -> dict:
-        return {"image_id": self.image_id, "score": round(self.score, 6), "label": self.label,
-                "dataset": self.dataset, "url": self.url, "thumbnail_url": self.thumbnail_url}
 
 
 @dataclass
@@ -106,67 +84,6 @@ def embed_query(version: ModelVersion, rgb) -> np.ndarray:
     model, device = network_for(version)
     tensor = preprocessing_for(version)(rgb)[None]
     return embed_batch(model, device, tensor)[0]
-
-
-def _vector_literal(vector: np.ndarray) -> str:
-    return "[" + ",".join(f"{x:.6g}" for x in np.asarray(vector, dtype=np.float32)) + "]"
-
-
-def nearest_query(version: ModelVersion, *, vector: np.ndarray | None = None, image_id: int | None = None, k: int,
-                  dataset: Dataset | None = None, exclude_image_id: int | None = None) -> tuple[str, list]:
-    """The SQL (and parameters) of a nearest-neighbour search; see nearest()."""
-    dim = int(version.dimension)
-    expr = f"e.vector::halfvec({dim})"
-    if vector is not None:
-        query_sql, query_params = f"%s::halfvec({dim})", [_vector_literal(vector)]
-    else:
-        query_sql = (f"(SELECT q.vector::halfvec({dim}) FROM search_embedding q "
-                     f"WHERE q.image_id = %s AND q.model_version_id = %s)")
-        query_params = [image_id, version.pk]
-    where = ["e.model_version_id = %s"]
-    params: list = [version.pk]
-    if dataset is not None:
-        where.append("i.dataset_id = %s")
-        params.append(dataset.pk)
-    if exclude_image_id is not None:
-        where.append("e.image_id <> %s")
-        params.append(exclude_image_id)
-    sql = (
-        f"SELECT e.image_id, 1 - ({expr} <=> {query_sql}) AS score, i.label, d.name, i.file, i.thumbnail "
-        f"FROM search_embedding e JOIN search_image i ON i.id = e.image_id "
-        f"JOIN search_dataset d ON d.id = i.dataset_id "
-        f"WHERE {' AND '.join(where)} "
-        f"ORDER BY {expr} <=> {query_sql} LIMIT %s"
-    )
-    return sql, query_params + params + query_params + [k]
-
-
-def set_search_options(cursor, k: int) -> None:
-    """Per-transaction HNSW settings: a search breadth of at least 2k, and an
-    iterative scan so a dataset filter still yields k rows, in exact order."""
-    ef_search = min(max(settings.CBIR_HNSW_EF_SEARCH, 2 * k), 1000)
-    cursor.execute(f"SET LOCAL hnsw.ef_search = {int(ef_search)}")
-    cursor.execute("SET LOCAL hnsw.iterative_scan = strict_order")
-    # On a small table the planner would rather sort every row of the version
-    # than start an HNSW scan; ordering through the index is what scales, and
-    # measured faster even at 146 rows (docs/benchmarks.md), so ask for it.
-    cursor.execute("SET LOCAL enable_sort = off")
-
-
-def nearest(version: ModelVersion, *, vector: np.ndarray | None = None, image_id: int | None = None, k: int,
-            dataset: Dataset | None = None, exclude_image_id: int | None = None) -> list[Hit]:
-    """The k nearest images by cosine distance, in one statement on the version's HNSW index.
-
-    The query is either a vector or an indexed image (its stored vector is read
-    inside the same statement).
-    """
-    sql, params = nearest_query(version, vector=vector, image_id=image_id, k=k, dataset=dataset,
-                                exclude_image_id=exclude_image_id)
-    with transaction.atomic(), connection.cursor() as cursor:
-        set_search_options(cursor, k)
-        cursor.execute(sql, params)
-        rows = cursor.fetchall()
-    return [Hit(image_id=r[0], score=float(r[1]), label=r[2], dataset=r[3], file=r[4], thumbnail=r[5]) for r in rows]
 
 
 def search_by_upload(data: bytes, *, k=None, dataset=None) -> SearchResult:

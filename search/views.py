@@ -10,6 +10,7 @@ from pathlib import Path
 
 from django.conf import settings
 from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
+from django.http.response import HttpResponseBase
 from django.shortcuts import render
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_http_methods, require_safe
@@ -38,7 +39,7 @@ def _uploaded_bytes(request: HttpRequest) -> bytes:
     upload = request.FILES.get("image")
     if upload is None:
         raise services.BadParameter("no image was sent: use the multipart field 'image'")
-    if upload.size > settings.CBIR_MAX_UPLOAD_BYTES:
+    if (upload.size or 0) > settings.CBIR_MAX_UPLOAD_BYTES:
         raise UploadTooLarge(f"the upload is larger than the limit of {settings.CBIR_MAX_UPLOAD_BYTES:,} bytes")
     return upload.read()
 
@@ -177,7 +178,7 @@ MEDIA_FOLDERS = ("datasets", "thumbnails")
 
 
 @require_safe
-def media(request: HttpRequest, path: str) -> HttpResponse:
+def media(request: HttpRequest, path: str) -> HttpResponseBase:
     """A dataset image or thumbnail by its URL, under the same login rule as
     search (API tokens accepted). No directory listings, no dotfiles, and the
     real path, symlinks resolved, must stay inside MEDIA_ROOT: Django's own

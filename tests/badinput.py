@@ -19,9 +19,9 @@ import os
 import struct
 import zipfile
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from PIL import Image as PILImage
@@ -667,8 +667,8 @@ def _escaped(folder: Path) -> list[str]:
 
 def zip_case_job(dataset, folder: Path, case: ZipCase) -> Outcome:
     """The import job's task body (what a worker runs), in this process."""
+    from search.import_jobs import run_import_job
     from search.models import Job
-    from search.tasks import run_import_job
 
     folder.mkdir(parents=True)
     path = folder / "upload.zip"
@@ -725,7 +725,7 @@ def admin_zip_import(admin_client, dataset, kind: str, no_broker_dir: Path) -> O
     from django.urls import reverse
 
     from cbirsite.celery import app
-    from search.jobs import uploads_dir
+    from search.import_jobs import uploads_dir
     from search.models import Job
 
     make, _ = admin_zip_cases()[kind]

@@ -3,13 +3,12 @@ tiny images, and a tiny model version (random weights, 32-d)."""
 
 from __future__ import annotations
 
-import io
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image as PILImage
+
+from tests.helpers import image_bytes
 
 if not os.environ.get("XDG_RUNTIME_DIR"):
     # platformdirs (used by the embedded PostgreSQL package) warns without one.
@@ -32,22 +31,6 @@ def _isolated_storage(settings, tmp_path_factory):
     settings.CBIR_WEIGHTS_DIR = tmp_path_factory.mktemp("weights")
     settings.CBIR_LOADER_WORKERS = 0
     return settings.MEDIA_ROOT
-
-
-def image_bytes(color=(200, 30, 30), size=(32, 32), fmt="PNG", mode="RGB", pattern: int | None = None) -> bytes:
-    """A small image; `pattern` seeds random noise so images differ in content."""
-    if pattern is not None:
-        rng = np.random.default_rng(pattern)
-        array = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
-        array[..., 0] = np.clip(array[..., 0].astype(int) // 2 + color[0] // 2, 0, 255)
-        image = PILImage.fromarray(array, "RGB")
-    else:
-        image = PILImage.new("RGB", size, color)
-    if mode != "RGB":
-        image = image.convert(mode)
-    out = io.BytesIO()
-    image.save(out, format=fmt)
-    return out.getvalue()
 
 
 @pytest.fixture
@@ -83,34 +66,9 @@ def dataset(db):
 @pytest.fixture
 def tiny_version(db):
     """A model version of the tiny CNN with saved random weights (explicitly asked for)."""
-    from search.indexing import get_or_create_version
+    from training.versions import get_or_create_version
 
     return get_or_create_version("tiny", random_weights=True, config={"dimension": 32, "size": 32})
-
-
-def store_embeddings(dataset, version, vectors, *, splits=None, labels=None):
-    """Rows for many placeholder images with the given vectors (normalised), the
-    version's HNSW index, fresh planner statistics. Returns the unit vectors."""
-    from django.db import connection
-
-    from search.indexing import ensure_hnsw_index
-    from search.models import Embedding, Image
-
-    vectors = np.asarray(vectors, dtype=np.float32)
-    vectors = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
-    n = len(vectors)
-    images = Image.objects.bulk_create([
-        Image(dataset=dataset, file=f"f/{i}.png", thumbnail=f"t/{i}.jpg", sha256=f"{i:064x}",
-              split=splits[i] if splits else "train", label=labels[i] if labels else None,
-              width=1, height=1, original_filename=f"{i}.png") for i in range(n)
-    ])
-    Embedding.objects.bulk_create([Embedding(image=im, model_version=version, vector=v)
-                                   for im, v in zip(images, vectors)])
-    ensure_hnsw_index(version)
-    with connection.cursor() as cursor:
-        cursor.execute("ANALYZE search_embedding")
-        cursor.execute("ANALYZE search_image")
-    return vectors
 
 
 @pytest.fixture
@@ -186,18 +144,6 @@ def live_worker(session_worker, transactional_db, settings, shared_media, redis_
     settings.CELERY_BROKER_URL = redis_server.url
     settings.CBIR_WORKER_PING_TIMEOUT = 2.0
     return session_worker
-
-
-def wait_for(predicate, timeout: float = 60, interval: float = 0.2, message: str = "condition"):
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout} s waiting for {message}")
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)

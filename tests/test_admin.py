@@ -14,10 +14,11 @@ from django.core.files.uploadedfile import SimpleUploadedFile
 from django.test import Client
 from django.urls import reverse
 
-from search.indexing import build_index, get_or_create_version
+from search.indexing import build_index
 from search.ingest import add_image
 from search.models import Dataset, Embedding, Image, Split
 from training.models import ModelVersion
+from training.versions import get_or_create_version
 
 DATASETS = reverse("admin:search_dataset_changelist")
 IMAGES = reverse("admin:search_image_changelist")

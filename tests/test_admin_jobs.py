@@ -6,12 +6,13 @@ import zipfile
 import pytest
 from django.urls import reverse
 
-from search.indexing import build_index, get_or_create_version
+from search.indexing import build_index
 from search.ingest import import_folder
 from search.jobs import S
 from search.models import Dataset, Embedding, Job
-from tests.conftest import image_bytes, wait_for
+from tests.helpers import image_bytes, wait_for
 from training.models import ModelVersion
+from training.versions import get_or_create_version
 
 pytestmark = [pytest.mark.worker, pytest.mark.timeout(180)]
 

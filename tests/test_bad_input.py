@@ -154,7 +154,7 @@ def test_the_admin_zip_import_of_an_unknown_dataset_says_so(admin_client, db):
 def test_a_hostile_zip_through_the_admin_imports_only_its_images(live_worker, admin_client, tmp_path):
     """The whole path, admin form → job → real worker, with a zip full of trouble."""
     from search.jobs import S
-    from tests.conftest import wait_for
+    from tests.helpers import wait_for
 
     dataset = Dataset.objects.create(name="hostile")
     good = [corpus.good_png(500 + i) for i in range(3)]

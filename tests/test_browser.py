@@ -13,7 +13,7 @@ import pytest
 
 from search.ingest import import_folder
 from search.models import Dataset, Image, Job
-from tests.conftest import image_bytes, wait_for
+from tests.helpers import image_bytes, wait_for
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(240)]
 

@@ -3,10 +3,10 @@ it must describe the documented services, and every command it runs must
 exist in this project."""
 
 import shlex
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 import yaml
 from django.core.management import get_commands
 
@@ -60,8 +60,10 @@ def test_every_command_exists_in_the_project(compose, declared_packages, setting
             assert "celery" in declared_packages and argv[1:3] == ["-A", "cbirsite"]
             sub = argv[3]
             if sub == "worker":
+                from search import jobs
+
                 queues = set(argv[argv.index("-Q") + 1].split(","))
-                routed = {route["queue"] for route in settings.CELERY_TASK_ROUTES.values()}
+                routed = set(jobs.queues())  # every registered job kind's queue
                 assert routed <= queues, (routed, queues)
             else:
                 assert sub == "flower" and "flower" in declared_packages

@@ -90,7 +90,7 @@ def test_it_flags_planted_near_copies_and_not_distinct_images(planted, tiny_vers
 
 def test_distinct_images_stay_below_the_threshold(planted, tiny_version):
     """The margin the other tests rely on: every pair of distinct pictures is below THRESHOLD."""
-    from search.services import nearest
+    from search.neighbours import nearest
 
     ids = {im.pk for im in planted["originals"]}
     for image in planted["originals"]:
@@ -99,7 +99,7 @@ def test_distinct_images_stay_below_the_threshold(planted, tiny_version):
 
 
 def test_only_the_given_images_are_looked_up(planted, tiny_version):
-    orig, (a, b, c) = planted["originals"], planted["copies"]
+    orig, (_, _, c) = planted["originals"], planted["copies"]
     assert flag_near_duplicates(tiny_version, planted["dataset"], [orig[5].pk], threshold=THRESHOLD) == 0
     assert not NearDuplicate.objects.exists()
     flag_near_duplicates(tiny_version, planted["dataset"], [c.pk], threshold=THRESHOLD)

@@ -11,20 +11,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 from django.core.management import CommandError, call_command
-from django.db import connection, transaction
 from PIL import Image as PILImage
 
-from search.indexing import build_index, get_or_create_version
+from search.indexing import build_index
 from search.ingest import add_image
-from search.jobs import S, JobError
+from search.jobs import JobError, S
 from search.models import Dataset, Embedding, Image, Job
-from search.services import set_search_options
+from search.neighbours import explain, neighbours_queryset
+from tests.helpers import store_embeddings, wait_for
 from training.evaluation.jobs import run_evaluation_job, start_evaluation_job
 from training.evaluation.retrieval import (
-    EvaluationError, copy_detection, evaluate_version, save_copy_detection, save_evaluation, set_exact_options,
-    split_query,
+    EvaluationError,
+    copy_detection,
+    evaluate_version,
+    save_copy_detection,
+    save_evaluation,
 )
-from tests.conftest import store_embeddings, wait_for
+from training.versions import get_or_create_version
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "evaluation.md"
 
@@ -202,25 +205,14 @@ def large_labelled(dataset, tiny_version):
     return dataset
 
 
-def _plan(sql: str, params: list, *, k: int, exact: bool = False) -> str:
-    with transaction.atomic(), connection.cursor() as cursor:
-        if exact:
-            set_exact_options(cursor)
-        else:
-            set_search_options(cursor, k)
-        cursor.execute("EXPLAIN " + sql, params)
-        return "\n".join(row[0] for row in cursor.fetchall())
-
-
 @pytest.mark.parametrize("splits", [("train", "val"), None])
 def test_explain_shows_the_split_filtered_query_uses_the_hnsw_index(large_labelled, tiny_version, splits):
     query = Image.objects.filter(dataset=large_labelled, split="test").first()
-    sql, params = split_query(tiny_version, image_id=query.pk, k=50, dataset=large_labelled, splits=splits)
-    plan = _plan(sql, params, k=10)
+    query_args = {"image_id": query.pk, "dataset": large_labelled, "splits": splits, "exclude_image_id": query.pk}
+    plan = explain(neighbours_queryset(tiny_version, **query_args), 50)
     assert f"Index Scan using {tiny_version.index_name}" in plan, plan
-    exact_sql, exact_params = split_query(tiny_version, image_id=query.pk, k=50, dataset=large_labelled,
-                                          splits=splits, exact=True)
-    assert tiny_version.index_name not in _plan(exact_sql, exact_params, k=10, exact=True)
+    exact_plan = explain(neighbours_queryset(tiny_version, **query_args, exact=True), 50, exact=True)
+    assert tiny_version.index_name not in exact_plan
 
 
 def test_on_many_vectors_the_index_finds_nearly_the_exact_top_k(large_labelled, tiny_version):

@@ -187,7 +187,7 @@ def test_the_import_command_names_the_storage_problem(db, image_folder, unwritab
 
 
 def test_a_zip_import_job_fails_with_the_storage_problem_and_keeps_the_zip(dataset, tmp_path, unwritable_media):
-    from search.tasks import run_import_job
+    from search.import_jobs import run_import_job
 
     zip_path = tmp_path / "upload.zip"
     zip_path.write_bytes(_zip_bytes({"a.png": good_png(1), "b.png": good_png(2)}))

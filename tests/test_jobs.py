@@ -4,11 +4,11 @@ recovery; and the refusal to start a job that no worker would run."""
 import pytest
 from django.utils import timezone
 
-from search import jobs
+from search import embed_jobs, jobs
+from search.embed_jobs import run_chunk
 from search.ingest import import_folder
 from search.jobs import S, transition
 from search.models import Embedding, Job, JobChunk
-from search.tasks import run_chunk
 
 
 @pytest.fixture
@@ -19,7 +19,7 @@ def imported(dataset, image_folder):
 
 def _embed_job(version, dataset, chunk_size=5, activate=False):
     # check=False: no worker in these tests; tasks are run by calling run_chunk.
-    return jobs.start_embed_job(version, dataset, chunk_size=chunk_size, activate=activate, check=False)
+    return embed_jobs.start_embed_job(version, dataset, chunk_size=chunk_size, activate=activate, check=False)
 
 
 @pytest.mark.django_db
@@ -85,7 +85,7 @@ def test_a_failed_chunk_fails_the_job_and_a_rerun_does_only_the_missing_work(imp
     from training.inference import _cached_network
 
     _cached_network.cache_clear()
-    with pytest.raises(Exception):
+    with pytest.raises(Exception):  # noqa: B017 - whatever torch raises for a corrupt file
         run_chunk(second.pk)
     job.refresh_from_db()
     assert job.status == S.FAILED and "chunk 1" in job.error
@@ -114,12 +114,13 @@ def test_cancel_stops_the_job_and_its_chunks(imported, tiny_version):
 
 
 def test_activation_switches_only_when_complete(imported, tiny_version):
-    from search.indexing import build_index, get_or_create_version
+    from search.indexing import build_index
+    from training.versions import get_or_create_version
 
     build_index(imported, tiny_version)
     tiny_version.activate()
     newer = get_or_create_version("tiny", random_weights=True, config={"dimension": 16, "size": 32, "seed": 1})
-    job = jobs.start_activation(newer, check=False)
+    job = embed_jobs.start_activation(newer, check=False)
     chunks = list(job.chunks.order_by("index"))
     for chunk in chunks[:-1]:
         run_chunk(chunk.pk)
@@ -153,7 +154,7 @@ def test_starting_a_job_without_a_broker_says_why(imported, tiny_version, settin
     app.conf.broker_url = f"redis+socket://{tmp_path}/no-redis.sock"
     try:
         with pytest.raises(jobs.JobsUnavailable, match="cannot be reached.*Search keeps working"):
-            jobs.start_embed_job(tiny_version, imported)
+            embed_jobs.start_embed_job(tiny_version, imported)
     finally:
         app.conf.broker_url = old
     assert Job.objects.count() == 0
@@ -162,7 +163,7 @@ def test_starting_a_job_without_a_broker_says_why(imported, tiny_version, settin
 def test_starting_a_job_with_no_worker_says_why(imported, tiny_version, redis_server):
     # The test Redis is up, but no worker consumes the queue yet.
     with pytest.raises(jobs.JobsUnavailable, match="no Celery worker"):
-        jobs.start_embed_job(tiny_version, imported)
+        embed_jobs.start_embed_job(tiny_version, imported)
     assert Job.objects.count() == 0
 
 
@@ -170,7 +171,7 @@ def test_an_empty_job_finishes_at_once(imported, tiny_version, django_capture_on
     from search.indexing import build_index
 
     build_index(imported, tiny_version)
-    from search.tasks import finish_embed_job
+    from search.embed_jobs import finish_embed_job
 
     job = _embed_job(tiny_version, imported)
     assert job.chunks.count() == 0

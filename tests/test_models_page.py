@@ -54,7 +54,7 @@ def test_the_page_renders_with_no_versions(client, db):
     assert response.status_code == 200
     html = response.content.decode()
     assert "No model version yet" in html and "No precision curve yet" in html
-    for name, similar, dissimilar in STUDY_REFERENCE:
+    for name, _similar, _dissimilar in STUDY_REFERENCE:
         assert f"study (one query): {name}" in html
     assert response.context["rows"] == []
 

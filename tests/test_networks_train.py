@@ -80,3 +80,29 @@ def test_trainable_architectures_are_registered_as_label_free(name):
     architecture = ARCHITECTURES[name]
     assert architecture.needs_labels is False
     assert architecture.defaults["dimension"] == architecture.default_dimension
+
+
+def test_the_registry_records_decide_what_the_config_and_the_form_offer():
+    """Adding a network is one module plus one registration: TrainConfig, the
+    admin form and the train command read the record."""
+    from training.config import TrainConfig
+    from training.forms import TrainForm
+    from training.networks.registry import pretrained_architectures, sizable_architectures
+
+    for name, architecture in ARCHITECTURES.items():
+        config = TrainConfig(name, pretrained=False)
+        assert config.objective == architecture.default_objective
+        assert TrainConfig(name).pretrained is (architecture.pretrained is not None)
+    form = TrainForm()
+    assert {value for value, _ in form.fields["architecture"].choices} == set(ARCHITECTURES)
+    assert ", ".join(sizable_architectures("dimension")) in form.fields["embedding_dim"].help_text
+    assert ", ".join(pretrained_architectures()) in form.fields["pretrained"].help_text
+
+
+def test_every_registered_architecture_is_in_the_readme():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    table = readme.split("## Models", 1)[1].split("##", 1)[0]
+    missing = [name for name in ARCHITECTURES if name != "tiny" and f"`{name}`" not in table]
+    assert missing == []

@@ -2,12 +2,11 @@
 
 import numpy as np
 import pytest
-from django.db import connection, transaction
 
 from search import services
 from search.models import Dataset, Embedding, Image
-from search.services import nearest, nearest_query, set_search_options
-from tests.conftest import store_embeddings
+from search.neighbours import explain, nearest, neighbours_queryset
+from tests.helpers import store_embeddings
 
 
 def _stored_vectors(version):
@@ -73,24 +72,17 @@ def large_index(dataset, tiny_version):
     return vectors
 
 
-def _plan(sql, params, k):
-    with transaction.atomic(), connection.cursor() as cursor:
-        set_search_options(cursor, k)
-        cursor.execute("EXPLAIN " + sql, params)
-        return "\n".join(row[0] for row in cursor.fetchall())
-
-
 @pytest.mark.parametrize("with_dataset", [False, True])
 def test_explain_shows_the_search_uses_the_versions_hnsw_index(large_index, tiny_version, dataset, with_dataset):
-    sql, params = nearest_query(tiny_version, vector=large_index[0], k=10, dataset=dataset if with_dataset else None)
-    plan = _plan(sql, params, 10)
+    queryset = neighbours_queryset(tiny_version, vector=large_index[0], dataset=dataset if with_dataset else None)
+    plan = explain(queryset, 10)
     assert f"Index Scan using {tiny_version.index_name}" in plan, plan
 
 
 def test_explain_more_like_this_uses_the_index(large_index, tiny_version):
     image_id = Embedding.objects.filter(model_version=tiny_version).first().image_id
-    sql, params = nearest_query(tiny_version, image_id=image_id, k=10, exclude_image_id=image_id)
-    assert f"Index Scan using {tiny_version.index_name}" in _plan(sql, params, 10)
+    queryset = neighbours_queryset(tiny_version, image_id=image_id, exclude_image_id=image_id)
+    assert f"Index Scan using {tiny_version.index_name}" in explain(queryset, 10)
 
 
 def test_hnsw_results_on_many_vectors_agree_with_brute_force(large_index, tiny_version):

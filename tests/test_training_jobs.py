@@ -14,21 +14,14 @@ from PIL import Image as PILImage
 from search.ingest import import_folder
 from search.jobs import S
 from search.models import Dataset, Embedding, Image, Job
+from tests.helpers import wait_for
+from training.config import TrainConfig
 from training.forms import TrainForm
 from training.inference import build_for_version
-from training.jobs import start_training_job
 from training.models import ModelVersion
-from training.trainer import (
-    TrainConfig,
-    TrainingStopped,
-    checkpoint_dir_for,
-    create_initial_version,
-    create_version_from_checkpoint,
-    index_and_evaluate,
-    run_training_job,
-    train,
-)
-from tests.conftest import wait_for
+from training.train_job import checkpoint_dir_for, index_and_evaluate, run_training_job, start_training_job
+from training.trainer import TrainingStopped, train
+from training.versions import create_initial_version, create_version_from_checkpoint
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 200, 40), "blue": (40, 40, 220)}
 

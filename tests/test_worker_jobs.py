@@ -6,11 +6,11 @@ import zipfile
 import pytest
 from django.db.models import Count
 
-from search import jobs
+from search import embed_jobs, import_jobs
 from search.ingest import import_folder
 from search.jobs import S
 from search.models import Dataset, Embedding, Image, Job, JobChunk
-from tests.conftest import image_bytes, wait_for
+from tests.helpers import image_bytes, wait_for
 
 pytestmark = [pytest.mark.worker, pytest.mark.timeout(240)]
 
@@ -40,7 +40,7 @@ def many_images(live_worker, tmp_path):
 
 
 def test_an_embedding_job_runs_on_a_worker_end_to_end(many_images, tiny_version):
-    job = jobs.start_embed_job(tiny_version, many_images, chunk_size=8)
+    job = embed_jobs.start_embed_job(tiny_version, many_images, chunk_size=8)
     job = wait_for(lambda: _finished(job.pk), message="the job to finish")
     assert job.status == S.SUCCEEDED, (job.error, job.log)
     assert job.result["embedded"] == 40 and job.progress_done == 40
@@ -67,7 +67,7 @@ def test_a_zip_import_job_imports_and_then_indexes(live_worker, tiny_version, tm
         zf.writestr("docs/readme.txt", "hello")
         zf.writestr("broken.jpg", b"\xff\xd8\xff\xe0 nope")
     target = Dataset.objects.create(name="zipped")
-    job = jobs.start_import_job(target, str(archive), labels_from_folders=True, original_name="upload.zip")
+    job = import_jobs.start_import_job(target, str(archive), labels_from_folders=True, original_name="upload.zip")
     job = wait_for(lambda: _finished(job.pk), message="the import job")
     assert job.status == S.SUCCEEDED, (job.error, job.log)
     assert job.result["imported"] == 6 and job.result["duplicates"] == 1
@@ -92,7 +92,7 @@ def test_a_worker_killed_mid_job_is_replaced_and_the_job_finishes(many_images, t
     doomed.wait_ready(app)
     replacement = None
     try:
-        job = jobs.start_embed_job(tiny_version, many_images, chunk_size=10)
+        job = embed_jobs.start_embed_job(tiny_version, many_images, chunk_size=10)
         wait_for(lambda: JobChunk.objects.filter(job=job, status=S.RUNNING, done__gt=0).exists(),
                  message="a chunk to be under way")
         doomed.kill()
@@ -121,7 +121,7 @@ def test_redis_restarted_mid_job_the_job_still_finishes(many_images, tiny_versio
     worker = Worker("survivor", slow_env, tmp_path / "survivor.log").start()
     worker.wait_ready(app)
     try:
-        job = jobs.start_embed_job(tiny_version, many_images, chunk_size=10)
+        job = embed_jobs.start_embed_job(tiny_version, many_images, chunk_size=10)
         wait_for(lambda: JobChunk.objects.filter(job=job, status=S.RUNNING, done__gt=0).exists(),
                  message="a chunk to be under way")
         redis_server.restart(pause=1.0)
@@ -144,7 +144,7 @@ def test_cancel_from_the_job_page_stops_a_running_job(many_images, tiny_version,
                     tmp_path / "slow.log").start()
     worker.wait_ready(app)
     try:
-        job = jobs.start_embed_job(tiny_version, many_images, chunk_size=40)
+        job = embed_jobs.start_embed_job(tiny_version, many_images, chunk_size=40)
         wait_for(lambda: Job.objects.filter(pk=job.pk, status=S.RUNNING).exists(), message="the job to run")
         page = admin_client.get(f"/jobs/{job.pk}/")
         assert page.status_code == 200 and b"Cancel" in page.content

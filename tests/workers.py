@@ -85,7 +85,7 @@ class Worker:
         self.concurrency = concurrency
         self.process: subprocess.Popen | None = None
 
-    def start(self) -> "Worker":
+    def start(self) -> Worker:
         handle = self.log.open("ab")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "celery", "-A", "cbirsite", "worker", "-Q", self.queues, "-n", f"{self.name}@%h",
@@ -104,7 +104,7 @@ class Worker:
                     replies = app.control.inspect(timeout=0.5, connection=conn,
                                                   destination=[f"{self.name}@{socket.gethostname()}"]).ping()
             except Exception:  # noqa: BLE001 - e.g. connections broken by a Redis restart
-                from search.jobs import reset_broker_connections
+                from search.broker import reset_broker_connections
 
                 reset_broker_connections()
                 replies = None

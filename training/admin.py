@@ -5,6 +5,7 @@ import json
 from django.contrib import admin, messages
 from django.utils.html import format_html
 
+from search import embed_jobs
 from training.models import ModelVersion
 
 # Fields that determine the stored vectors: editing them would make the embeddings lie.
@@ -14,12 +15,12 @@ FROZEN_FIELDS = ["architecture", "config", "weights_source", "weights_path", "we
 
 @admin.register(ModelVersion)
 class ModelVersionAdmin(admin.ModelAdmin):
-    list_display = ["name", "active_mark", "architecture", "dimension", "weights_source", "short_sha", "n_embeddings",
-                    "index_ready", "job_links", "created"]
+    list_display = ("name", "active_mark", "architecture", "dimension", "weights_source", "short_sha", "n_embeddings",
+                    "index_ready", "job_links", "created")
     list_filter = ["architecture", "weights_source", "is_active"]
     search_fields = ["name", "architecture"]
     readonly_fields = FROZEN_FIELDS + ["is_active", "metrics_pretty", "job_links", "created"]
-    fields = ["name", "notes"] + readonly_fields
+    fields = ("name", "notes", *readonly_fields)
     actions = ["activate"]
 
     def has_add_permission(self, request):
@@ -69,7 +70,6 @@ class ModelVersionAdmin(admin.ModelAdmin):
     def activate(self, request, queryset):
         """A version that has embedded every image switches at once; otherwise an
         activation job embeds what is missing and switches when complete."""
-        from search import jobs
         from search.admin_jobs import start_or_report
         from search.indexing import missing_image_ids
 
@@ -84,5 +84,5 @@ class ModelVersionAdmin(admin.ModelAdmin):
             version.activate()
             self.message_user(request, f"{version} is now used for search.", messages.SUCCESS)
             return
-        start_or_report(request, lambda: jobs.start_activation(version, user=request.user),
+        start_or_report(request, lambda: embed_jobs.start_activation(version, user=request.user),
                         f"{version} has no complete index yet: embedding every dataset, then switching search to it")

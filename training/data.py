@@ -60,7 +60,7 @@ class _ImageLoader:
 
 def index_labels(labels: Sequence[Hashable | None]) -> dict[Hashable, int]:
     """Label -> class index 0..C-1, in sorted order of the labels' text (stable across runs)."""
-    return {label: i for i, label in enumerate(sorted({l for l in labels if l is not None}, key=str))}
+    return {label: i for i, label in enumerate(sorted({label for label in labels if label is not None}, key=str))}
 
 
 class ImageListDataset(Dataset):

@@ -11,17 +11,22 @@ from dataclasses import asdict
 
 from django import forms
 
-from training.networks.base import WeightsUnavailable
-from training.trainer import (
+from training.config import (
     MAX_IMAGE_SIZE,
     MIN_IMAGE_SIZE,
     OBJECTIVES,
     SCHEDULERS,
     TrainConfig,
-    check_dataset,
     check_pretrained_available,
-    has_pretrained_weights,
 )
+from training.networks.base import WeightsUnavailable
+from training.networks.registry import (
+    ARCHITECTURES,
+    get_architecture,
+    pretrained_architectures,
+    sizable_architectures,
+)
+from training.plan import check_dataset
 
 OBJECTIVE_LABELS = {
     "auto": "automatic (autoencoder: reconstruction; siamese: pairs; others: classification over the labels)",
@@ -33,8 +38,6 @@ OBJECTIVE_LABELS = {
 
 
 def _architecture_choices() -> list[tuple[str, str]]:
-    from training.networks.registry import ARCHITECTURES
-
     return [(name, f"{name}: {arch.description}") for name, arch in sorted(ARCHITECTURES.items())]
 
 
@@ -51,11 +54,11 @@ class TrainForm(forms.Form):
     learning_rate = forms.FloatField(min_value=1e-8, max_value=1.0, initial=1e-4)
     embedding_dim = forms.IntegerField(
         required=False, min_value=1, max_value=4000, label="Embedding size",
-        help_text="only for networks with a settable size (tiny, siamese, siamese_pretrained, autoencoder); "
+        help_text=f"only for networks with a settable size ({', '.join(sizable_architectures('dimension'))}); "
                   "empty: the network's default")
     pretrained = forms.BooleanField(
         required=False, initial=True, label="Start from pretrained weights",
-        help_text="where the architecture has them (efficientnet_lite0, resnet50, vgg16, siamese_pretrained); "
+        help_text=f"where the architecture has them ({', '.join(pretrained_architectures())}); "
                   "unticked, or for the others, training starts from random weights")
     image_size = forms.IntegerField(required=False, min_value=MIN_IMAGE_SIZE, max_value=MAX_IMAGE_SIZE,
                                     help_text="input side in pixels; empty: the network's default (224)")
@@ -80,7 +83,7 @@ class TrainForm(forms.Form):
             "architecture", "objective", "epochs", "batch_size", "learning_rate", "embedding_dim", "image_size",
             "scheduler", "early_stopping_patience", "augment")}
         # The checkbox reads "where the architecture has them": for the others it means random weights.
-        fields["pretrained"] = bool(cleaned.get("pretrained")) and has_pretrained_weights(architecture)
+        fields["pretrained"] = bool(cleaned.get("pretrained")) and get_architecture(architecture).pretrained is not None
         try:
             config = TrainConfig(**fields)
             check_pretrained_available(config)
@@ -106,7 +109,7 @@ class TrainForm(forms.Form):
         self.add_error(None, message)
 
     def config_fields(self) -> dict:
-        """Keyword arguments for training.jobs.start_training_job (after is_valid())."""
+        """Keyword arguments for training.train_job.start_training_job (after is_valid())."""
         if self.config is None:
             raise ValueError("the form is not valid")
         return asdict(self.config)

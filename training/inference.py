@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import logging
 import threading
-from contextlib import nullcontext
 from functools import lru_cache
 
 import numpy as np
 import torch
 from django.conf import settings
 
+from training.loop import autocast, autocast_dtype
 from training.networks.base import EmbeddingNet, WeightsUnavailable
 from training.networks.registry import build_network
 from training.preprocessing import Preprocessing
@@ -42,14 +42,6 @@ def loader_workers(device: torch.device) -> int:
     if configured >= 0:
         return configured
     return min(4, os.cpu_count() or 1) if device.type == "cuda" else 0
-
-
-def autocast_for(device: torch.device):
-    """Mixed precision on CUDA (bf16 where supported, else fp16); plain fp32 on the CPU."""
-    if device.type == "cuda":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.autocast("cuda", dtype=dtype)
-    return nullcontext()
 
 
 def build_for_version(architecture: str, weights_source: str, weights_path: str, config: dict) -> EmbeddingNet:
@@ -105,6 +97,6 @@ def embed_batch(model: EmbeddingNet, device: torch.device, batch: torch.Tensor) 
     batch = batch.to(device, non_blocking=True)
     if batch.dim() == 4:
         batch = batch.contiguous(memory_format=torch.channels_last)
-    with autocast_for(device):
+    with autocast(device, autocast_dtype(device)):
         out = model(batch)
     return out.float().cpu().numpy()

@@ -17,6 +17,7 @@ import contextlib
 import math
 import os
 import tempfile
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -32,17 +33,23 @@ class NonFiniteLoss(FloatingPointError):
     """The loss became NaN or infinite; training cannot continue meaningfully."""
 
 
-def mixed_precision(device: torch.device) -> tuple[torch.dtype | None, torch.amp.GradScaler | None]:
-    """(autocast_dtype, scaler) for `device`: bfloat16 without a scaler on GPUs
-    that support it, float16 with a GradScaler on older GPUs, (None, None) off CUDA."""
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The mixed-precision dtype for `device`: bfloat16 on GPUs that support it,
+    float16 on older GPUs, None (plain float32) off CUDA."""
     if device.type != "cuda":
-        return None, None
-    if torch.cuda.is_bf16_supported():
-        return torch.bfloat16, None
-    return torch.float16, torch.amp.GradScaler("cuda")
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
-def _autocast(device: torch.device, dtype: torch.dtype | None):
+def mixed_precision(device: torch.device) -> tuple[torch.dtype | None, torch.amp.GradScaler | None]:
+    """(autocast dtype, scaler) for training on `device`: a GradScaler only for float16."""
+    dtype = autocast_dtype(device)
+    return dtype, torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """torch.autocast to `dtype` on CUDA; a no-op context elsewhere or when dtype is None.
+    The one autocast helper: training, validation and inference use it."""
     if device.type == "cuda" and dtype is not None:
         return torch.autocast(device_type="cuda", dtype=dtype)
     return contextlib.nullcontext()
@@ -77,7 +84,7 @@ def train_one_epoch(model: nn.Module, loss_fn: LossFn, optimizer: torch.optim.Op
     total, count = 0.0, 0
     for batch_index, batch in enumerate(loader):
         optimizer.zero_grad(set_to_none=True)
-        with _autocast(device, autocast_dtype):
+        with autocast(device, autocast_dtype):
             loss = loss_fn(model, batch, device)
         value = float(loss.detach())
         if not math.isfinite(value):
@@ -108,7 +115,7 @@ def evaluate(model: nn.Module, loss_fn: LossFn, loader: Iterable, device: torch.
     _set_mode(model, loss_fn, False)
     total, count = 0.0, 0
     for batch in loader:
-        with _autocast(device, autocast_dtype):
+        with autocast(device, autocast_dtype):
             loss = loss_fn(model, batch, device)
         size = _batch_size(batch)
         total += float(loss) * size
@@ -186,38 +193,70 @@ def load_checkpoint(path: str | os.PathLike[str], model: nn.Module, optimizer: t
 def _set_epoch(loader: Any, epoch: int) -> None:
     """Tell epoch-aware samplers (PKSampler, DistributedSampler) which epoch this is."""
     for sampler in (getattr(loader, "batch_sampler", None), getattr(loader, "sampler", None)):
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(epoch)
+        set_epoch = getattr(sampler, "set_epoch", None)
+        if set_epoch is not None:
+            set_epoch(epoch)
 
 
-def fit(model: nn.Module, loss_fn: LossFn, optimizer: torch.optim.Optimizer, train_loader: Iterable,
-        val_loader: Iterable, device: torch.device, *, epochs: int, checkpoint_dir: str | os.PathLike[str],
+def fit(model: nn.Module, loss_fn: LossFn, optimizer: torch.optim.Optimizer, train_loader: Iterable | None,
+        val_loader: Iterable | None, device: torch.device, *, epochs: int, checkpoint_dir: str | os.PathLike[str],
         config: dict, start_epoch: int = 0, history: list[dict] | None = None, best_val_loss: float = math.inf,
         scaler: torch.amp.GradScaler | None = None, autocast_dtype: torch.dtype | None = None,
         on_batch: Callable[[int, int, float], None] | None = None,
-        on_epoch: Callable[[dict], None] | None = None) -> list[dict]:
-    """Train from `start_epoch` up to `epochs` epochs, validating after each.
+        on_epoch: Callable[[dict], None] | None = None,
+        loader_for_epoch: Callable[[int], Iterable] | None = None,
+        validate: Callable[[], float] | None = None,
+        lr_for_epoch: Callable[[int], float] | None = None,
+        stop_reason: Callable[[list[dict]], str | None] | None = None) -> list[dict]:
+    """The project's one epoch loop: train from `start_epoch` up to `epochs`
+    epochs, validating after each.
 
     After every epoch writes checkpoint_dir/last.pt (to resume from) and, when
     the validation loss is the lowest so far, checkpoint_dir/best.pt (the
     weights to publish). Returns the history: one dict per epoch with
-    "epoch" (1-based), "train_loss", "val_loss", "best" (bool).
+    "epoch" (1-based), "train_loss", "val_loss" (mean per image), "seconds"
+    (wall time of the epoch, validation included), "lr" and "best" (bool).
+
+    Hooks, all optional: `loader_for_epoch(epoch)` gives the training loader of
+    a 0-based epoch (else `train_loader`, whose epoch-aware sampler is told the
+    epoch); `validate()` gives the validation loss (else `val_loader` is
+    evaluated); `lr_for_epoch(epoch)` sets the learning rate; `stop_reason(history)`
+    is asked before each epoch and ends the loop when it returns a reason (it
+    may raise to abort); `on_epoch(entry)` runs after the checkpoints are written.
     To resume: c = load_checkpoint(last.pt, model, optimizer, objective=...),
     then fit(..., start_epoch=c["epoch"], history=c["history"], best_val_loss=c["best_val_loss"]).
-    on_epoch(entry) is called after the checkpoints are written.
     """
     checkpoint_dir = Path(checkpoint_dir)
     history = list(history or [])
     objective = loss_fn if isinstance(loss_fn, nn.Module) else None
     for epoch in range(start_epoch, epochs):
-        _set_epoch(train_loader, epoch)
-        train_loss = train_one_epoch(model, loss_fn, optimizer, train_loader, device, scaler=scaler,
+        if stop_reason is not None and stop_reason(history) is not None:
+            break
+        lr = lr_for_epoch(epoch) if lr_for_epoch is not None else optimizer.param_groups[0]["lr"]
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        if loader_for_epoch is not None:
+            loader = loader_for_epoch(epoch)
+        else:
+            if train_loader is None:
+                raise ValueError("fit needs train_loader or loader_for_epoch")
+            _set_epoch(train_loader, epoch)
+            loader = train_loader
+        started = time.perf_counter()
+        train_loss = train_one_epoch(model, loss_fn, optimizer, loader, device, scaler=scaler,
                                      autocast_dtype=autocast_dtype, on_batch=on_batch)
-        val_loss = evaluate(model, loss_fn, val_loader, device, autocast_dtype=autocast_dtype)
-        is_best = val_loss < best_val_loss
+        if validate is not None:
+            val_loss = validate()
+        else:
+            if val_loader is None:
+                raise ValueError("fit needs val_loader or validate")
+            val_loss = evaluate(model, loss_fn, val_loader, device, autocast_dtype=autocast_dtype)
+        seconds = time.perf_counter() - started
+        is_best = math.isfinite(val_loss) and val_loss < best_val_loss
         if is_best:
             best_val_loss = val_loss
-        entry = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss, "best": is_best}
+        entry = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss, "seconds": round(seconds, 3),
+                 "lr": lr, "best": is_best}
         history.append(entry)
         if is_best:
             save_checkpoint(checkpoint_dir / "best.pt", model, optimizer, epoch + 1, config, best_val_loss, history,

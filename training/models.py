@@ -51,7 +51,7 @@ class ModelVersion(models.Model):
             return cursor.fetchone() is not None
 
     @classmethod
-    def active(cls) -> "ModelVersion | None":
+    def active(cls) -> ModelVersion | None:
         return cls.objects.filter(is_active=True).first()
 
     @transaction.atomic

@@ -37,7 +37,7 @@ class ReconstructionObjective(nn.Module):
 
     def forward(self, model: nn.Module, batch: Any, device: torch.device) -> torch.Tensor:
         x = _images(batch).to(device, non_blocking=True)
-        return F.mse_loss(model.reconstruct(x).float(), x.float())
+        return F.mse_loss(model.reconstruct(x).float(), x.float())  # type: ignore[operator]  # nn.Module attribute
 
 
 class ContrastiveObjective(nn.Module):

@@ -70,7 +70,7 @@ class Preprocessing:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Preprocessing":
+    def from_dict(cls, data: dict) -> Preprocessing:
         return cls(
             size=int(data.get("size", 224)),
             mean=tuple(data.get("mean", IMAGENET_MEAN)),
@@ -96,8 +96,8 @@ class Preprocessing:
             mean = np.float32(sum(self.mean) / 3)
             std = np.float32(sum(self.std) / 3)
             return torch.from_numpy((array - mean) / std)
-        array = (array - np.asarray(self.mean, dtype=np.float32)) / np.asarray(self.std, dtype=np.float32)
-        return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
+        normalised = (array - np.asarray(self.mean, dtype=np.float32)) / np.asarray(self.std, dtype=np.float32)
+        return torch.from_numpy(np.ascontiguousarray(normalised.transpose(2, 0, 1)))
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         return self.to_tensor(image)

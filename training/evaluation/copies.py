@@ -12,10 +12,9 @@ from __future__ import annotations
 import io
 import math
 import random
-from collections.abc import Hashable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass
 from os import PathLike
-from typing import Callable
 
 from PIL import Image, ImageDraw, ImageEnhance, ImageFont, ImageOps, features
 
@@ -216,7 +215,7 @@ def generate_queries(
         _check_kind(kind)
     if per_kind < 0:
         raise ValueError(f"per_kind must be >= 0, got {per_kind}")
-    ordered = sorted(items, key=lambda item: item[0])
+    ordered = sorted(items, key=lambda item: str(item[0]) if not isinstance(item[0], int) else item[0])
     ids = [item_id for item_id, _ in ordered]
     if len(set(ids)) != len(ids):
         raise ValueError("items contain duplicate ids")

@@ -1,30 +1,32 @@
-"""Evaluation as a job on the "train" queue: started from the admin (or any
-caller) with `start_evaluation_job`, run by a worker through
-`run_evaluation_job`, which calls the same functions as the `evaluate` command."""
+"""The "evaluate" job kind, on the "train" queue: started from the admin (or
+any caller) with `start_evaluation_job`, run by a worker through
+`run_evaluation_job`, which calls the same functions as the `evaluate`
+command. Registered in TrainingConfig.ready()."""
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from django.db import transaction
 
-from search import jobs
-from search.jobs import S, JobError
+from search import jobs, runner
+from search.jobs import JobError
 from search.models import Dataset, Job
 from training.evaluation.retrieval import (
-    EvaluationError, check_evaluable, copy_detection, evaluate_version, save_copy_detection, save_evaluation,
+    EvaluationError,
+    check_evaluable,
+    copy_detection,
+    evaluate_version,
+    save_copy_detection,
+    save_evaluation,
 )
 from training.models import ModelVersion
+
+KIND = "evaluate"
 
 # Copy detection settings a job uses unless its params say otherwise.
 DEFAULT_PER_KIND = 10
 DEFAULT_SEED = 0
-PROGRESS_EVERY = 10  # queries between progress writes
-
-
-class _Stopped(Exception):
-    """The job was cancelled while it ran: stop without saving anything."""
-
 
 @transaction.atomic
 def start_evaluation_job(version: ModelVersion, dataset: Dataset, *, k: int = 10, copies: bool = True,
@@ -39,21 +41,15 @@ def start_evaluation_job(version: ModelVersion, dataset: Dataset, *, k: int = 10
     except EvaluationError as exc:
         raise JobError(str(exc)) from None
     if check:
-        jobs.check_workers("train")
-    running = Job.objects.filter(kind=Job.Kind.EVALUATE, model_version=version, dataset=dataset,
-                                 status__in=[S.QUEUED, S.RUNNING]).first()
+        jobs.check_workers_for(KIND)
+    running = jobs.active_job(KIND, model_version=version, dataset=dataset)
     if running:
         raise JobError(f"job #{running.pk} is already evaluating {version.name} on {dataset.name}; "
                        f"wait for it or cancel it")
-    job = Job.objects.create(kind=Job.Kind.EVALUATE, model_version=version, dataset=dataset, created_by=user,
-                             params={"k": k, "copies": copies, "against": against, "per_kind": per_kind,
-                                     "seed": seed})
-    jobs.add_log(job.pk, f"queued: evaluate {version.name} on {dataset.name} (k={k}, against {against}"
-                         f"{', with copy detection' if copies else ''})")
-    from training import tasks
-
-    jobs._send(tasks.run_evaluation, job)
-    return job
+    return jobs.create(KIND, model_version=version, dataset=dataset, user=user,
+                       params={"k": k, "copies": copies, "against": against, "per_kind": per_kind, "seed": seed},
+                       log=f"queued: evaluate {version.name} on {dataset.name} (k={k}, against {against}"
+                           f"{', with copy detection' if copies else ''})")
 
 
 def _summary(evaluation: dict, copies: dict | None) -> dict:
@@ -83,62 +79,47 @@ def _message(evaluation: dict, copies: dict | None) -> str:
 
 
 def run_evaluation_job(job_id: int) -> str:
-    """Claim the job, evaluate, save the results on the model version, finish.
+    """Claim the job, evaluate, save the results on the model version, finish
+    (the run_evaluation task). A cancel stops it between queries, saving nothing."""
+    return runner.execute(job_id, _evaluate, user_errors=(EvaluationError,))
 
-    Returns what happened ("done", "not claimed", "stopped"). An error marks
-    the job failed with the reason and is raised again, so the worker logs it.
-    """
-    job = Job.objects.select_related("dataset", "model_version").filter(pk=job_id).first()
-    if job is None or not jobs.transition(job_id, S.RUNNING, expect=[S.QUEUED]):
-        return "not claimed"
-    jobs.add_log(job_id, f"started on {jobs.worker_name()}")
+
+def _evaluate(run: runner.Run) -> str:
+    job = run.job
     params = job.params or {}
     copies_wanted = bool(params.get("copies", True))
     per_kind = int(params.get("per_kind", DEFAULT_PER_KIND))
+    stopped = "stopped; nothing saved"
 
     def phase(offset: int, total_of: Callable[[int], int]):
         def progress(done: int, total: int, message: str) -> None:
-            # Every few steps: the row gets a heartbeat, and a cancel is noticed.
-            if done % PROGRESS_EVERY and done != total:
-                return
-            jobs.set_progress(job_id, offset + done, total_of(total), message)
-            if jobs.is_stopped(job_id):
-                raise _Stopped
+            run.progress(offset + done, total_of(total), message)
+            run.check_stop(stopped)
 
         return progress
 
-    try:
-        if job.model_version is None or job.dataset is None:
-            raise EvaluationError("the model version or the dataset of this job was deleted")
-        version, dataset = job.model_version, job.dataset
-        n_copies = 0
-        if copies_wanted:
-            from training.evaluation.copies import KINDS
+    if job.model_version is None or job.dataset is None:
+        raise EvaluationError("the model version or the dataset of this job was deleted")
+    version, dataset = job.model_version, job.dataset
+    n_copies = 0
+    if copies_wanted:
+        from training.evaluation.copies import KINDS
 
-            n_copies = min(per_kind, dataset.images.count()) * len(KINDS)
-        evaluation = evaluate_version(version, dataset, k=int(params.get("k", 10)),
-                                      against=params.get("against", "trainval"),
-                                      progress=phase(0, lambda total: total + n_copies))
-        jobs.add_log(job_id, f"category retrieval: {_message(evaluation, None)}")
-        copies = None
-        if copies_wanted:
-            n_queries = evaluation["n_queries"]
-            copies = copy_detection(version, dataset, per_kind=per_kind, seed=int(params.get("seed", DEFAULT_SEED)),
-                                    progress=phase(n_queries, lambda total: n_queries + total))
-        if jobs.is_stopped(job_id):
-            raise _Stopped
-        save_evaluation(version, evaluation)
-        if copies is not None:
-            save_copy_detection(version, copies)
-    except _Stopped:
-        jobs.add_log(job_id, "stopped; nothing saved")
-        return "stopped"
-    except Exception as exc:
-        reason = str(exc) if isinstance(exc, EvaluationError) else f"{type(exc).__name__}: {exc}"
-        if jobs.transition(job_id, S.FAILED, expect=[S.RUNNING], error=reason, message="failed"):
-            jobs.add_log(job_id, f"failed: {reason}")
-        raise
+        n_copies = min(per_kind, dataset.images.count()) * len(KINDS)
+    evaluation = evaluate_version(version, dataset, k=int(params.get("k", 10)),
+                                  against=params.get("against", "trainval"),
+                                  progress=phase(0, lambda total: total + n_copies))
+    run.log(f"category retrieval: {_message(evaluation, None)}")
+    copies = None
+    if copies_wanted:
+        n_queries = evaluation["n_queries"]
+        copies = copy_detection(version, dataset, per_kind=per_kind, seed=int(params.get("seed", DEFAULT_SEED)),
+                                progress=phase(n_queries, lambda total: n_queries + total))
+    run.check_stop(stopped)
+    save_evaluation(version, evaluation)
+    if copies is not None:
+        save_copy_detection(version, copies)
     message = _message(evaluation, copies)
-    jobs.transition(job_id, S.SUCCEEDED, expect=[S.RUNNING], result=_summary(evaluation, copies), message=message)
-    jobs.add_log(job_id, f"done: {message}; saved on {version.name}")
+    run.succeed(result=_summary(evaluation, copies), message=message)
+    run.log(f"done: {message}; saved on {version.name}")
     return "done"

@@ -22,16 +22,17 @@ from __future__ import annotations
 import statistics
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from django.conf import settings
-from django.db import connection, transaction
+from django.db import transaction
 from django.utils import timezone
 
 from search.models import Dataset, Image, Split
-from search.services import embed_query, nearest, set_search_options
+from search.neighbours import Hit, ef_search_for, fetch, nearest, neighbours_queryset
+from search.services import embed_query
 from training.evaluation.copies import KINDS, generate_queries
 from training.evaluation.metrics import QueryResult, copy_detection_summary, precision_curve, summarize
 from training.models import ModelVersion
@@ -53,59 +54,6 @@ class EvaluationError(Exception):
 
 def _noop(done: int, total: int, message: str) -> None:
     pass
-
-
-# --- SQL ---------------------------------------------------------------------
-
-def split_query(version: ModelVersion, *, image_id: int, k: int, dataset: Dataset,
-                splits: Sequence[str] | None = None, exact: bool = False) -> tuple[str, list]:
-    """The SQL (and parameters) of "more like this" for an indexed image,
-    restricted to a dataset and, optionally, to some splits; the image itself
-    is excluded.
-
-    The statement mirrors search.services.nearest_query (same vector
-    expression, same ORDER BY on the version's partial HNSW index), with one
-    more condition `i.split IN (...)`. With exact=True the ORDER BY also breaks
-    ties by image id, the order metrics.rank_with_ties uses; run it with index
-    scans off (see `_fetch`) for the brute-force ranking.
-    """
-    dim = int(version.dimension)
-    expr = f"e.vector::halfvec({dim})"
-    query_sql = (f"(SELECT q.vector::halfvec({dim}) FROM search_embedding q "
-                 f"WHERE q.image_id = %s AND q.model_version_id = %s)")
-    query_params = [image_id, version.pk]
-    where = ["e.model_version_id = %s", "i.dataset_id = %s", "e.image_id <> %s"]
-    params: list = [version.pk, dataset.pk, image_id]
-    if splits is not None:
-        where.append(f"i.split IN ({', '.join(['%s'] * len(splits))})")
-        params.extend(str(s) for s in splits)
-    order = f"{expr} <=> {query_sql}" + (", e.image_id" if exact else "")
-    sql = (
-        f"SELECT e.image_id, 1 - ({expr} <=> {query_sql}) AS score, i.label, i.thumbnail "
-        f"FROM search_embedding e JOIN search_image i ON i.id = e.image_id "
-        f"WHERE {' AND '.join(where)} "
-        f"ORDER BY {order} LIMIT %s"
-    )
-    return sql, query_params + params + query_params + [k]
-
-
-def set_exact_options(cursor) -> None:
-    """A sequential scan and a sort: the true top k, whatever the index would return."""
-    cursor.execute("SET LOCAL enable_indexscan = off")
-    cursor.execute("SET LOCAL enable_sort = on")  # search's settings may linger in an outer transaction
-
-
-def _fetch(sql: str, params: list, *, k: int, exact: bool) -> tuple[list[tuple], float]:
-    """Run one search statement; (rows, seconds spent in execute + fetch)."""
-    with transaction.atomic(), connection.cursor() as cursor:
-        if exact:
-            set_exact_options(cursor)
-        else:
-            set_search_options(cursor, k)
-        start = time.perf_counter()
-        cursor.execute(sql, params)
-        rows = cursor.fetchall()
-        return rows, time.perf_counter() - start
 
 
 # --- Checks -------------------------------------------------------------------
@@ -159,7 +107,7 @@ def evaluate_version(version: ModelVersion, dataset: Dataset, *, k: int = 10, ag
     """Category retrieval of `version` on `dataset`'s labelled test images.
 
     Each query's results come from the version's HNSW index with the same
-    search options as the site (split_query); ground truth is "same label".
+    search options as the site (search.neighbours); ground truth is "same label".
     `n_relevant_total` of a query is the number of searched images with its
     label. With exact=True each query is also answered by a sequential scan
     and `ann_recall_at_k` says how much of that exact top k the index found.
@@ -183,17 +131,17 @@ def evaluate_version(version: ModelVersion, dataset: Dataset, *, k: int = 10, ag
     latencies: list[float] = []
     examples: list[dict] = []
     for done, (query_id, label) in enumerate(queries, start=1):
-        sql, params = split_query(version, image_id=query_id, k=depth, dataset=dataset, splits=splits)
-        hits, seconds = _fetch(sql, params, k=k, exact=False)
+        query: dict[str, Any] = {"image_id": query_id, "dataset": dataset, "splits": splits, "exclude_image_id": query_id}
+        hits, seconds = fetch(neighbours_queryset(version, **query), depth)
         latencies.append(seconds)
         exact_ids = None
         if exact:
-            sql, params = split_query(version, image_id=query_id, k=depth, dataset=dataset, splits=splits, exact=True)
-            exact_ids = [row[0] for row in _fetch(sql, params, k=k, exact=True)[0]]
+            exact_ids = [hit.image_id for hit in fetch(neighbours_queryset(version, **query, exact=True), depth,
+                                                       exact=True)[0]]
         # With against="all" the query is in the collection but never a result.
         n_relevant = per_label[label] - (1 if splits is None else 0)
-        result_ids = [row[0] for row in hits]
-        relevant = [row[2] == label for row in hits]
+        result_ids = [hit.image_id for hit in hits]
+        relevant = [hit.label == label for hit in hits]
         results.append(QueryResult(query_id=query_id, query_label=label, result_ids=result_ids, relevant=relevant,
                                    n_relevant_total=n_relevant, exact_ids=exact_ids))
         if len(examples) < N_EXAMPLES:
@@ -218,17 +166,17 @@ def evaluate_version(version: ModelVersion, dataset: Dataset, *, k: int = 10, ag
         "curve_max_k": curve_max_k,
         "precision_curve": [round(p, 6) for p in precision_curve(results, range(1, curve_max_k + 1))],
         "median_latency_ms": round(statistics.median(latencies) * 1000, 3),
-        "ef_search": min(max(settings.CBIR_HNSW_EF_SEARCH, 2 * k), 1000),
+        "ef_search": ef_search_for(k),
         "examples": examples,
     }
 
 
-def _example(query_id: int, label: str, thumbnail: str, n_relevant: int, hits: list[tuple]) -> dict:
+def _example(query_id: int, label: str, thumbnail: str, n_relevant: int, hits: list[Hit]) -> dict:
     return {
         "image_id": query_id, "label": label, "thumbnail": thumbnail, "n_relevant_total": n_relevant,
-        "results": [{"image_id": image_id, "label": hit_label, "score": round(float(score), 6),
-                     "correct": hit_label == label, "thumbnail": thumb}
-                    for image_id, score, hit_label, thumb in hits],
+        "results": [{"image_id": hit.image_id, "label": hit.label, "score": round(float(hit.score), 6),
+                     "correct": hit.label == label, "thumbnail": hit.thumbnail}
+                    for hit in hits],
     }
 
 
@@ -297,7 +245,7 @@ def copy_detection(version: ModelVersion, dataset: Dataset, *, per_kind: int = 1
         start = time.perf_counter()
         hits = nearest(version, vector=vector, k=depth, dataset=dataset)
         sql.append(time.perf_counter() - start)
-        ids = [hit.image_id for hit in hits]
+        ids: list = [hit.image_id for hit in hits]
         rank = ids.index(query.original_id) + 1 if query.original_id in ids else None
         ranks[query.kind].append(rank)
         records.append({"original_id": query.original_id, "kind": query.kind, "rank": rank,

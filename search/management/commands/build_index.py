@@ -4,11 +4,12 @@ import time
 
 from django.core.management.base import BaseCommand, CommandError
 
-from search.indexing import build_index, resolve_version
+from search.indexing import build_index
 from search.management.progress import progress_bar
 from search.models import Dataset
 from training.networks.base import WeightsUnavailable
 from training.networks.registry import UnknownArchitecture
+from training.versions import resolve_version
 
 
 class Command(BaseCommand):

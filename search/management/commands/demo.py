@@ -5,10 +5,10 @@ from pathlib import Path
 from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
 
-from search import jobs
-from search.indexing import resolve_version
+from search import embed_jobs, jobs
 from search.management.progress import wait_for_job
 from search.models import Dataset
+from training.versions import resolve_version
 
 
 class Command(BaseCommand):
@@ -30,7 +30,7 @@ class Command(BaseCommand):
         dataset = Dataset.objects.get(name=options["dataset"])
         version = resolve_version(options["model"])
         try:
-            job = jobs.start_embed_job(version, dataset)
+            job = embed_jobs.start_embed_job(version, dataset)
         except jobs.JobsUnavailable as exc:
             self.stdout.write(f"{exc}\nindexing in this process instead")
             call_command("build_index", dataset=dataset.name, model=version.name, stdout=self.stdout)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from django.core.management.base import BaseCommand, CommandError
 
-from search import jobs
+from search import import_jobs, jobs
 from search.ingest import StorageError, ZipRejected, import_folder, import_zip
 from search.management.progress import progress_bar, wait_for_job
 from search.models import Dataset
@@ -71,9 +71,9 @@ class Command(BaseCommand):
         except jobs.JobError as exc:
             raise CommandError(f"{exc} (or import here with --in-process)") from None
         # The job removes its copy when done; the user's file stays.
-        copy = jobs.uploads_dir() / f"{uuid.uuid4().hex}.zip"
+        copy = import_jobs.uploads_dir() / f"{uuid.uuid4().hex}.zip"
         shutil.copyfile(path, copy)
-        job = jobs.start_import_job(dataset, str(copy), labels_from_folders=options["labels_from_folders"],
+        job = import_jobs.start_import_job(dataset, str(copy), labels_from_folders=options["labels_from_folders"],
                                     original_name=path.name, check=False)
         self.stdout.write(f"import job #{job.pk} started")
         if options["no_wait"]:

@@ -8,7 +8,12 @@ from search.management.progress import progress_bar
 from search.models import Dataset
 from training.evaluation.copies import KINDS
 from training.evaluation.retrieval import (
-    AGAINST, EvaluationError, copy_detection, evaluate_version, save_copy_detection, save_evaluation,
+    AGAINST,
+    EvaluationError,
+    copy_detection,
+    evaluate_version,
+    save_copy_detection,
+    save_evaluation,
 )
 from training.models import ModelVersion
 

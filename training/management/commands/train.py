@@ -14,20 +14,13 @@ from tqdm import tqdm
 
 from search.management.progress import progress_bar
 from search.models import Dataset, Job
+from training.config import OBJECTIVES, SCHEDULERS, TrainConfig, check_pretrained_available
 from training.networks.base import WeightsUnavailable
-from training.trainer import (
-    OBJECTIVES,
-    SCHEDULERS,
-    TrainConfig,
-    TrainingStopped,
-    check_dataset,
-    check_pretrained_available,
-    create_initial_version,
-    create_version_from_checkpoint,
-    index_and_evaluate,
-    train,
-)
-
+from training.networks.registry import ARCHITECTURES
+from training.plan import check_dataset
+from training.train_job import index_and_evaluate
+from training.trainer import TrainingStopped, train
+from training.versions import create_initial_version, create_version_from_checkpoint
 
 PAIRS = {"labels": "; pairs from labels", "augmented": "; pairs of two augmented views of one image"}
 
@@ -39,7 +32,9 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser):
         parser.add_argument("--dataset", required=True)
-        parser.add_argument("--arch", required=True, help="architecture name (see the model registry)")
+        parser.add_argument("--arch", required=True, metavar="ARCH",
+                            help="architecture (the registry's; an unknown name lists them): " + "; ".join(f"{name} ({arch.description})"
+                                                              for name, arch in sorted(ARCHITECTURES.items())))
         parser.add_argument("--epochs", type=int, default=10)
         parser.add_argument("--batch-size", type=int, default=32, help="images per batch (pairs for contrastive)")
         parser.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate")
@@ -147,7 +142,7 @@ class Command(BaseCommand):
             f"best epoch {result.best_epoch} of {len(result.history)} ({result.stop_reason}): val loss "
             f"{result.best_val_loss:.4f}; {result.seconds_per_epoch:.1f} s per epoch on {result.device} "
             f"({result.n_train} training, {result.n_val} validation images"
-            f"{PAIRS.get(result.pairs, '')})")
+            f"{PAIRS.get(result.pairs or '', '')})")
         failed = f", {len(report.failed)} failed" if report.failed else ""
         self.stdout.write(f"embedded {report.embedded} image(s){failed}")
         self._print_evaluation(evaluation)
@@ -168,7 +163,7 @@ class Command(BaseCommand):
 
     def _as_job(self, dataset: Dataset, config: TrainConfig, options) -> None:
         from search.jobs import JobError
-        from training.jobs import start_training_job
+        from training.train_job import start_training_job
 
         try:
             job = start_training_job(dataset, **asdict(config))
