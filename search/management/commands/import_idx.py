@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import hashlib
 import io
 import time
 from pathlib import Path
@@ -8,10 +9,16 @@ import numpy as np
 from django.core.management.base import BaseCommand, CommandError
 from PIL import Image as PILImage
 
-from search.idx import CLASS_PRESETS, IdxError, label_names, parse_classes, read_images_and_labels
+from search.idx import (
+    CLASS_PRESETS,
+    IdxError,
+    label_names,
+    parse_classes,
+    read_images_and_labels,
+)
 from search.ingest import StorageError, import_blobs
 from search.management.progress import progress_bar
-from search.models import Dataset
+from search.models import Dataset, Image
 
 
 def png_bytes(pixels: np.ndarray) -> bytes:
@@ -66,11 +73,22 @@ class Command(BaseCommand):
         if created:
             self.stdout.write(f"created dataset {dataset.name!r}")
         width = len(str(len(images) - 1))
-        blobs = ((f"{images_path.name}[{i:0{width}d}]", names[i], png_bytes(images[i])) for i in range(count))
         start = time.perf_counter()
+        # Images whose bytes the dataset already holds (same SHA-256: an import run
+        # again) are counted as duplicates in one query instead of one per image;
+        # add_image would find the same.
+        known = set(Image.objects.filter(dataset=dataset).values_list("sha256", flat=True))
+        blobs, already = [], 0
+        for i in range(count):
+            data = png_bytes(images[i])
+            if known and hashlib.sha256(data).hexdigest() in known:
+                already += 1
+            else:
+                blobs.append((f"{images_path.name}[{i:0{width}d}]", names[i], data))
         try:
             with progress_bar(f"importing into {dataset.name}", disable=options["no_progress"]) as progress:
-                report = import_blobs(dataset, blobs, count, progress=progress)
+                report = import_blobs(dataset, blobs, len(blobs), progress=progress)
+                report.duplicates += already
         except StorageError as exc:
             done = exc.report.imported if exc.report else 0
             raise CommandError(f"{exc} (stopped there; {done} image(s) imported before it are complete)") from None
