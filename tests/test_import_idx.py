@@ -11,8 +11,15 @@ import numpy as np
 import pytest
 from django.core.management import CommandError, call_command
 
-from search.idx import (CLASS_PRESETS, IdxError, label_names, parse_classes, read_idx, read_images_and_labels,
-                        write_idx)
+from search.idx import (
+    CLASS_PRESETS,
+    IdxError,
+    label_names,
+    parse_classes,
+    read_idx,
+    read_images_and_labels,
+    write_idx,
+)
 from search.models import Dataset, Image, split_for
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
@@ -167,7 +174,7 @@ def test_importing_again_finds_only_duplicates(db, tmp_path, settings, capsys):
 
 
 def test_limit_imports_the_first_n(db, tmp_path, capsys):
-    images_path, labels_path, _, labels = make_pair(tmp_path)
+    images_path, labels_path, _, _ = make_pair(tmp_path)
     call_command("import_idx", str(images_path), str(labels_path), dataset="lim", limit=4, no_progress=True)
     rows = Image.objects.filter(dataset__name="lim")
     assert sorted(r.original_filename for r in rows) == [f"{images_path.name}[{i:02d}]" for i in range(4)]
@@ -191,7 +198,7 @@ def test_too_few_class_names_is_an_error_and_creates_nothing(db, tmp_path, setti
 
 def corruptions(folder: Path):
     """(name, images path, labels path, expected message) for bad pairs."""
-    images_path, labels_path, images, labels = make_pair(folder)
+    images_path, labels_path, _, labels = make_pair(folder)
     raw = gzip.decompress(images_path.read_bytes())
     bad = folder / "bad"
     bad.mkdir()
@@ -250,3 +257,37 @@ def test_the_real_fashion_mnist_test_file(db, settings, capsys):
         assert row.label == names[labels[index]]
         assert (row.width, row.height) == (28, 28)
         assert (Path(settings.MEDIA_ROOT) / row.thumbnail.name).is_file()
+
+
+# --- The Fashion-MNIST demo (CBIR_DEMO=fashion scripts/cbir up) ------------------
+
+def fake_fashion(folder: Path) -> Path:
+    """The four Fashion-MNIST file names with a few random images each: 6 test, 8 training."""
+    rng = np.random.default_rng(7)
+    for part, n in (("t10k", 6), ("train", 8)):
+        write_idx(folder / f"{part}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))
+        write_idx(folder / f"{part}-labels-idx1-ubyte.gz", (np.arange(n) % 10).astype(np.uint8))
+    return folder
+
+
+def test_the_fashion_demo_imports_test_images_first_up_to_the_limit_and_indexes_them(tiny_version, tmp_path):
+    from search.models import Embedding
+
+    folder = fake_fashion(tmp_path)
+    call_command("demo", fashion_mnist=str(folder), limit=9, dataset="fashion", model=tiny_version.name)
+    rows = Image.objects.filter(dataset__name="fashion")
+    names = sorted(r.original_filename for r in rows)
+    assert names == ([f"t10k-images-idx3-ubyte.gz[{i}]" for i in range(6)]
+                     + [f"train-images-idx3-ubyte.gz[{i}]" for i in range(3)])
+    assert set(rows.values_list("label", flat=True)) <= set(CLASS_PRESETS["fashion-mnist"])
+    assert Embedding.objects.filter(image__dataset__name="fashion", model_version=tiny_version).count() == 9
+    # Run again with no limit: the rest is added, nothing twice.
+    call_command("demo", fashion_mnist=str(folder), limit=0, dataset="fashion", model=tiny_version.name)
+    assert Image.objects.filter(dataset__name="fashion").count() == 14
+    assert Embedding.objects.filter(image__dataset__name="fashion", model_version=tiny_version).count() == 14
+
+
+def test_the_fashion_demo_names_the_package_when_the_files_are_missing(db, tmp_path):
+    with pytest.raises(CommandError, match="apt-get install dataset-fashion-mnist"):
+        call_command("demo", fashion_mnist=str(tmp_path), dataset="fashion")
+    assert not Dataset.objects.filter(name="fashion").exists()
