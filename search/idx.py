@@ -89,9 +89,11 @@ def read_images_and_labels(images_path: str | Path, labels_path: str | Path, *,
                            max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[np.ndarray, np.ndarray]:
     """Read and check an MNIST-style pair of files.
 
-    Returns (images, labels): images uint8 of shape (N, rows, cols), pixel
-    values 0–255 (0 is background: white in MNIST's drawings but stored as
-    black, as the files store it); labels uint8 of shape (N,), class indices.
+    Returns (images, labels): images uint8 of shape (N, rows, cols), grey
+    levels 0–255 as stored (the format's page calls 0 background and 255
+    foreground; read as ordinary greyscale, the background shows black, as
+    Fashion-MNIST is usually displayed); labels uint8 of shape (N,), class
+    indices.
     Raises IdxError when either file is unreadable (see read_idx), when the
     images are not a 3-dimensional uint8 array (magic 0x00000803) or the labels
     not a 1-dimensional uint8 array (0x00000801), when the file holds no image
