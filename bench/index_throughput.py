@@ -24,6 +24,11 @@ a copy of the active one, so the real version's rows are never touched; its
 embeddings are deleted before each repeat and the version (with its HNSW
 index, by the pre_delete signal) is deleted at the end.
 
+The report says which allocator behaviour was in effect, read back from glibc
+(cbirsite/allocator.py): scripts/cbir, the Docker image and docker-compose.yml
+start every process with MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647;
+run the script without them (env -u ...) to measure the default.
+
 --breakdown  times the build's parts on their own: decode in the main
              process, the DataLoader alone, forward, DB writes.
 --sweep      round-robin over loader workers 0/1/2 x torch threads 1/2,
@@ -365,6 +370,9 @@ def run(args: argparse.Namespace) -> dict:
     mallopt = tune_glibc_malloc() if args.mallopt else False
     if args.mallopt and not mallopt:
         raise SystemExit("--mallopt needs Linux with glibc")
+    from cbirsite.allocator import glibc_malloc_probe
+
+    allocator = glibc_malloc_probe()  # what glibc actually does now, from the environment or --mallopt
     active = ModelVersion.active()
     if active is None:
         raise SystemExit("no active model version; build an index first")
@@ -394,6 +402,7 @@ def run(args: argparse.Namespace) -> dict:
         "prefetch_factor": 4 if _workers(n, args.batch_size) else None,
         "torch_threads": threads, "torch_threads_default": default_threads,
         "device": str(device), "model_load_s": round(load_seconds, 2), "mallopt": mallopt,
+        "glibc_malloc": allocator,
     }
     try:
         network_for(scratch)  # its own cache entry: load it before timing
@@ -432,7 +441,7 @@ def print_report(r: dict) -> None:
     print(f"settings        batch size {r['batch_size']}, CBIR_LOADER_WORKERS {r['loader_workers']} "
           f"(prefetch_factor {r['prefetch_factor'] or '-'}), torch threads {r['torch_threads']} "
           f"(default {r['torch_threads_default']}), device {r['device']}, repeats {r['repeats']}, "
-          f"glibc malloc {'tuned (--mallopt)' if r['mallopt'] else 'default'}")
+          f"glibc malloc {_allocator_text(r)}")
     print(f"environment     {m['environment'] or '(no OMP_/MALLOC_/CBIR_ overrides)'}")
     load = r["other_load_cores"] or {}
     print(f"machine         {m['cpu_count']} CPUs, torch {m['torch']}; other processes used "
@@ -476,6 +485,18 @@ def print_report(r: dict) -> None:
             [b["via"], b["workers"], b["torch_threads"], f"{b['build_images_per_s']:.1f}",
              f"{b['ratio_same_threads']:.2f}", f"{b['ratio_best_forward']:.2f}",
              f"{b['cpu_per_image']['user_ms']} + {b['cpu_per_image']['sys_ms']}"] for b in s["build"]]))
+
+
+def _allocator_text(r: dict) -> str:
+    probe = r.get("glibc_malloc")
+    if probe is None:
+        return "unknown (not glibc ≥ 2.33)"
+    how = "--mallopt" if r["mallopt"] else "environment (MALLOC_MMAP_MAX_/MALLOC_TRIM_THRESHOLD_)"
+    if probe["keeps_freed_memory"]:
+        return f"keeps freed memory in the heap, set by {how}"
+    if probe["large_blocks_mmapped"]:
+        return "default: blocks over 32 MiB are mmap'd and go back to the kernel when freed"
+    return "partly tuned: big blocks come from the heap but freed memory is trimmed back to the kernel"
 
 
 def _workers(n_images: int, batch_size: int) -> int:

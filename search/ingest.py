@@ -7,6 +7,7 @@ leaves no file and no row behind."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import tempfile
@@ -208,6 +209,20 @@ def _import_one(report: ImportReport, dataset: Dataset, name: str, label: str | 
             report.image_ids.append(image.pk)
         else:
             report.duplicates += 1
+
+
+def import_blobs(dataset: Dataset, blobs: Iterable[tuple[str, str | None, bytes]], total: int, *,
+                 progress: Progress = _noop) -> ImportReport:
+    """Import images that are already bytes in memory (e.g. arrays encoded as
+    PNG by an importer of another format): each (display name, label, bytes)
+    goes through the same checks as a file of a folder (add_image: validation,
+    SHA-256 duplicate check, original and thumbnail on disk, one row). A bad
+    image is reported, never aborts; a StorageError stops the import."""
+    report = ImportReport()
+    for index, (name, label, data) in enumerate(blobs, start=1):
+        _import_one(report, dataset, name, label, functools.partial(bytes, data), unreadable=(), describe=str)
+        progress(index, total, name)
+    return report
 
 
 def import_folder(root: str | Path, dataset: Dataset, *, labels_from_folders: bool = False,
