@@ -143,6 +143,154 @@ def palette_png_with_transparency() -> bytes:
     return encode(image, "PNG", transparency=0)
 
 
+# --- Colour profiles, transparency, frames, formats (real-photo kinds) -------------
+
+REAL_PHOTOS = Path(__file__).parent / "data" / "real_photos"
+
+# Chromaticities (x, y) of red, green, blue and the white point.
+D65 = (0.3127, 0.3290)
+SRGB_PRIMARIES = ((0.64, 0.33), (0.30, 0.60), (0.15, 0.06))
+ADOBE_RGB_PRIMARIES = ((0.64, 0.33), (0.21, 0.71), (0.15, 0.06))
+DISPLAY_P3_PRIMARIES = ((0.680, 0.320), (0.265, 0.690), (0.150, 0.060))
+_BRADFORD = np.array([[0.8951, 0.2664, -0.1614], [-0.7502, 1.7135, 0.0367], [0.0389, -0.0685, 1.0296]])
+_D50_XYZ = np.array([0.9642, 1.0, 0.8249])
+
+
+def _xyz(x: float, y: float) -> np.ndarray:
+    return np.array([x / y, 1.0, (1 - x - y) / y])
+
+
+def _s15(value: float) -> bytes:
+    return struct.pack(">i", round(value * 65536))
+
+
+def _tag_xyz(xyz) -> bytes:
+    return b"XYZ \0\0\0\0" + b"".join(_s15(v) for v in xyz)
+
+
+def _tag_text(text: str) -> bytes:
+    return b"text\0\0\0\0" + text.encode("ascii") + b"\0"
+
+
+def _tag_desc(text: str) -> bytes:
+    ascii_ = text.encode("ascii") + b"\0"
+    return (b"desc\0\0\0\0" + struct.pack(">I", len(ascii_)) + ascii_ + struct.pack(">II", 0, 0)
+            + struct.pack(">HB", 0, 0) + b"\0" * 67)
+
+
+def _tag_gamma(gamma: float) -> bytes:
+    return b"curv\0\0\0\0" + struct.pack(">IH", 1, round(gamma * 256))
+
+
+def icc_profile(description: str, *, primaries=None, white=D65, gamma: float = 2.2, grey: bool = False,
+                padding: int = 0) -> bytes:
+    """A valid ICC v2 display profile, built byte by byte (ICC.1:2001-04):
+    an RGB matrix/TRC profile with these primaries and white point, chromatically
+    adapted to the D50 connection space with the Bradford transform, or a grey
+    (kTRC) profile. `padding` bytes of copyright text make it as large as needed."""
+    tags: list[tuple[bytes, bytes]] = [(b"desc", _tag_desc(description)),
+                                       (b"cprt", _tag_text("test profile" + " " * padding)),
+                                       (b"wtpt", _tag_xyz(_D50_XYZ))]
+    if grey:
+        tags.append((b"kTRC", _tag_gamma(gamma)))
+    else:
+        columns = np.stack([_xyz(*p) for p in primaries], axis=1)
+        scale = np.linalg.solve(columns, _xyz(*white))
+        to_xyz = columns * scale  # RGB (linear) → XYZ under the profile's white
+        cone = _BRADFORD @ _xyz(*white), _BRADFORD @ _D50_XYZ
+        adapt = np.linalg.inv(_BRADFORD) @ np.diag(cone[1] / cone[0]) @ _BRADFORD
+        colorants = adapt @ to_xyz
+        tags += [(b"rXYZ", _tag_xyz(colorants[:, 0])), (b"gXYZ", _tag_xyz(colorants[:, 1])),
+                 (b"bXYZ", _tag_xyz(colorants[:, 2]))]
+        tags += [(name, _tag_gamma(gamma)) for name in (b"rTRC", b"gTRC", b"bTRC")]
+    offset = 128 + 4 + 12 * len(tags)
+    table, body = b"", b""
+    for name, data in tags:
+        data += b"\0" * (-len(data) % 4)
+        table += name + struct.pack(">II", offset + len(body), len(data))
+        body += data
+    size = offset + len(body)
+    header = (struct.pack(">I", size) + b"lcms" + struct.pack(">I", 0x02100000) + b"mntr"
+              + (b"GRAY" if grey else b"RGB ") + b"XYZ " + struct.pack(">6H", 2026, 1, 1, 0, 0, 0) + b"acsp"
+              + b"\0" * 24 + struct.pack(">I", 0) + b"".join(_s15(v) for v in _D50_XYZ) + b"\0" * 48)
+    assert len(header) == 128
+    return header + struct.pack(">I", len(tags)) + table + body
+
+
+def in_profile(image: PILImage.Image, profile: bytes) -> PILImage.Image:
+    """`image` (sRGB) converted into `profile` with LittleCMS, the profile attached (info["icc_profile"])."""
+    from PIL import ImageCms
+
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
+    target = ImageCms.ImageCmsProfile(io.BytesIO(profile))
+    out = ImageCms.profileToProfile(image, srgb, target, outputMode=image.mode)
+    out.info["icc_profile"] = profile
+    return out
+
+
+def colour_patches(size=(48, 32)) -> PILImage.Image:
+    """Six saturated and two neutral sRGB patches: where a wrong profile shows most."""
+    colours = [(230, 40, 30), (40, 200, 60), (30, 60, 220), (250, 200, 20), (20, 200, 220), (200, 40, 200),
+               (128, 128, 128), (245, 245, 245)]
+    image = PILImage.new("RGB", size)
+    width = size[0] // 4
+    for i, colour in enumerate(colours):
+        x, y = (i % 4) * width, (i // 4) * (size[1] // 2)
+        image.paste(colour, (x, y, x + width, y + size[1] // 2))
+    return image
+
+
+def jpeg_with_profile(primaries, name: str) -> bytes:
+    profile = icc_profile(name, primaries=primaries, gamma=2.2)
+    return encode(in_profile(colour_patches(), profile), "JPEG", quality=95, icc_profile=profile)
+
+
+def png_big_metadata(kind: str) -> bytes:
+    """A valid 16×16 PNG carrying more than 1 MiB (decompressed) of metadata:
+    compressed XMP in an iTXt chunk, a zTXt chunk, or a 1.5 MiB ICC profile."""
+    from PIL import PngImagePlugin
+
+    image = PILImage.new("RGB", (16, 16), (20, 160, 40))
+    big = "x" * (1_536 * 1024)
+    if kind == "icc":
+        return encode(image, "PNG", icc_profile=icc_profile("big sRGB", primaries=SRGB_PRIMARIES, gamma=2.2,
+                                                              padding=1_536 * 1024))
+    info = PngImagePlugin.PngInfo()
+    if kind == "itxt":
+        info.add_itxt("XML:com.adobe.xmp", f'<x:xmpmeta xmlns:x="adobe:ns:meta/">{big}</x:xmpmeta>', zip=True)
+    else:
+        info.add_text("Comment", big, zip=True)
+    return encode(image, "PNG", pnginfo=info)
+
+
+def apng(default_in_animation: bool) -> bytes:
+    """An animated PNG: red default image, then blue and green animation frames.
+    With default_in_animation the red image is the first frame; otherwise it is
+    only for viewers without APNG support and a browser shows blue first."""
+    red, blue, green = (PILImage.new("RGB", (16, 16), c) for c in ((220, 0, 0), (0, 0, 220), (0, 180, 0)))
+    return encode(red, "PNG", save_all=True, append_images=[blue, green], duration=100,
+                  default_image=not default_in_animation)
+
+
+def mpo() -> bytes:
+    """A multi-picture JPEG (a camera's MPO): orange first picture, blue second."""
+    first, second = PILImage.new("RGB", (24, 16), (240, 140, 20)), PILImage.new("RGB", (24, 16), (20, 40, 240))
+    return encode(first, "MPO", save_all=True, append_images=[second])
+
+
+def heic(image: PILImage.Image | None = None, **options) -> bytes:
+    """A real HEIC (HEVC in HEIF) encoded by libheif through pillow-heif."""
+    import pillow_heif
+
+    pillow_heif.register_heif_opener()
+    return encode(image if image is not None else noise((32, 24), seed=110), "HEIF", quality=90, **options)
+
+
+def avif(image: PILImage.Image | None = None, **options) -> bytes:
+    """A real AVIF encoded by Pillow's own AVIF plugin (libavif)."""
+    return encode(image if image is not None else noise((32, 24), seed=111), "AVIF", quality=90, **options)
+
+
 # --- The cases ----------------------------------------------------------------
 
 @dataclass(frozen=True)
