@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import logging
 import os
+import struct
 import tempfile
+import unicodedata
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -111,6 +114,62 @@ def printable_name(text: str) -> str:
     return raw.decode("utf-8", "replace").replace("\x00", "")
 
 
+def nfc(text: str) -> str:
+    """Unicode NFC: the same name typed on Linux/Windows (composed "é") and
+    stored by macOS (decomposed "e" + U+0301) becomes one string, so one label."""
+    return unicodedata.normalize("NFC", text)
+
+
+# Info-ZIP Unicode Path extra field (APPNOTE.TXT 4.6.9): version 1, the CRC-32
+# of the name as stored in the header, then the name in UTF-8.
+_UNICODE_PATH_EXTRA = 0x7075
+_UTF8_FLAG = 0x800
+
+
+def zip_entry_name(info) -> str:
+    """The name of a zip entry (a zipfile.ZipInfo) the way Info-ZIP `unzip` reads it, in NFC.
+
+    When the UTF-8 flag (bit 11) is set, Python has decoded it already.
+    Otherwise: the Info-ZIP Unicode Path extra field (0x7075) when present and
+    its CRC-32 matches the raw name (a stale field is ignored, as unzip does);
+    else the raw bytes as UTF-8 when they are valid UTF-8 (Info-ZIP `zip` on
+    Linux stores UTF-8 names without the flag); else code page 437, the zip
+    format's original encoding (what Python gives). Never raises.
+    """
+    if info.flag_bits & _UTF8_FLAG:
+        return nfc(info.filename)
+    try:
+        raw = info.orig_filename.encode("cp437")  # Python decoded the header bytes as cp437: undo it exactly
+    except UnicodeEncodeError:  # not a name zipfile decoded from cp437
+        return nfc(info.filename)
+    unicode_path = _unicode_path_extra(info.extra, raw)
+    if unicode_path is not None:
+        return nfc(unicode_path)
+    try:
+        return nfc(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        return nfc(raw.decode("cp437"))
+
+
+def _unicode_path_extra(extra: bytes, raw_name: bytes) -> str | None:
+    """The UTF-8 name of a 0x7075 extra field whose CRC matches `raw_name`, or None."""
+    at = 0
+    while at + 4 <= len(extra):
+        kind, size = struct.unpack_from("<HH", extra, at)
+        body = extra[at + 4:at + 4 + size]
+        at += 4 + size
+        if kind != _UNICODE_PATH_EXTRA or len(body) < 5 or body[0] != 1:
+            continue
+        (crc,) = struct.unpack_from("<I", body, 1)
+        if crc != zlib.crc32(raw_name) & 0xFFFFFFFF:
+            continue
+        try:
+            return body[5:].decode("utf-8") or None
+        except UnicodeDecodeError:
+            continue
+    return None
+
+
 def storage_paths(dataset_id: int, sha256: str, extension: str) -> tuple[str, str]:
     shard = sha256[:2]
     return (f"datasets/{dataset_id}/{shard}/{sha256}.{extension}",
@@ -174,10 +233,12 @@ def iter_folder(root: Path) -> Iterator[Path]:
 
 
 def label_for(path: Path, root: Path, depth: int | None = None) -> str | None:
+    """The label of a file below `root`: its folder path (the first `depth`
+    levels), in NFC, so composed and decomposed spellings are one label."""
     parts = path.parent.relative_to(root).parts
     if depth:
         parts = parts[:depth]
-    return "/".join(parts) or None
+    return nfc("/".join(parts)) or None
 
 
 # A file of no image format whose name does not claim to be an image (a .txt,
@@ -221,7 +282,7 @@ def import_folder(root: str | Path, dataset: Dataset, *, labels_from_folders: bo
     files = list(iter_folder(root))
     report = ImportReport()
     for index, path in enumerate(files, start=1):
-        relative = printable_name(str(path.relative_to(root)))
+        relative = nfc(printable_name(str(path.relative_to(root))))
         label = label_for(path, root, label_depth) if labels_from_folders else None
         def read(path: Path = path) -> bytes:
             if path.stat().st_size > settings.CBIR_MAX_IMPORT_FILE_BYTES:
@@ -243,7 +304,8 @@ def import_zip(zip_path: str | Path, dataset: Dataset, *, labels_from_folders: b
     """Import the images in a zip. Entry names are only used as labels and
     display names, never as paths on disk (no traversal); sizes are checked
     while reading (no zip bombs); one bad entry never aborts the import; a
-    zip that declares more than CBIR_ZIP_MAX_TOTAL_BYTES is refused whole."""
+    zip that declares more than CBIR_ZIP_MAX_TOTAL_BYTES is refused whole.
+    Names are decoded as `unzip` does (zip_entry_name) and normalised to NFC."""
     import lzma
     import zipfile
     import zlib
@@ -266,7 +328,7 @@ def import_zip(zip_path: str | Path, dataset: Dataset, *, labels_from_folders: b
             raise ZipRejected(f"the zip unpacks to {declared:,} bytes, more than the limit of {max_total:,}")
         total_read = 0
         for index, info in enumerate(entries, start=1):
-            name = info.filename.replace("\\", "/")
+            name = zip_entry_name(info).replace("\\", "/")
             parts = [p for p in name.split("/") if p not in ("", ".", "..")]
             display = "/".join(parts) or "(unnamed)"
             if should_stop and should_stop():
