@@ -41,7 +41,15 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 
 class ImageRejected(ValueError):
-    """The bytes are not an image this system accepts; str(exc) says why."""
+    """The bytes are not an image this system accepts; str(exc) says why.
+
+    `not_an_image` is True when the bytes are of no image format at all (text,
+    a PDF, an archive, unknown bytes): importers count such files beside the
+    photos as "not an image" instead of listing each one."""
+
+    def __init__(self, message: str, *, not_an_image: bool = False) -> None:
+        super().__init__(message)
+        self.not_an_image = not_an_image
 
 
 @dataclass
@@ -68,7 +76,8 @@ def not_supported_message(data: bytes) -> str:
         return f"not a supported image ({accepted})"
     name, is_accepted = detected
     if is_accepted:
-        return f"not a supported image: it starts like a {name} file, but its header is corrupt or incomplete ({accepted})"
+        return (f"not a supported image: it starts like a {name} file, but its header is corrupt or incomplete "
+                f"({accepted})")
     return f"not a supported image (detected: {name}; {accepted})"
 
 
@@ -83,6 +92,9 @@ _MAGIC = [
     (b"gimp xcf", "GIMP (XCF)", False), (b"qoif", "QOI", False), (b"\x1f\x8b", "gzip archive", False),
     (b"Rar!", "RAR archive", False), (b"7z\xbc\xaf\x27\x1c", "7-Zip archive", False),
 ]
+# The names detect_format gives that are images (accepted or not); the others are documents, archives, media.
+IMAGE_FORMAT_NAMES = {"PNG", "JPEG", "GIF", "WebP", "BMP", "HEIC/HEIF", "AVIF", "TIFF", "BigTIFF", "Photoshop (PSD)",
+                      "JPEG XL", "Windows icon (ICO)", "JPEG 2000", "GIMP (XCF)", "QOI", "SVG", "Canon raw (CR3)"}
 # ISO-BMFF brands (the "ftyp" box at offset 4).
 _HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"hevm", b"hevs", b"mif1", b"msf1", b"mif2"}
 _AVIF_BRANDS = {b"avif", b"avis"}
@@ -161,7 +173,9 @@ def decode_image(data: bytes, *, max_pixels: int | None = None, draft_size: int 
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data), formats=OPEN_FORMATS)
     except UnidentifiedImageError:
-        raise ImageRejected(not_supported_message(data)) from None
+        detected = detect_format(data)
+        raise ImageRejected(not_supported_message(data),
+                            not_an_image=detected is None or detected[0] not in IMAGE_FORMAT_NAMES) from None
     except Image.DecompressionBombError:
         raise ImageRejected(f"the image has too many pixels (limit {max_pixels:,})") from None
     except Exception as exc:  # noqa: BLE001 - Pillow raises many types for corrupt headers

@@ -243,8 +243,10 @@ def label_for(path: Path, root: Path, depth: int | None = None) -> str | None:
 
 # A file of no image format whose name does not claim to be an image (a .txt,
 # .ogg or .dat beside the photos) is counted as "not an image" rather than
-# reported one by one; a "photo.jpg" that holds text is reported with its reason.
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".heic", ".avif"}
+# reported one by one; a "photo.jpg" that holds text, or an image of a format
+# not accepted (a TIFF, a PSD, whatever its name), is reported with its reason.
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".png", ".apng", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".heic", ".heif",
+                  ".avif", ".mpo", ".psd", ".jxl", ".jp2", ".svg", ".ico", ".dng", ".cr2", ".cr3", ".nef", ".arw"}
 
 
 def _import_one(report: ImportReport, dataset: Dataset, name: str, label: str | None, read: Callable[[], bytes],
@@ -255,7 +257,7 @@ def _import_one(report: ImportReport, dataset: Dataset, name: str, label: str | 
         image, created = add_image(dataset, read(), name, label)
     except ImageRejected as exc:
         reason = str(exc)
-        if reason.startswith("not a supported image") and Path(name).suffix.lower() not in IMAGE_SUFFIXES:
+        if exc.not_an_image and Path(name).suffix.lower() not in IMAGE_SUFFIXES:
             reason = "not an image"
         report.rejected.append((name, reason))
     except StorageError as exc:

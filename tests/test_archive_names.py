@@ -8,47 +8,15 @@ import io
 import struct
 import unicodedata
 import zipfile
-import zlib
 
 import pytest
 
 from search.ingest import import_folder, import_zip, zip_entry_name
 from search.models import Image
-from tests.badinput import REAL_PHOTOS, good_png
+from tests.badinput import REAL_PHOTOS, good_png, unicode_path_extra, zip_with_raw_names
 
 NFC = unicodedata.normalize("NFC", "Löwe")
 NFD = unicodedata.normalize("NFD", "Löwe")
-
-
-def unicode_path_extra(raw_name: bytes, name: str, *, crc: int | None = None) -> bytes:
-    """An Info-ZIP Unicode Path extra field (0x7075) for a header name `raw_name`."""
-    body = struct.pack("<BI", 1, zlib.crc32(raw_name) if crc is None else crc) + name.encode("utf-8")
-    return struct.pack("<HH", 0x7075, len(body)) + body
-
-
-def zip_with_raw_names(entries: list[tuple[bytes, bytes, bytes]]) -> bytes:
-    """A zip whose entry names are exactly these bytes, with the UTF-8 flag
-    (bit 11) clear, as Info-ZIP on Linux or an old Windows tool writes them:
-    (raw name, data, extra field). Written under ASCII placeholders of the same
-    length, then the placeholders are replaced in both headers."""
-    buffer = io.BytesIO()
-    placeholders = []
-    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
-        for index, (raw, data, extra) in enumerate(entries):
-            placeholder = f"Q{index:0{len(raw) - 1}d}"
-            assert len(placeholder) == len(raw)
-            info = zipfile.ZipInfo(placeholder)
-            info.compress_type = zipfile.ZIP_DEFLATED
-            info.extra = extra
-            archive.writestr(info, data)
-            placeholders.append((placeholder.encode(), raw))
-    out = buffer.getvalue()
-    for placeholder, raw in placeholders:
-        assert out.count(placeholder) == 2  # the local and the central header
-        out = out.replace(placeholder, raw)
-    for info in zipfile.ZipFile(io.BytesIO(out)).infolist():
-        assert not info.flag_bits & 0x800
-    return out
 
 
 def _labels_and_names(tmp_path, dataset, data: bytes) -> tuple[list, list]:

@@ -161,7 +161,6 @@ def test_a_refused_zip_creates_no_dataset(db, tmp_path):
         for i in range(3):
             archive.writestr(f"e{i}.txt", b"x")
     from django.core.management.base import CommandError
-
     from django.test import override_settings
 
     with override_settings(CBIR_ZIP_MAX_ENTRIES=2), pytest.raises(CommandError, match="limit"):

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageCms, PngImagePlugin
 
-from search.imaging import (ACCEPTED_FORMATS_TEXT, ImageRejected, decode_image, detect_format, make_thumbnail)
+from search.imaging import ACCEPTED_FORMATS_TEXT, ImageRejected, decode_image, detect_format, make_thumbnail
 from tests import badinput as corpus
 from tests.badinput import REAL_PHOTOS, encode
 from training.preprocessing import Preprocessing, load_rgb, to_rgb
