@@ -67,9 +67,11 @@ def _pixel_limit() -> int:
 
 
 def not_supported_message(data: bytes) -> str:
-    """Why bytes no opener recognises are refused: the format when its magic
-    bytes say (TIFF, PDF, SVG…), and what is accepted. Starts with "not a
-    supported image" (the importers count such files by that)."""
+    """Why bytes no opener recognises are refused, in words: the format when
+    its magic bytes say (TIFF, PDF, SVG…; see detect_format), or that it
+    starts like an accepted format but its header is corrupt, and the list of
+    accepted formats (ACCEPTED_FORMATS_TEXT). Always starts with "not a
+    supported image"."""
     detected = detect_format(data)
     accepted = f"accepted: {ACCEPTED_FORMATS_TEXT}, judged by content, not by file name"
     if detected is None:
