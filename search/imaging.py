@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import mimetypes
 import struct
 import warnings
 from dataclasses import dataclass
@@ -35,6 +36,11 @@ ACCEPTED_FORMAT_NAMES = ["JPEG", "PNG", "WebP", "BMP", "GIF"] + (["HEIC/HEIF"] i
 ACCEPTED_FORMATS_TEXT = ", ".join(ACCEPTED_FORMAT_NAMES)
 # For the file picker: HEIC/AVIF files are not "image/*" to every browser.
 ACCEPT_ATTRIBUTE = "image/*" + (",.heic,.heif" if HEIF_SUPPORTED else "") + (",.avif" if AVIF_SUPPORTED else "")
+
+# Originals are served under their extension (views.media): make sure the newer ones have a type
+# whatever /etc/mime.types says.
+for _type, _extension in (("image/heic", ".heic"), ("image/heif", ".heif"), ("image/avif", ".avif")):
+    mimetypes.add_type(_type, _extension)
 
 # A truncated file is an error, never a half-grey picture.
 ImageFile.LOAD_TRUNCATED_IMAGES = False

@@ -50,6 +50,14 @@ def test_heic_and_avif_are_stored_as_uploaded_with_a_jpeg_thumbnail(fmt, extensi
     assert _close(load_rgb(stored).getpixel((10, 10)), ORANGE, 16)
 
 
+@pytest.mark.parametrize("fmt,content_type", [("HEIC", "image/heic"), ("AVIF", "image/avif")])
+def test_a_stored_heic_or_avif_is_served_with_its_type(fmt, content_type, dataset, client):
+    image, _ = add_image(dataset, _orange(fmt), f"photo.{fmt.lower()}")
+    response = client.get(f"/media/{image.file.name}")
+    assert response.status_code == 200 and response["Content-Type"] == content_type
+    assert client.get(f"/media/{image.thumbnail.name}")["Content-Type"] == "image/jpeg"
+
+
 def test_heic_and_avif_are_imported_from_a_folder_and_a_zip(dataset, tmp_path):
     folder = tmp_path / "photos" / "fruit"
     folder.mkdir(parents=True)
