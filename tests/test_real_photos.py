@@ -10,6 +10,7 @@ everything else is generated here."""
 from __future__ import annotations
 
 import io
+import struct
 import zlib
 
 import numpy as np
@@ -160,6 +161,14 @@ def _with_trns(mode: str) -> bytes:
         image = Image.new("1", reference.size, 1)
         image.paste(0, mask=opaque)
         return encode(image, "PNG", transparency=255)
+    if mode == "RGB;16":  # 48-bit RGB, written by hand (Pillow does not write it), tRNS in 16-bit samples
+        pixels = np.zeros((32, 32, 3), dtype=">u2")
+        pixels[...] = (65535, 0, 65535)
+        pixels[8:24, 8:24] = [v * 257 for v in CENTRE]
+        rows = b"".join(b"\0" + pixels[y].tobytes() for y in range(32))
+        png = corpus.raw_png(32, 32, 16, 2, rows)
+        at = png.index(b"IDAT") - 4
+        return png[:at] + corpus._chunk(b"tRNS", struct.pack(">3H", 65535, 0, 65535)) + png[at:]
     if mode == "I;16":
         array = np.full(reference.size[::-1], 1234, dtype=np.uint16)
         array[8:24, 8:24] = 20000
@@ -167,6 +176,19 @@ def _with_trns(mode: str) -> bytes:
         assert image.mode == "I;16", image.mode
         return encode(image, "PNG", transparency=1234)
     raise ValueError(mode)
+
+
+def _low_bit_grey(bits: int, transparent: int, opaque: int) -> bytes:
+    """A 32×32 greyscale PNG of 1, 2 or 4 bits per pixel, written by hand, with a tRNS sample value."""
+    samples = np.full((32, 32), transparent, dtype=np.uint8)
+    samples[8:24, 8:24] = opaque
+    rows = b""
+    for row in samples:
+        bits_text = "".join(format(int(v), f"0{bits}b") for v in row)
+        rows += b"\0" + int(bits_text, 2).to_bytes(len(bits_text) // 8, "big")
+    png = corpus.raw_png(32, 32, bits, 0, rows)
+    at = png.index(b"IDAT") - 4
+    return png[:at] + corpus._chunk(b"tRNS", struct.pack(">H", transparent)) + png[at:]
 
 
 def _palette(alpha_table: bool) -> bytes:
@@ -190,6 +212,10 @@ TRANSPARENT = [
     ("L PNG, tRNS grey", lambda: _with_trns("L"), (60, 60, 60)),
     ("1-bit PNG, tRNS", lambda: _with_trns("1"), (0, 0, 0)),
     ("16-bit grey PNG, tRNS", lambda: _with_trns("I;16"), None),
+    ("48-bit RGB PNG, tRNS colour", lambda: _with_trns("RGB;16"), CENTRE),
+    ("1-bit grey PNG, tRNS 1 (written by hand)", lambda: _low_bit_grey(1, 1, 0), (0, 0, 0)),
+    ("2-bit grey PNG, tRNS 1", lambda: _low_bit_grey(2, 1, 2), (170, 170, 170)),
+    ("4-bit grey PNG, tRNS 5", lambda: _low_bit_grey(4, 5, 1), (17, 17, 17)),
     ("palette PNG, one transparent index", lambda: _palette(False), CENTRE),
     ("palette PNG, alpha table", lambda: _palette(True), CENTRE),
     ("GIF, transparent index", lambda: encode(_reference_rgba().convert("RGB").convert("P"), "GIF",

@@ -95,6 +95,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
     pixels themselves (truncated, corrupt data) propagate from Pillow.
     """
     select_displayed_frame(image)
+    _scale_low_bit_depth_trns(image)
     try:
         image = ImageOps.exif_transpose(image)
     except Exception:  # noqa: BLE001 - broken EXIF must not make a readable image unusable
@@ -105,6 +106,23 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if alpha is None or alpha.getextrema() == (255, 255):
         return rgb
     return Image.composite(rgb, Image.new("RGB", rgb.size, (255, 255, 255)), alpha)
+
+
+# PNG greyscale of 1, 2 or 4 bits: Pillow's raw mode → the largest sample value.
+_LOW_BIT_DEPTH_MAX = {"1": 1, "L;2": 3, "L;4": 15}
+
+
+def _scale_low_bit_depth_trns(image: Image.Image) -> None:
+    """A 1/2/4-bit greyscale PNG's tRNS grey is a sample value (0..2^bits-1,
+    PNG spec 11.3.2.1) while Pillow decodes the pixels scaled to 0..255; scale
+    the value the same way (in place, before decoding, while the tile still
+    tells the bit depth) so the transparent grey is found."""
+    transparency = image.info.get("transparency")
+    if image.format != "PNG" or image.mode not in ("1", "L") or not isinstance(transparency, int) or not image.tile:
+        return
+    top = _LOW_BIT_DEPTH_MAX.get(image.tile[0].args if isinstance(image.tile[0].args, str) else "")
+    if top is not None and transparency <= top:
+        image.info["transparency"] = transparency * 255 // top
 
 
 def _colour_and_alpha(image: Image.Image) -> tuple[Image.Image, Image.Image | None]:
