@@ -297,6 +297,22 @@ def import_folder(root: str | Path, dataset: Dataset, *, labels_from_folders: bo
     return report
 
 
+def _zip_entry_problem(exc: BaseException) -> str:
+    """Why a zip entry cannot be read, in words (no library messages)."""
+    import lzma
+
+    text = str(exc)
+    if "encrypted" in text:
+        return "it is encrypted"
+    if "CRC" in text:
+        return "its data do not match the checksum the zip declares for it"
+    if "compression method" in text:
+        return "it uses a compression method that cannot be read"
+    if isinstance(exc, (zlib.error, lzma.LZMAError, EOFError)) or "decompress" in text:
+        return "its compressed data are corrupt"
+    return "the entry is damaged"
+
+
 class ZipRejected(ValueError):
     """The archive as a whole is refused (not a zip, too many entries, too big)."""
 
@@ -317,7 +333,9 @@ def import_zip(zip_path: str | Path, dataset: Dataset, *, labels_from_folders: b
     max_file = settings.CBIR_MAX_IMPORT_FILE_BYTES
     try:
         archive = zipfile.ZipFile(zip_path)
-    except (zipfile.BadZipFile, OSError, ValueError) as exc:  # ValueError: a name that is not UTF-8
+    except UnicodeDecodeError:
+        raise ZipRejected("not a readable zip file (an entry name is marked as UTF-8 but is not)") from None
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
         raise ZipRejected(f"not a readable zip file ({exc})") from None
     report = ImportReport()
     with archive:
@@ -358,8 +376,7 @@ def import_zip(zip_path: str | Path, dataset: Dataset, *, labels_from_folders: b
                 _import_one(report, dataset, display, label, read,
                             unreadable=(zipfile.BadZipFile, OSError, RuntimeError, EOFError, zlib.error,
                                         lzma.LZMAError),
-                            describe=lambda exc: "cannot be read from the zip ("
-                                                 + ("it is encrypted" if "encrypted" in str(exc) else str(exc)) + ")")
+                            describe=lambda exc: f"cannot be read from the zip ({_zip_entry_problem(exc)})")
             except ZipRejected as exc:
                 report.rejected.append((display, str(exc)))
                 break
