@@ -2,14 +2,14 @@ from __future__ import annotations
 
 from django import forms
 
-from search.imaging import ImageRejected
+from search.imaging import ACCEPTED_FORMATS_TEXT, ImageRejected
 from search.models import Dataset, Image
 
 
 class ImageUploadForm(forms.ModelForm):
     """Adding an image in admin: the same validation and duplicate check as the importer."""
 
-    upload = forms.FileField(label="Image file", help_text="JPEG, PNG, WebP, BMP or GIF")
+    upload = forms.FileField(label="Image file", help_text=ACCEPTED_FORMATS_TEXT)
 
     class Meta:
         model = Image

@@ -6,34 +6,63 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
+import mimetypes
+import struct
 import warnings
 from dataclasses import dataclass
 
 from django.conf import settings
-from PIL import Image, ImageFile, UnidentifiedImageError
+from PIL import Image, ImageFile, UnidentifiedImageError, features
 
-from training.preprocessing import to_rgb
+from training.preprocessing import HEIF_SUPPORTED, MAX_PNG_METADATA_CHUNK, to_rgb
 
-# Formats accepted by content (never by file name).
-ACCEPTED_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp", "GIF": "gif", "MPO": "jpg"}
-# Openers to try; the JPEG opener also yields MPO (multi-picture JPEGs from cameras).
-OPEN_FORMATS = ["JPEG", "PNG", "WEBP", "BMP", "GIF"]
+logger = logging.getLogger(__name__)
 
 Image.init()  # register every plugin, so `formats=` below knows MPO and friends
+
+AVIF_SUPPORTED = bool(features.check("avif"))  # Pillow ≥ 11.2 built with libavif
+
+# Formats accepted by content (never by file name): PIL format name → the
+# extension the original is stored under (HEIF is refined by its brand below).
+ACCEPTED_FORMATS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp", "GIF": "gif",
+                    **({"HEIF": "heic"} if HEIF_SUPPORTED else {}), **({"AVIF": "avif"} if AVIF_SUPPORTED else {})}
+# Openers to try; the JPEG opener also yields MPO (multi-picture JPEGs from cameras).
+OPEN_FORMATS = [fmt for fmt in ACCEPTED_FORMATS if fmt != "MPO"]
+# The accepted formats as people name them: the one list the upload page, the
+# admin, error messages and docs/bad-input.md show.
+ACCEPTED_FORMAT_NAMES = ["JPEG", "PNG", "WebP", "BMP", "GIF"] + (["HEIC/HEIF"] if HEIF_SUPPORTED else []) + (
+    ["AVIF"] if AVIF_SUPPORTED else [])
+ACCEPTED_FORMATS_TEXT = ", ".join(ACCEPTED_FORMAT_NAMES)
+# For the file picker: HEIC/AVIF files are not "image/*" to every browser.
+ACCEPT_ATTRIBUTE = "image/*" + (",.heic,.heif" if HEIF_SUPPORTED else "") + (",.avif" if AVIF_SUPPORTED else "")
+
+# Originals are served under their extension (views.media): make sure the newer ones have a type
+# whatever /etc/mime.types says.
+for _mime, _suffix in (("image/heic", ".heic"), ("image/heif", ".heif"), ("image/avif", ".avif")):
+    mimetypes.add_type(_mime, _suffix)
 
 # A truncated file is an error, never a half-grey picture.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 
 class ImageRejected(ValueError):
-    """The bytes are not an image this system accepts; str(exc) says why."""
+    """The bytes are not an image this system accepts; str(exc) says why.
+
+    `not_an_image` is True when the bytes are of no image format at all (text,
+    a PDF, an archive, unknown bytes): importers count such files beside the
+    photos as "not an image" instead of listing each one."""
+
+    def __init__(self, message: str, *, not_an_image: bool = False) -> None:
+        super().__init__(message)
+        self.not_an_image = not_an_image
 
 
 @dataclass
 class DecodedImage:
-    rgb: Image.Image  # upright RGB, transparency on white, first frame
-    format: str  # PIL format name, e.g. "JPEG"
-    extension: str  # file extension to store it under
+    rgb: Image.Image  # the picture a viewer sees: sRGB, upright, transparency on white, displayed frame
+    format: str  # PIL format name, e.g. "JPEG", "HEIF", "AVIF"
+    extension: str  # file extension to store the original under
     width: int  # of the upright image
     height: int
     sha256: str  # of the original bytes
@@ -43,13 +72,105 @@ def _pixel_limit() -> int:
     return int(getattr(settings, "CBIR_MAX_PIXELS", 50_000_000))
 
 
+def not_supported_message(data: bytes) -> str:
+    """Why bytes no opener recognises are refused, in words: the format when
+    its magic bytes say (TIFF, PDF, SVG…; see detect_format), or that it
+    starts like an accepted format but its header is corrupt, and the list of
+    accepted formats (ACCEPTED_FORMATS_TEXT). Always starts with "not a
+    supported image"."""
+    detected = detect_format(data)
+    accepted = f"accepted: {ACCEPTED_FORMATS_TEXT}, judged by content, not by file name"
+    if detected is None:
+        return f"not a supported image ({accepted})"
+    name, is_accepted = detected
+    if is_accepted:
+        return (f"not a supported image: it starts like a {name} file, but its header is corrupt or incomplete "
+                f"({accepted})")
+    return f"not a supported image (detected: {name}; {accepted})"
+
+
+# Magic bytes at the start of a file: (prefix, name, accepted when decodable).
+_MAGIC = [
+    (b"\x89PNG\r\n\x1a\n", "PNG", True), (b"\xff\xd8\xff", "JPEG", True), (b"GIF87a", "GIF", True),
+    (b"GIF89a", "GIF", True), (b"II*\0", "TIFF", False), (b"MM\0*", "TIFF", False), (b"II+\0", "BigTIFF", False),
+    (b"MM\0+", "BigTIFF", False), (b"%PDF", "PDF", False), (b"%!PS", "PostScript", False),
+    (b"8BPS", "Photoshop (PSD)", False), (b"PK\x03\x04", "zip archive", False), (b"\xff\x0a", "JPEG XL", False),
+    (b"\0\0\0\x0cJXL \r\n\x87\n", "JPEG XL", False), (b"\0\0\x01\0", "Windows icon (ICO)", False),
+    (b"\x00\x00\x00\x0cjP  \r\n\x87\n", "JPEG 2000", False), (b"\xff\x4f\xff\x51", "JPEG 2000", False),
+    (b"gimp xcf", "GIMP (XCF)", False), (b"qoif", "QOI", False), (b"\x1f\x8b", "gzip archive", False),
+    (b"Rar!", "RAR archive", False), (b"7z\xbc\xaf\x27\x1c", "7-Zip archive", False),
+]
+# The names detect_format gives that are images (accepted or not); the others are documents, archives, media.
+IMAGE_FORMAT_NAMES = {"PNG", "JPEG", "GIF", "WebP", "BMP", "HEIC/HEIF", "AVIF", "TIFF", "BigTIFF", "Photoshop (PSD)",
+                      "JPEG XL", "Windows icon (ICO)", "JPEG 2000", "GIMP (XCF)", "QOI", "SVG", "Canon raw (CR3)"}
+# ISO-BMFF brands (the "ftyp" box at offset 4).
+_HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"hevm", b"hevs", b"mif1", b"msf1", b"mif2"}
+_AVIF_BRANDS = {b"avif", b"avis"}
+
+
+def detect_format(data: bytes) -> tuple[str, bool] | None:
+    """(format name, whether it is an accepted format) by magic bytes, or None.
+
+    A cheap sniff of the first bytes for messages only; decoding decides
+    whether an image is accepted.
+    """
+    head = data[:1024]
+    for prefix, name, accepted in _MAGIC:
+        if head.startswith(prefix):
+            return name, accepted
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WebP", True
+    if head[:4] == b"RIFF":
+        return {b"AVI ": "AVI video", b"WAVE": "WAV audio"}.get(head[8:12], "RIFF"), False
+    if head[:2] == b"BM" and len(head) >= 26:
+        return "BMP", True
+    if head[4:8] == b"ftyp":
+        brands = {head[i:i + 4] for i in range(8, min(len(head), 8 + 4 * 8), 4)}
+        if head[8:12] in _AVIF_BRANDS or (brands & _AVIF_BRANDS and not brands & _HEIF_BRANDS - {b"mif1", b"msf1"}):
+            return "AVIF", AVIF_SUPPORTED
+        if brands & _HEIF_BRANDS:
+            return "HEIC/HEIF", HEIF_SUPPORTED
+        if head[8:12] == b"crx ":
+            return "Canon raw (CR3)", False
+        return "MP4/QuickTime video", False
+    text = head.lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    if text.startswith(b"<svg") or (text.startswith((b"<?xml", b"<!--", b"<!doctype svg")) and b"<svg" in text):
+        return "SVG", False
+    if text.startswith((b"<!doctype html", b"<html", b"<head", b"<body")):
+        return "HTML", False
+    return None
+
+
+def _extension(fmt: str, data: bytes) -> str:
+    """The extension to store an original under: its format's, with HEIF
+    named .heic for HEVC-coded files and .heif otherwise (by ftyp brand)."""
+    if fmt == "HEIF":
+        return "heic" if data[8:12] in (b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis") else "heif"
+    return ACCEPTED_FORMATS.get(fmt, "img")
+
+
+def _header_error_message(exc: BaseException) -> str:
+    """Words for an exception raised while reading an image header; no library internals."""
+    text = str(exc)
+    if "truncated" in text.lower() or isinstance(exc, EOFError):
+        return "the image file is truncated (incomplete data)"
+    if "MAX_TEXT" in text or "text chunks" in text:
+        return (f"the image holds more metadata (text or colour profile) than the limit of "
+                f"{MAX_PNG_METADATA_CHUNK // 2**20} MiB, a guard against metadata bombs")
+    return "the image header is corrupt (it cannot be read)"
+
+
 def decode_image(data: bytes, *, max_pixels: int | None = None, draft_size: int | None = None) -> DecodedImage:
     """Decode and fully load an image from bytes, or raise ImageRejected.
 
-    Checks, in order: not empty; a format we accept (by content); pixel count
-    within the limit *before* decoding (decompression bombs); decodes fully
-    (truncated or corrupt data fail here); converts to upright RGB.
+    Checks, in order: not empty; a format we accept (ACCEPTED_FORMATS, by
+    content; a refused one is named when its magic bytes say what it is);
+    pixel count within the limit *before* decoding (decompression bombs);
+    decodes fully (truncated or corrupt data fail here); the picture a viewer
+    sees, as sRGB RGB (training.preprocessing.to_rgb: displayed frame, EXIF
+    orientation, ICC profile, transparency on white).
     `draft_size` lets JPEG decoding skip resolution the caller will not use.
+    Rejection messages are plain words, without exception names or library constants.
     """
     if not data:
         raise ImageRejected("the file is empty")
@@ -60,13 +181,14 @@ def decode_image(data: bytes, *, max_pixels: int | None = None, draft_size: int 
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data), formats=OPEN_FORMATS)
     except UnidentifiedImageError:
-        raise ImageRejected(
-            "not a supported image (accepted: JPEG, PNG, WebP, BMP, GIF, judged by content, not by file name)"
-        ) from None
+        detected = detect_format(data)
+        raise ImageRejected(not_supported_message(data),
+                            not_an_image=detected is None or detected[0] not in IMAGE_FORMAT_NAMES) from None
     except Image.DecompressionBombError:
         raise ImageRejected(f"the image has too many pixels (limit {max_pixels:,})") from None
     except Exception as exc:  # noqa: BLE001 - Pillow raises many types for corrupt headers
-        raise ImageRejected(f"the image header is corrupt ({type(exc).__name__}: {exc})") from None
+        logger.debug("image header refused: %r", exc)
+        raise ImageRejected(_header_error_message(exc)) from None
     with image:
         width, height = image.size
         if width < 1 or height < 1:
@@ -76,22 +198,24 @@ def decode_image(data: bytes, *, max_pixels: int | None = None, draft_size: int 
         try:
             if draft_size and image.format in ("JPEG", "MPO"):
                 image.draft("RGB", (draft_size, draft_size))
-            image.seek(0)  # animated GIF/WebP: the first frame
-            image.load()
             rgb = to_rgb(image)
             rgb.load()
-        except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
+        except (OSError, SyntaxError, ValueError, EOFError, KeyError, IndexError, struct.error,
+                Image.DecompressionBombError) as exc:
+            logger.debug("image data refused: %r", exc)
             message = str(exc) or type(exc).__name__
             if "truncated" in message.lower() or isinstance(exc, EOFError):
                 raise ImageRejected("the image file is truncated (incomplete data)") from None
-            raise ImageRejected(f"the image data are corrupt ({message})") from None
+            if "MAX_TEXT" in message or "text chunks" in message:
+                raise ImageRejected(_header_error_message(exc)) from None
+            raise ImageRejected("the image data are corrupt (they cannot be decoded)") from None
         fmt = image.format or "PNG"
     if draft_size and fmt in ("JPEG", "MPO"):
         # The stored size is the real one, not the draft's.
         width, height = _upright_size(data, width, height)
     else:
         width, height = rgb.size
-    return DecodedImage(rgb=rgb, format=fmt, extension=ACCEPTED_FORMATS.get(fmt, "img"),
+    return DecodedImage(rgb=rgb, format=fmt, extension=_extension(fmt, data),
                         width=width, height=height, sha256=hashlib.sha256(data).hexdigest())
 
 
@@ -105,7 +229,8 @@ def _upright_size(data: bytes, width: int, height: int) -> tuple[int, int]:
 
 
 def make_thumbnail(rgb: Image.Image, size: int | None = None) -> bytes:
-    """A JPEG thumbnail no larger than size×size, keeping the aspect ratio."""
+    """A JPEG thumbnail (bytes) no larger than size×size pixels, keeping the
+    aspect ratio; `rgb` is already sRGB (DecodedImage.rgb), so none is embedded."""
     size = size or int(getattr(settings, "CBIR_THUMBNAIL_SIZE", 256))
     thumb = rgb.copy()
     thumb.thumbnail((size, size), Image.Resampling.LANCZOS)

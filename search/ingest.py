@@ -10,7 +10,10 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import struct
 import tempfile
+import unicodedata
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -112,6 +115,62 @@ def printable_name(text: str) -> str:
     return raw.decode("utf-8", "replace").replace("\x00", "")
 
 
+def nfc(text: str) -> str:
+    """Unicode NFC: the same name typed on Linux/Windows (composed "é") and
+    stored by macOS (decomposed "e" + U+0301) becomes one string, so one label."""
+    return unicodedata.normalize("NFC", text)
+
+
+# Info-ZIP Unicode Path extra field (APPNOTE.TXT 4.6.9): version 1, the CRC-32
+# of the name as stored in the header, then the name in UTF-8.
+_UNICODE_PATH_EXTRA = 0x7075
+_UTF8_FLAG = 0x800
+
+
+def zip_entry_name(info) -> str:
+    """The name of a zip entry (a zipfile.ZipInfo) the way Info-ZIP `unzip` reads it, in NFC.
+
+    When the UTF-8 flag (bit 11) is set, Python has decoded it already.
+    Otherwise: the Info-ZIP Unicode Path extra field (0x7075) when present and
+    its CRC-32 matches the raw name (a stale field is ignored, as unzip does);
+    else the raw bytes as UTF-8 when they are valid UTF-8 (Info-ZIP `zip` on
+    Linux stores UTF-8 names without the flag); else code page 437, the zip
+    format's original encoding (what Python gives). Never raises.
+    """
+    if info.flag_bits & _UTF8_FLAG:
+        return nfc(info.filename)
+    try:
+        raw = info.orig_filename.encode("cp437")  # Python decoded the header bytes as cp437: undo it exactly
+    except UnicodeEncodeError:  # not a name zipfile decoded from cp437
+        return nfc(info.filename)
+    unicode_path = _unicode_path_extra(info.extra, raw)
+    if unicode_path is not None:
+        return nfc(unicode_path)
+    try:
+        return nfc(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        return nfc(raw.decode("cp437"))
+
+
+def _unicode_path_extra(extra: bytes, raw_name: bytes) -> str | None:
+    """The UTF-8 name of a 0x7075 extra field whose CRC matches `raw_name`, or None."""
+    at = 0
+    while at + 4 <= len(extra):
+        kind, size = struct.unpack_from("<HH", extra, at)
+        body = extra[at + 4:at + 4 + size]
+        at += 4 + size
+        if kind != _UNICODE_PATH_EXTRA or len(body) < 5 or body[0] != 1:
+            continue
+        (crc,) = struct.unpack_from("<I", body, 1)
+        if crc != zlib.crc32(raw_name) & 0xFFFFFFFF:
+            continue
+        try:
+            return body[5:].decode("utf-8") or None
+        except UnicodeDecodeError:
+            continue
+    return None
+
+
 def storage_paths(dataset_id: int, sha256: str, extension: str) -> tuple[str, str]:
     shard = sha256[:2]
     return (f"datasets/{dataset_id}/{shard}/{sha256}.{extension}",
@@ -175,16 +234,20 @@ def iter_folder(root: Path) -> Iterator[Path]:
 
 
 def label_for(path: Path, root: Path, depth: int | None = None) -> str | None:
+    """The label of a file below `root`: its folder path (the first `depth`
+    levels), in NFC, so composed and decomposed spellings are one label."""
     parts = path.parent.relative_to(root).parts
     if depth:
         parts = parts[:depth]
-    return "/".join(parts) or None
+    return nfc("/".join(parts)) or None
 
 
 # A file of no image format whose name does not claim to be an image (a .txt,
 # .ogg or .dat beside the photos) is counted as "not an image" rather than
-# reported one by one; a "photo.jpg" that holds text is reported with its reason.
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".heic", ".avif"}
+# reported one by one; a "photo.jpg" that holds text, or an image of a format
+# not accepted (a TIFF, a PSD, whatever its name), is reported with its reason.
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".png", ".apng", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".heic", ".heif",
+                  ".avif", ".mpo", ".psd", ".jxl", ".jp2", ".svg", ".ico", ".dng", ".cr2", ".cr3", ".nef", ".arw"}
 
 
 def _import_one(report: ImportReport, dataset: Dataset, name: str, label: str | None, read: Callable[[], bytes],
@@ -195,7 +258,7 @@ def _import_one(report: ImportReport, dataset: Dataset, name: str, label: str | 
         image, created = add_image(dataset, read(), name, label)
     except ImageRejected as exc:
         reason = str(exc)
-        if reason.startswith("not a supported image") and Path(name).suffix.lower() not in IMAGE_SUFFIXES:
+        if exc.not_an_image and Path(name).suffix.lower() not in IMAGE_SUFFIXES:
             reason = "not an image"
         report.rejected.append((name, reason))
     except StorageError as exc:
@@ -236,7 +299,7 @@ def import_folder(root: str | Path, dataset: Dataset, *, labels_from_folders: bo
     files = list(iter_folder(root))
     report = ImportReport()
     for index, path in enumerate(files, start=1):
-        relative = printable_name(str(path.relative_to(root)))
+        relative = nfc(printable_name(str(path.relative_to(root))))
         label = label_for(path, root, label_depth) if labels_from_folders else None
         def read(path: Path = path) -> bytes:
             if path.stat().st_size > settings.CBIR_MAX_IMPORT_FILE_BYTES:
@@ -249,6 +312,22 @@ def import_folder(root: str | Path, dataset: Dataset, *, labels_from_folders: bo
     return report
 
 
+def _zip_entry_problem(exc: BaseException) -> str:
+    """Why a zip entry cannot be read, in words (no library messages)."""
+    import lzma
+
+    text = str(exc)
+    if "encrypted" in text:
+        return "it is encrypted"
+    if "CRC" in text:
+        return "its data do not match the checksum the zip declares for it"
+    if "compression method" in text:
+        return "it uses a compression method that cannot be read"
+    if isinstance(exc, (zlib.error, lzma.LZMAError, EOFError)) or "decompress" in text:
+        return "its compressed data are corrupt"
+    return "the entry is damaged"
+
+
 class ZipRejected(ValueError):
     """The archive as a whole is refused (not a zip, too many entries, too big)."""
 
@@ -258,7 +337,8 @@ def import_zip(zip_path: str | Path, dataset: Dataset, *, labels_from_folders: b
     """Import the images in a zip. Entry names are only used as labels and
     display names, never as paths on disk (no traversal); sizes are checked
     while reading (no zip bombs); one bad entry never aborts the import; a
-    zip that declares more than CBIR_ZIP_MAX_TOTAL_BYTES is refused whole."""
+    zip that declares more than CBIR_ZIP_MAX_TOTAL_BYTES is refused whole.
+    Names are decoded as `unzip` does (zip_entry_name) and normalised to NFC."""
     import lzma
     import zipfile
     import zlib
@@ -268,7 +348,9 @@ def import_zip(zip_path: str | Path, dataset: Dataset, *, labels_from_folders: b
     max_file = settings.CBIR_MAX_IMPORT_FILE_BYTES
     try:
         archive = zipfile.ZipFile(zip_path)
-    except (zipfile.BadZipFile, OSError, ValueError) as exc:  # ValueError: a name that is not UTF-8
+    except UnicodeDecodeError:
+        raise ZipRejected("not a readable zip file (an entry name is marked as UTF-8 but is not)") from None
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
         raise ZipRejected(f"not a readable zip file ({exc})") from None
     report = ImportReport()
     with archive:
@@ -281,7 +363,7 @@ def import_zip(zip_path: str | Path, dataset: Dataset, *, labels_from_folders: b
             raise ZipRejected(f"the zip unpacks to {declared:,} bytes, more than the limit of {max_total:,}")
         total_read = 0
         for index, info in enumerate(entries, start=1):
-            name = info.filename.replace("\\", "/")
+            name = zip_entry_name(info).replace("\\", "/")
             parts = [p for p in name.split("/") if p not in ("", ".", "..")]
             display = "/".join(parts) or "(unnamed)"
             if should_stop and should_stop():
@@ -309,8 +391,7 @@ def import_zip(zip_path: str | Path, dataset: Dataset, *, labels_from_folders: b
                 _import_one(report, dataset, display, label, read,
                             unreadable=(zipfile.BadZipFile, OSError, RuntimeError, EOFError, zlib.error,
                                         lzma.LZMAError),
-                            describe=lambda exc: "cannot be read from the zip ("
-                                                 + ("it is encrypted" if "encrypted" in str(exc) else str(exc)) + ")")
+                            describe=lambda exc: f"cannot be read from the zip ({_zip_entry_problem(exc)})")
             except ZipRejected as exc:
                 report.rejected.append((display, str(exc)))
                 break

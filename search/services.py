@@ -45,9 +45,31 @@ class SearchResult:
     hits: list[Hit]
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
     query_rgb: object = None  # the decoded upload (PIL RGB), for a preview; never stored
+    notice: str | None = None  # why there are fewer than k results, when there are (result_notice)
 
     def as_dict(self) -> dict:
-        return {"model": self.model.name, "k": self.k, "results": [h.as_dict() for h in self.hits]}
+        return {"model": self.model.name, "k": self.k, "results": [h.as_dict() for h in self.hits],
+                "notice": self.notice}
+
+
+def result_notice(version: ModelVersion, dataset: Dataset | None, hits: list, k: int, *,
+                  excluded: int = 0) -> str | None:
+    """Why a search found fewer than k images, in words; None when it found k.
+    `excluded`: images left out on purpose (the query image of "more like this")."""
+    if len(hits) >= k:
+        return None
+    where = f"dataset {dataset.name!r}" if dataset is not None else "the collection"
+    images = Image.objects.filter(dataset=dataset) if dataset is not None else Image.objects.all()
+    embeddings = version.embeddings.filter(image__dataset=dataset) if dataset is not None else version.embeddings
+    total, indexed = images.count(), embeddings.count()
+    if total == 0:
+        return f"{where} has no images yet"
+    if indexed == 0:
+        return (f"nothing in {where} is indexed yet by {version.name}: build its index "
+                f"(python manage.py build_index --dataset NAME, or Build index… in the admin)")
+    if indexed < total:
+        return f"only {indexed:,} of the {total:,} images of {where} are indexed by {version.name} so far"
+    return f"{where} has only {indexed - excluded:,} indexed image{'s' if indexed - excluded != 1 else ''} to show"
 
 
 def parse_k(raw) -> int:
@@ -106,7 +128,8 @@ def search_by_upload(data: bytes, *, k=None, dataset=None) -> SearchResult:
     start = time.perf_counter()
     hits = nearest(version, vector=vector, k=k, dataset=dataset)
     timings["sql"] = time.perf_counter() - start
-    return SearchResult(model=version, k=k, hits=hits, timings=timings, query_rgb=decoded.rgb)
+    return SearchResult(model=version, k=k, hits=hits, timings=timings, query_rgb=decoded.rgb,
+                        notice=result_notice(version, dataset, hits, k))
 
 
 def input_size(version: ModelVersion) -> int:
@@ -124,4 +147,6 @@ def search_by_image(image_id: int, *, k=None, dataset=None) -> SearchResult:
         raise IndexNotReady(f"image {image_id} is not indexed yet by {version.name}")
     start = time.perf_counter()
     hits = nearest(version, image_id=image_id, k=k, dataset=dataset, exclude_image_id=image_id)
-    return SearchResult(model=version, k=k, hits=hits, timings={"sql": time.perf_counter() - start})
+    excluded = int(dataset is None or Image.objects.filter(pk=image_id, dataset=dataset).exists())
+    return SearchResult(model=version, k=k, hits=hits, timings={"sql": time.perf_counter() - start},
+                        notice=result_notice(version, dataset, hits, k, excluded=excluded))

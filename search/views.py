@@ -17,7 +17,7 @@ from django.views.decorators.http import require_GET, require_http_methods, requ
 from django.views.static import serve
 
 from search import access, services
-from search.imaging import make_thumbnail
+from search.imaging import ACCEPT_ATTRIBUTE, ACCEPTED_FORMATS_TEXT, make_thumbnail
 from search.models import Dataset, Image
 from search.services import SearchError, UploadTooLarge
 
@@ -25,7 +25,16 @@ from search.services import SearchError, UploadTooLarge
 _MULTIPART_SLACK = 64 * 1024
 
 
+class LengthRequired(SearchError):
+    """A body sent without Content-Length (chunked transfer): WSGI gives Django none of it."""
+
+    status = 411
+
+
 def _check_content_length(request: HttpRequest) -> None:
+    if request.META.get("CONTENT_LENGTH") in (None, ""):
+        raise LengthRequired("the request has no Content-Length header (chunked transfer encoding is not "
+                             "supported): send the image as multipart/form-data with a Content-Length")
     try:
         length = int(request.META.get("CONTENT_LENGTH") or 0)
     except ValueError:
@@ -46,7 +55,8 @@ def _uploaded_bytes(request: HttpRequest) -> bytes:
 
 def _page_context(**extra) -> dict:
     return {"datasets": Dataset.objects.order_by("name"), "max_k": settings.CBIR_MAX_K,
-            "max_upload_mb": settings.CBIR_MAX_UPLOAD_BYTES / 1024 / 1024, **extra}
+            "max_upload_mb": settings.CBIR_MAX_UPLOAD_BYTES / 1024 / 1024, "accepted_formats": ACCEPTED_FORMATS_TEXT,
+            "accept_attribute": ACCEPT_ATTRIBUTE, **extra}
 
 
 def _query_preview(rgb) -> str:

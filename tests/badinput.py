@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import os
 import struct
+import unicodedata
 import zipfile
 import zlib
 from collections.abc import Callable
@@ -143,6 +144,163 @@ def palette_png_with_transparency() -> bytes:
     return encode(image, "PNG", transparency=0)
 
 
+# --- Colour profiles, transparency, frames, formats (real-photo kinds) -------------
+
+REAL_PHOTOS = Path(__file__).parent / "data" / "real_photos"
+
+# Chromaticities (x, y) of red, green, blue and the white point.
+D65 = (0.3127, 0.3290)
+SRGB_PRIMARIES = ((0.64, 0.33), (0.30, 0.60), (0.15, 0.06))
+ADOBE_RGB_PRIMARIES = ((0.64, 0.33), (0.21, 0.71), (0.15, 0.06))
+DISPLAY_P3_PRIMARIES = ((0.680, 0.320), (0.265, 0.690), (0.150, 0.060))
+_BRADFORD = np.array([[0.8951, 0.2664, -0.1614], [-0.7502, 1.7135, 0.0367], [0.0389, -0.0685, 1.0296]])
+_D50_XYZ = np.array([0.9642, 1.0, 0.8249])
+
+
+def _xyz(x: float, y: float) -> np.ndarray:
+    return np.array([x / y, 1.0, (1 - x - y) / y])
+
+
+def _s15(value: float) -> bytes:
+    return struct.pack(">i", round(value * 65536))
+
+
+def _tag_xyz(xyz) -> bytes:
+    return b"XYZ \0\0\0\0" + b"".join(_s15(v) for v in xyz)
+
+
+def _tag_text(text: str) -> bytes:
+    return b"text\0\0\0\0" + text.encode("ascii") + b"\0"
+
+
+def _tag_desc(text: str) -> bytes:
+    ascii_ = text.encode("ascii") + b"\0"
+    return (b"desc\0\0\0\0" + struct.pack(">I", len(ascii_)) + ascii_ + struct.pack(">II", 0, 0)
+            + struct.pack(">HB", 0, 0) + b"\0" * 67)
+
+
+def _tag_gamma(gamma: float) -> bytes:
+    return b"curv\0\0\0\0" + struct.pack(">IH", 1, round(gamma * 256))
+
+
+def icc_profile(description: str, *, primaries=None, white=D65, gamma: float = 2.2, grey: bool = False,
+                padding: int = 0) -> bytes:
+    """A valid ICC v2 display profile, built byte by byte (ICC.1:2001-04):
+    an RGB matrix/TRC profile with these primaries and white point, chromatically
+    adapted to the D50 connection space with the Bradford transform, or a grey
+    (kTRC) profile. `padding` bytes of copyright text make it as large as needed."""
+    tags: list[tuple[bytes, bytes]] = [(b"desc", _tag_desc(description)),
+                                       (b"cprt", _tag_text("test profile" + " " * padding)),
+                                       (b"wtpt", _tag_xyz(_D50_XYZ))]
+    if grey:
+        tags.append((b"kTRC", _tag_gamma(gamma)))
+    else:
+        columns = np.stack([_xyz(*p) for p in primaries], axis=1)
+        scale = np.linalg.solve(columns, _xyz(*white))
+        to_xyz = columns * scale  # RGB (linear) → XYZ under the profile's white
+        cone = _BRADFORD @ _xyz(*white), _BRADFORD @ _D50_XYZ
+        adapt = np.linalg.inv(_BRADFORD) @ np.diag(cone[1] / cone[0]) @ _BRADFORD
+        colorants = adapt @ to_xyz
+        tags += [(b"rXYZ", _tag_xyz(colorants[:, 0])), (b"gXYZ", _tag_xyz(colorants[:, 1])),
+                 (b"bXYZ", _tag_xyz(colorants[:, 2]))]
+        tags += [(name, _tag_gamma(gamma)) for name in (b"rTRC", b"gTRC", b"bTRC")]
+    offset = 128 + 4 + 12 * len(tags)
+    table, body = b"", b""
+    for name, data in tags:
+        data += b"\0" * (-len(data) % 4)
+        table += name + struct.pack(">II", offset + len(body), len(data))
+        body += data
+    size = offset + len(body)
+    header = (struct.pack(">I", size) + b"lcms" + struct.pack(">I", 0x02100000) + b"mntr"
+              + (b"GRAY" if grey else b"RGB ") + b"XYZ " + struct.pack(">6H", 2026, 1, 1, 0, 0, 0) + b"acsp"
+              + b"\0" * 24 + struct.pack(">I", 0) + b"".join(_s15(v) for v in _D50_XYZ) + b"\0" * 48)
+    assert len(header) == 128
+    return header + struct.pack(">I", len(tags)) + table + body
+
+
+def in_profile(image: PILImage.Image, profile: bytes) -> PILImage.Image:
+    """`image` (sRGB) converted into `profile` with LittleCMS, the profile attached (info["icc_profile"])."""
+    from PIL import ImageCms
+
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
+    target = ImageCms.ImageCmsProfile(io.BytesIO(profile))
+    out = ImageCms.profileToProfile(image, srgb, target, outputMode=image.mode)
+    out.info["icc_profile"] = profile
+    return out
+
+
+def colour_patches(size=(48, 32)) -> PILImage.Image:
+    """Six saturated and two neutral sRGB patches: where a wrong profile shows most."""
+    colours = [(230, 40, 30), (40, 200, 60), (30, 60, 220), (250, 200, 20), (20, 200, 220), (200, 40, 200),
+               (128, 128, 128), (245, 245, 245)]
+    image = PILImage.new("RGB", size)
+    width = size[0] // 4
+    for i, colour in enumerate(colours):
+        x, y = (i % 4) * width, (i // 4) * (size[1] // 2)
+        image.paste(colour, (x, y, x + width, y + size[1] // 2))
+    return image
+
+
+def jpeg_with_profile(primaries, name: str) -> bytes:
+    profile = icc_profile(name, primaries=primaries, gamma=2.2)
+    return encode(in_profile(colour_patches(), profile), "JPEG", quality=95, icc_profile=profile)
+
+
+def png_big_metadata(kind: str) -> bytes:
+    """A valid 16×16 PNG carrying more than 1 MiB (decompressed) of metadata:
+    compressed XMP in an iTXt chunk, a zTXt chunk, or a 1.5 MiB ICC profile."""
+    from PIL import PngImagePlugin
+
+    image = PILImage.new("RGB", (16, 16), (20, 160, 40))
+    big = "x" * (1_536 * 1024)
+    if kind == "icc":
+        return encode(image, "PNG", icc_profile=icc_profile("big sRGB", primaries=SRGB_PRIMARIES, gamma=2.2,
+                                                              padding=1_536 * 1024))
+    info = PngImagePlugin.PngInfo()
+    if kind == "itxt":
+        info.add_itxt("XML:com.adobe.xmp", f'<x:xmpmeta xmlns:x="adobe:ns:meta/">{big}</x:xmpmeta>', zip=True)
+    else:
+        info.add_text("Comment", big, zip=True)
+    return encode(image, "PNG", pnginfo=info)
+
+
+def png_metadata_bomb() -> bytes:
+    """A PNG whose zTXt chunk inflates to 33 MiB (from ~33 kB): past the raised
+    metadata bound (training.preprocessing.MAX_PNG_METADATA_CHUNK)."""
+    plain = encode(PILImage.new("RGB", (8, 8), (1, 2, 3)), "PNG")
+    at = plain.index(b"IDAT") - 4
+    chunk = _chunk(b"zTXt", b"Comment\0\0" + zlib.compress(b" " * (33 * 1024 * 1024), 9))
+    return plain[:at] + chunk + plain[at:]
+
+
+def apng(default_in_animation: bool) -> bytes:
+    """An animated PNG: red default image, then blue and green animation frames.
+    With default_in_animation the red image is the first frame; otherwise it is
+    only for viewers without APNG support and a browser shows blue first."""
+    red, blue, green = (PILImage.new("RGB", (16, 16), c) for c in ((220, 0, 0), (0, 0, 220), (0, 180, 0)))
+    return encode(red, "PNG", save_all=True, append_images=[blue, green], duration=100,
+                  default_image=not default_in_animation)
+
+
+def mpo() -> bytes:
+    """A multi-picture JPEG (a camera's MPO): orange first picture, blue second."""
+    first, second = PILImage.new("RGB", (24, 16), (240, 140, 20)), PILImage.new("RGB", (24, 16), (20, 40, 240))
+    return encode(first, "MPO", save_all=True, append_images=[second])
+
+
+def heic(image: PILImage.Image | None = None, **options) -> bytes:
+    """A real HEIC (HEVC in HEIF) encoded by libheif through pillow-heif."""
+    import pillow_heif
+
+    pillow_heif.register_heif_opener()
+    return encode(image if image is not None else noise((32, 24), seed=110), "HEIF", quality=90, **options)
+
+
+def avif(image: PILImage.Image | None = None, **options) -> bytes:
+    """A real AVIF encoded by Pillow's own AVIF plugin (libavif)."""
+    return encode(image if image is not None else noise((32, 24), seed=111), "AVIF", quality=90, **options)
+
+
 # --- The cases ----------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -173,16 +331,18 @@ def file_cases() -> list[FileCase]:
         FileCase("empty file", "empty.jpg", lambda: b"", False, "empty"),
         FileCase("text file named .jpg", "notes.jpg", lambda: b"hello, I am text\n" * 10, False, not_image),
         FileCase("HTML renamed .jpg", "page.jpg",
-                 lambda: b"<!doctype html><html><body><img src=x onerror=alert(1)></body></html>", False, not_image),
+                 lambda: b"<!doctype html><html><body><img src=x onerror=alert(1)></body></html>", False,
+                 "detected: HTML"),
         FileCase("SVG renamed .png", "drawing.png",
                  lambda: b'<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"><rect width="10" '
-                         b'height="10"/></svg>', False, not_image),
+                         b'height="10"/></svg>', False, "detected: SVG"),
         FileCase("PDF renamed .jpg", "document.jpg",
-                 lambda: b"%PDF-1.4\n1 0 obj<</Type/Catalog>>endobj\ntrailer<</Root 1 0 R>>\n%%EOF\n", False, not_image),
-        FileCase("zip renamed .png", "archive.png", lambda: _zip_bytes({"a.png": good_png(5)}), False, not_image),
+                 lambda: b"%PDF-1.4\n1 0 obj<</Type/Catalog>>endobj\ntrailer<</Root 1 0 R>>\n%%EOF\n", False,
+                 "detected: PDF"),
+        FileCase("zip renamed .png", "archive.png", lambda: _zip_bytes({"a.png": good_png(5)}), False, "detected: zip"),
         FileCase("random bytes .png", "noise.png", lambda: np.random.default_rng(7).bytes(4000), False, not_image),
         FileCase("TIFF (a real image, not accepted)", "scan.jpg", lambda: encode(noise(seed=8), "TIFF"), False,
-                 not_image),
+                 "detected: TIFF"),
         FileCase("text file named .txt", "readme.txt", lambda: b"just some notes", False, not_image,
                  import_words="not an image"),
         # Broken images.
@@ -231,6 +391,33 @@ def file_cases() -> list[FileCase]:
         FileCase("1×20000 image", "tall.png",
                  lambda: encode(PILImage.linear_gradient("L").resize((1, 20_000)), "PNG"), True),
         FileCase("PNG named .jpg", "actually-png.jpg", lambda: good_png(100), True),
+        # Real-photo kinds (issue 11): what a browser shows is what is embedded and thumbnailed.
+        FileCase("JPEG with a ProPhoto RGB profile (reported photo)", "clownfish_prophoto.jpg",
+                 lambda: (REAL_PHOTOS / "clownfish_prophoto.jpg").read_bytes(), True),
+        FileCase("JPEG with an Adobe RGB profile", "adobe.jpg",
+                 lambda: jpeg_with_profile(ADOBE_RGB_PRIMARIES, "Adobe RGB (1998)-like"), True),
+        FileCase("PNG with a Display P3 profile", "p3.png", lambda: encode(
+            in_profile(colour_patches(), p3 := icc_profile("Display P3-like", primaries=DISPLAY_P3_PRIMARIES)),
+            "PNG", icc_profile=p3), True),
+        FileCase("JPEG with an unreadable ICC profile", "bad-icc.jpg",
+                 lambda: encode(noise(seed=102), "JPEG", icc_profile=b"not a profile" * 10), True),
+        FileCase("RGB PNG with a tRNS transparent colour (reported photo)", "tiger_rgb_trns_magenta.png",
+                 lambda: (REAL_PHOTOS / "tiger_rgb_trns_magenta.png").read_bytes(), True),
+        FileCase("16-bit greyscale PNG with a tRNS transparent grey", "grey16-trns.png",
+                 lambda: encode(PILImage.open(io.BytesIO(grey16_png())), "PNG", transparency=61), True),
+        FileCase("APNG whose default image is not in the animation (reported)", "apng_hidden_default.png",
+                 lambda: (REAL_PHOTOS / "apng_hidden_default.png").read_bytes(), True),
+        FileCase("animated PNG", "anim.png", lambda: animated("PNG"), True),
+        FileCase("MPO (a camera's multi-picture JPEG)", "camera.mpo", mpo, True),
+        FileCase("PNG with over 1 MiB of compressed XMP (reported)", "png_big_xmp.png",
+                 lambda: (REAL_PHOTOS / "png_big_xmp.png").read_bytes(), True),
+        FileCase("PNG with a 1.5 MiB zTXt text chunk", "ztxt.png", lambda: png_big_metadata("ztxt"), True),
+        FileCase("PNG with a 1.5 MiB ICC profile", "big-icc.png", lambda: png_big_metadata("icc"), True),
+        FileCase("PNG metadata bomb (33 MiB of text)", "text-bomb.png", png_metadata_bomb, False, "metadata"),
+        FileCase("HEIC (iPhone photo)", "IMG_0001.HEIC", heic, True),
+        FileCase("AVIF", "photo.avif", avif, True),
+        FileCase("HEIC named .jpg", "IMG_0002.jpg", lambda: heic(noise((24, 24), seed=112)), True),
+        FileCase("Photoshop PSD", "layers.psd", lambda: b"8BPS\0\1" + b"\0" * 64, False, "detected: Photoshop"),
         FileCase("unicode, spaces and shell characters in the name", UNICODE_NAME, lambda: good_png(101), True),
     ]
 
@@ -247,6 +434,7 @@ class ParamCase:
     words: str = ""
     raw: bytes | None = None  # a raw body instead of `data`, with this content type:
     content_type: str = ""
+    meta: dict = field(default_factory=dict)  # extra WSGI environ (headers as HTTP_*)
 
 
 def param_cases() -> list[ParamCase]:
@@ -291,6 +479,10 @@ def param_cases() -> list[ParamCase]:
         ParamCase("200 files (limit 100)", "POST", "/api/search", {"image": True, "_files": 200}, 400,
                   "could not be read"),
         ParamCase("unknown image id", "GET", "/api/images/999999999/similar", {}, 404, "no image"),
+        ParamCase("chunked upload (no Content-Length)", "POST", "/api/search", {}, 411, "Content-Length", raw=b"",
+                  content_type="multipart/form-data; boundary=xyz", meta={"HTTP_TRANSFER_ENCODING": "chunked"}),
+        ParamCase("chunked upload (no Content-Length)", "POST", "/search/", {}, 411, "Content-Length", raw=b"",
+                  content_type="multipart/form-data; boundary=xyz", meta={"HTTP_TRANSFER_ENCODING": "chunked"}),
         ParamCase("wrong method", "GET", "/api/search", {}, 405, "POST"),
         ParamCase("wrong method", "PUT", "/api/search", {}, 405, "POST"),
         ParamCase("wrong method", "POST", "/api/images/{image}/similar", {}, 405, "GET"),
@@ -323,6 +515,38 @@ def _patch_entry(data: bytes, *, flag_bits: int = 0, method: int | None = None, 
     if name_from is not None:
         data = bytearray(bytes(data).replace(name_from, name_to))
     return bytes(data)
+
+
+def unicode_path_extra(raw_name: bytes, name: str, *, crc: int | None = None) -> bytes:
+    """An Info-ZIP Unicode Path extra field (0x7075) for a header name `raw_name`."""
+    body = struct.pack("<BI", 1, zlib.crc32(raw_name) if crc is None else crc) + name.encode("utf-8")
+    return struct.pack("<HH", 0x7075, len(body)) + body
+
+
+def zip_with_raw_names(entries: list[tuple[bytes, bytes, bytes]]) -> bytes:
+    """A zip whose entry names are exactly these bytes, with the UTF-8 flag
+    (bit 11) clear, as Info-ZIP on Linux or an old Windows tool writes them:
+    (raw name, data, extra field). Written under ASCII placeholders of the same
+    length, then the placeholders are replaced in both headers."""
+    buffer = io.BytesIO()
+    placeholders = []
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for index, (raw, data, extra) in enumerate(entries):
+            placeholder = f"Q{index:0{len(raw) - 1}d}"
+            info = zipfile.ZipInfo(placeholder)
+            info.compress_type = zipfile.ZIP_DEFLATED
+            info.extra = extra
+            archive.writestr(info, data)
+            placeholders.append((placeholder.encode(), raw))
+    out = buffer.getvalue()
+    for placeholder, raw in placeholders:
+        assert out.count(placeholder) == 2, placeholder  # the local and the central header
+        out = out.replace(placeholder, raw)
+    return out
+
+
+LOEWE_NFC = unicodedata.normalize("NFC", "Löwe")
+LOEWE_NFD = unicodedata.normalize("NFD", "Löwe")
 
 
 def _corrupt_deflate() -> bytes:
@@ -390,6 +614,22 @@ def zip_cases() -> list[ZipCase]:
                 lambda: _zip_bytes({"empty.png": b"", "cut.png": truncated(good_png(301)), "bomb.png": bomb_png(),
                                     "ok.png": good[0]}),
                 1, "truncated"),
+        ZipCase("Info-ZIP on Linux: UTF-8 names without the UTF-8 flag (reported)",
+                lambda: (REAL_PHOTOS / "infozip_utf8_noflag.zip").read_bytes(), 1, labels=("été",)),
+        ZipCase("UTF-8 names without the UTF-8 flag",
+                lambda: zip_with_raw_names([("dossier été/☀.png".encode(), good[0], b""),
+                                            ("日本/写真.png".encode(), good[1], b"")]),
+                2, labels=("dossier été", "日本")),
+        ZipCase("code page 437 names (an old Windows zip)",
+                lambda: zip_with_raw_names([("Café/Übersicht.png".encode("cp437"), good[0], b"")]),
+                1, labels=("Café",)),
+        ZipCase("an Info-ZIP Unicode Path extra field (0x7075)",
+                lambda: zip_with_raw_names([(b"caf_/a.png", good[0], unicode_path_extra(b"caf_/a.png", "café/a.png")),
+                                            (b"old_/b.png", good[1], unicode_path_extra(b"x", "stale/b.png"))]),
+                2, labels=("café", "old_")),
+        ZipCase("the same folder name in NFC and NFD (macOS)",
+                lambda: _zip_bytes({f"{LOEWE_NFC}/a.png": good[0], f"{LOEWE_NFD}/b.png": good[1]}),
+                2, labels=(LOEWE_NFC, LOEWE_NFC)),
         ZipCase("a stored (uncompressed) zip", lambda: _zip_bytes({"a.png": good[0]}, zipfile.ZIP_STORED), 1),
         ZipCase("an empty zip", lambda: _zip_bytes({}), 0),
         ZipCase("not a zip at all", lambda: b"PK\x03\x04 but nothing else", None, "not a readable zip"),
@@ -444,6 +684,11 @@ def _odd_names(root: Path) -> None:
         handle.write(good_png(408))
 
 
+def _nfc_and_nfd(root: Path) -> None:
+    _write(root / LOEWE_NFC / "a.png", good_png(409))  # two different folders to Linux
+    _write(root / LOEWE_NFD / "b.png", good_png(410))
+
+
 def _bad_files(root: Path) -> None:
     for case in file_cases():
         if case.kind.startswith("unicode"):
@@ -460,6 +705,7 @@ def folder_cases() -> list[FolderCase]:
                    labels=("birds", "mammals/cats", "mammals/dogs/deep")),
         FolderCase("unicode, spaces, shell characters and non-UTF-8 bytes in names", _odd_names, 3,
                    labels=("$(reboot)", "dossier été", "latin1")),
+        FolderCase("the same folder name in NFC and NFD", _nfc_and_nfd, 2, labels=(LOEWE_NFC, LOEWE_NFC)),
         FolderCase("every file case of the corpus in one folder", _bad_files, accepted, "truncated"),
     ]
 
@@ -621,7 +867,7 @@ def param_request(client, case: ParamCase, image_id: int) -> Outcome:
     path = case.path.replace("{image}", str(image_id))
     method = getattr(client, case.method.lower())
     if case.raw is not None:
-        response = method(path, data=case.raw, content_type=case.content_type)
+        response = method(path, data=case.raw, content_type=case.content_type, **case.meta)
     else:
         response = method(path, data) if case.method in ("GET", "POST") else method(path)
     problems = before.problems(expect_rows=0)

@@ -39,10 +39,11 @@ class Command(BaseCommand):
             raise CommandError(f"{path} is a file but not a zip; give a folder of images or a .zip")
         dataset, created = Dataset.objects.get_or_create(name=options["dataset"],
                                                          defaults={"description": options["description"]})
-        if created:
-            self.stdout.write(f"created dataset {dataset.name!r}")
         if is_zip and not options["in_process"]:
-            return self._zip_job(path, dataset, options)
+            # The job needs the dataset row before it starts; it stays even when nothing gets imported.
+            if created:
+                self.stdout.write(f"created dataset {dataset.name!r}")
+            return self._zip_job(path, dataset, options, created=created)
         try:
             with progress_bar(f"importing into {dataset.name}", disable=options["no_progress"]) as progress:
                 if is_zip:
@@ -52,10 +53,16 @@ class Command(BaseCommand):
                     report = import_folder(path, dataset, labels_from_folders=options["labels_from_folders"],
                                            label_depth=options["label_depth"], progress=progress)
         except ZipRejected as exc:
+            self._drop_if_new_and_empty(dataset, created)
             raise CommandError(str(exc)) from None
         except StorageError as exc:
+            self._drop_if_new_and_empty(dataset, created)
             done = exc.report.imported if exc.report else 0
             raise CommandError(f"{exc} (stopped there; {done} image(s) imported before it are complete)") from None
+        if self._drop_if_new_and_empty(dataset, created):
+            self.stdout.write(f"nothing was imported, so dataset {dataset.name!r} was not created")
+        elif created:
+            self.stdout.write(f"created dataset {dataset.name!r}")
         not_images = [name for name, reason in report.rejected if reason == "not an image"]
         for name, reason in report.rejected:
             if reason != "not an image":
@@ -65,7 +72,16 @@ class Command(BaseCommand):
             self.stdout.write(f"  skipped {len(not_images)} file(s) that are not images ({shown})")
         self.stdout.write(self.style.SUCCESS(report.summary()))
 
-    def _zip_job(self, path: Path, dataset, options):
+    @staticmethod
+    def _drop_if_new_and_empty(dataset, created: bool) -> bool:
+        """A dataset this command created is removed again when no image went
+        into it (every file refused, an empty folder): no empty dataset is left behind."""
+        if created and not dataset.images.exists():
+            dataset.delete()
+            return True
+        return False
+
+    def _zip_job(self, path: Path, dataset, options, *, created: bool = False):
         try:
             jobs.check_workers("embed")
         except jobs.JobError as exc:
@@ -79,6 +95,10 @@ class Command(BaseCommand):
         if options["no_wait"]:
             return
         job = wait_for_job(job, disable=options["no_progress"])
+        empty = created and not dataset.images.exists()
+        note = f" (dataset {dataset.name!r} was created for it and is empty)" if empty else ""
         if job.status != "succeeded":
-            raise CommandError(f"job #{job.pk} {job.status}: {job.error}")
+            raise CommandError(f"job #{job.pk} {job.status}: {job.error}{note}")
         self.stdout.write(self.style.SUCCESS(job.message))
+        if empty:
+            self.stdout.write(f"nothing was imported: dataset {dataset.name!r} was created for the job and is empty")
