@@ -94,7 +94,8 @@ class Worker:
             cwd=ROOT, env=self.env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
         return self
 
-    def wait_ready(self, app, timeout: float = 60) -> None:
+    def wait_ready(self, app, timeout: float = 180) -> None:
+        """Until the worker answers a ping (generous: a loaded 2-core machine imports torch slowly)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
