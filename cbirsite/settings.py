@@ -126,7 +126,8 @@ CBIR_JOB_STALE_SECONDS = env_int("CBIR_JOB_STALE_SECONDS", 120, minimum=1)
 CBIR_RECOVERY_INTERVAL = env_float("CBIR_RECOVERY_INTERVAL", 30.0, minimum=0.1)
 # Starting a job first checks that a worker answers (seconds to wait for one).
 CBIR_WORKER_PING_TIMEOUT = env_float("CBIR_WORKER_PING_TIMEOUT", 1.5, minimum=0.1)
-# Fault-injection aid for demonstrations and tests: pause between batches.
+# Fault-injection aid for demonstrations and tests: pause between batches
+# (of embedding chunks and of delete jobs).
 CBIR_EMBED_THROTTLE_SECONDS = env_float("CBIR_EMBED_THROTTLE_SECONDS", 0.0, minimum=0.0)
 # Zip imports: limits against zip bombs.
 CBIR_ZIP_MAX_ENTRIES = env_int("CBIR_ZIP_MAX_ENTRIES", 100_000, minimum=1)

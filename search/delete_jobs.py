@@ -9,6 +9,7 @@ request by `delete_or_start`, under the same rule."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -85,8 +86,12 @@ def _delete(run: runner.Run) -> None:
     params = run.job.params
     total = int(params.get("total") or 0)
 
+    throttle = settings.CBIR_EMBED_THROTTLE_SECONDS  # fault injection: slows batches down for tests and demos
+
     def progress(done: int, seen_total: int) -> None:
         run.progress(done, seen_total, f"deleted {done:,} of {seen_total:,} image(s)")
+        if throttle:
+            time.sleep(throttle)
 
     dataset_id = params.get("dataset_id")
     name = params.get("dataset_name", "")

@@ -10,7 +10,7 @@ from django.db import transaction
 from search import jobs, runner
 from search.duplicates import flag_new_near_duplicates
 from search.indexing import embed_images, ensure_hnsw_index, missing_image_ids
-from search.models import Dataset, Job, JobChunk
+from search.models import Dataset, Image, Job, JobChunk
 from training.models import ModelVersion
 
 KIND = "embed"
@@ -82,9 +82,16 @@ def run_chunk(chunk_id: int) -> str:
             raise jobs.JobError("the job's model version was deleted")
         report = embed_images(version, chunk.image_ids, progress=lambda done, total, msg: progress(done, msg),
                               should_stop=should_stop)
-        for image_id, reason in report.failed[:20]:
+        # An image deleted meanwhile (its file gone with it) is not unreadable: it is no longer there.
+        failed_ids = [image_id for image_id, _ in report.failed]
+        live = set(Image.objects.filter(pk__in=failed_ids).values_list("pk", flat=True))
+        unreadable = [(image_id, reason) for image_id, reason in report.failed if image_id in live]
+        if len(unreadable) < len(report.failed):
+            jobs.add_log(chunk.job_id, f"chunk {chunk.index}: {len(report.failed) - len(unreadable)} image(s) "
+                                       "deleted meanwhile, skipped")
+        for image_id, reason in unreadable[:20]:
             jobs.add_log(chunk.job_id, f"image {image_id} could not be embedded: {reason}")
-        return report.embedded, len(report.failed)
+        return report.embedded, len(unreadable)
 
     return runner.execute_chunk(chunk_id, body, finish_embed_job)
 

@@ -65,7 +65,8 @@ def _import(run: runner.Run) -> str:
         raise runner.JobFailed(f"{exc} (stopped there; {done} image(s) imported before it are complete)",
                                outcome="storage error") from None
     if run.should_stop():
-        raise runner.JobStopped("stopped")
+        raise runner.JobStopped(f"cancelled: stopped after {report.imported} image(s) imported, which are kept "
+                                "(Run again imports the rest)")
     for name, reason in report.rejected[:200]:
         if reason != "not an image":
             run.log(f"skipped {name}: {reason}")
