@@ -4,6 +4,7 @@ SearchConfig.ready()."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from django.conf import settings
@@ -50,8 +51,12 @@ def _import(run: runner.Run) -> str:
         raise runner.JobFailed("the job's dataset was deleted")
     zip_path = Path(job.params["zip_path"])
 
+    throttle = settings.CBIR_EMBED_THROTTLE_SECONDS  # fault injection: slows an import down for tests and demos
+
     def progress(done: int, total: int, message: str) -> None:
         run.progress(done, total, message)
+        if throttle:
+            time.sleep(throttle)
 
     try:
         report = import_zip(zip_path, job.dataset, labels_from_folders=job.params.get("labels_from_folders", False),
