@@ -4,11 +4,13 @@ switch search to it. Registered in SearchConfig.ready()."""
 
 from __future__ import annotations
 
+import time
+
 from django.conf import settings
 from django.db import transaction
 
 from search import jobs, runner
-from search.duplicates import flag_new_near_duplicates
+from search.duplicates import flag_new_near_duplicates, flags_with
 from search.indexing import embed_images, ensure_hnsw_index, missing_image_ids
 from search.models import Dataset, Image, Job, JobChunk
 from training.models import ModelVersion
@@ -124,7 +126,29 @@ def finish_embed_job(job_id: int) -> bool:
     jobs.add_log(job_id, f"done: {done} embedded, {failed} unreadable"
                          f"{', index built' if created else ''}{', now active for search' if activated else ''}")
     image_ids = [i for ids in JobChunk.objects.filter(job_id=job_id).values_list("image_ids", flat=True) for i in ids]
-    flagged = flag_new_near_duplicates(version, image_ids)
-    if flagged:
-        jobs.add_log(job_id, f"{flagged} near-duplicate pair(s) flagged (see admin: Near duplicates)")
+    flag_after(job_id, version, image_ids)
     return True
+
+
+def flag_after(job_id: int, version: ModelVersion, image_ids: list[int]) -> int:
+    """The near-duplicate pass after an embedding job (search.duplicates; only
+    the flagging version flags): its progress goes to the job's message at
+    most every PROGRESS_WRITE_SECONDS, its outcome to the log and the result."""
+    if not flags_with(version):
+        jobs.add_log(job_id, f"near-duplicates not flagged: {version.name} is not the version they are flagged "
+                             "with (CBIR_NEAR_DUPLICATE_VERSION, default the active one)")
+        return 0
+    last = [0.0]
+
+    def progress(done: int, total: int) -> None:
+        now = time.monotonic()
+        if done >= total or now - last[0] >= runner.PROGRESS_WRITE_SECONDS:
+            last[0] = now
+            Job.objects.filter(pk=job_id).update(message=f"near-duplicates: {done:,} of {total:,} image(s) looked up")
+
+    jobs.add_log(job_id, f"near-duplicates: looking up {len(image_ids):,} image(s) with {version.name}")
+    flagged = flag_new_near_duplicates(version, image_ids, progress=progress)
+    jobs.add_log(job_id, f"{flagged} near-duplicate pair(s) flagged (see admin: Near duplicates)")
+    result = Job.objects.filter(pk=job_id).values_list("result", flat=True).first() or {}
+    Job.objects.filter(pk=job_id).update(result={**result, "near_duplicates": flagged})
+    return flagged
