@@ -92,7 +92,7 @@ class NearDuplicateAdmin(admin.ModelAdmin):
         page = Paginator(all_groups, GROUPS_PER_PAGE).get_page(request.GET.get("page"))
         context = {
             **self.admin_site.each_context(request), "opts": self.model._meta, "title": "Near-duplicate groups",
-            "datasets": datasets, "dataset": dataset, "groups": with_images(page.object_list), "page_obj": page,
+            "datasets": datasets, "dataset": dataset, "groups": with_images(list(page.object_list)), "page_obj": page,
             "n_groups": len(all_groups), "n_images": sum(len(g) for g in all_groups),
             "threshold": near_duplicate_threshold(), "version": version,
             "can_delete": request.user.has_perm("search.delete_image"),
