@@ -14,8 +14,9 @@ search.deletion / search.delete_jobs instead of Django's per-object delete.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
+from django.conf import settings
 from django.contrib import messages
 from django.contrib.admin.actions import delete_selected
 from django.core.exceptions import PermissionDenied
@@ -26,7 +27,7 @@ from django.utils.html import format_html
 from search import jobs
 from search.admin_jobs import job_link
 from search.delete_jobs import Outcome
-from search.models import Dataset, Embedding, Image, NearDuplicate
+from search.models import Dataset, Embedding, Image, Job, NearDuplicate
 
 SUMMARY_OVER = 100  # objects: above this, the confirmation page shows counts only
 
@@ -46,6 +47,8 @@ class DeleteThroughJobsMixin:
     (raising jobs.JobError to refuse) and, optionally, `delete_summary(objs)`."""
 
     _state_attr = "_cbir_delete_outcome"
+    delete_confirmation_template: ClassVar[Any] = "admin/cbir_delete_confirmation.html"
+    delete_selected_confirmation_template: ClassVar[Any] = "admin/cbir_delete_selected_confirmation.html"
 
     def perform_delete(self, request, objs: list) -> Outcome:
         raise NotImplementedError
@@ -54,7 +57,23 @@ class DeleteThroughJobsMixin:
         """Counts for the confirmation page, or None for Django's full list."""
         return None
 
+    def busy_jobs(self, obj) -> list[Job]:
+        """The active jobs that would make deleting `obj` refused (no lock: for display)."""
+        if isinstance(obj, Dataset):
+            where = Q(dataset=obj)
+        elif isinstance(obj, Image):
+            where = Q(dataset_id=obj.dataset_id)
+        else:
+            where = Q(model_version=obj)
+        return list(Job.objects.filter(where, status__in=jobs.ACTIVE).order_by("created"))
+
     # --- Django's hooks -------------------------------------------------------
+
+    def render_delete_form(self, request, context):
+        obj = context.get("object")
+        context.update(busy_jobs=self.busy_jobs(obj) if obj is not None else [],
+                       delete_in_request_max=settings.CBIR_DELETE_IN_REQUEST_MAX)
+        return super().render_delete_form(request, context)
 
     def delete_model(self, request, obj) -> None:
         self._delete(request, [obj])
@@ -121,7 +140,10 @@ class DeleteThroughJobsMixin:
         """Django's delete_selected, but the confirmed delete goes through
         perform_delete and reports what really happened."""
         if not request.POST.get("post"):
-            return delete_selected(modeladmin, request, queryset)  # the confirmation page
+            response = delete_selected(modeladmin, request, queryset)  # the confirmation page
+            if response is not None and hasattr(response, "context_data"):
+                response.context_data["delete_in_request_max"] = settings.CBIR_DELETE_IN_REQUEST_MAX
+            return response
         _, _, perms_needed, protected = modeladmin.get_deleted_objects(queryset, request)
         if perms_needed or protected:
             raise PermissionDenied

@@ -205,3 +205,16 @@ def test_the_confirmation_of_a_large_delete_shows_counts_not_every_row(admin_cli
     assert page.status_code == 200
     html = page.content.decode()
     assert "101 images" in html and "0.png" not in html
+
+
+def test_the_confirmation_pages_state_the_rule_and_name_a_busy_job(admin_client, db):
+    dataset = _fill("busy", 2)
+    page = admin_client.get(reverse("admin:search_dataset_delete", args=[dataset.pk]))
+    assert page.status_code == 200 and 'id="delete-rule"' in page.content.decode()
+    assert "cannot be deleted now" not in page.content.decode()
+    job = _running("import", dataset=dataset)
+    html = admin_client.get(reverse("admin:search_dataset_delete", args=[dataset.pk])).content.decode()
+    assert "cannot be deleted now" in html and f"job #{job.pk}</a> (import, running)" in html
+    ids = list(dataset.images.values_list("pk", flat=True))
+    bulk = admin_client.post(IMAGES, {"action": "delete_selected", "_selected_action": ids, "index": "0"})
+    assert bulk.status_code == 200 and 'id="delete-rule"' in bulk.content.decode()
