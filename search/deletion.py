@@ -68,10 +68,11 @@ def release_files(names: Iterable[str]) -> int:
             kept.update((file, thumbnail))
         for name in part:
             if name not in kept:
-                path = root / name
-                if path.is_file():
-                    path.unlink(missing_ok=True)
+                try:
+                    (root / name).unlink()
                     removed += 1
+                except FileNotFoundError:
+                    pass
     return removed
 
 
