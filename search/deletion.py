@@ -150,8 +150,12 @@ def delete_now(*, dataset: Dataset | None = None, image_ids: Iterable[int] = ())
     of images deleted."""
     with transaction.atomic():
         if dataset is not None:
+            # FOR UPDATE: an image added by hand meanwhile waits for this commit (then fails on the missing
+            # dataset), so no row can appear between collecting the images and deleting the dataset.
+            if not list(Dataset.objects.select_for_update().filter(pk=dataset.pk).values_list("pk")):
+                return 0
             check_free(what=f"dataset {dataset.name}", datasets=[dataset])
-            count = dataset.images.count()
+            count = len(Image.objects.select_for_update().filter(dataset=dataset).values_list("pk"))
             Dataset.objects.filter(pk=dataset.pk).delete()
             return count
         ids = list(image_ids)
