@@ -126,7 +126,8 @@ CBIR_JOB_STALE_SECONDS = env_int("CBIR_JOB_STALE_SECONDS", 120, minimum=1)
 CBIR_RECOVERY_INTERVAL = env_float("CBIR_RECOVERY_INTERVAL", 30.0, minimum=0.1)
 # Starting a job first checks that a worker answers (seconds to wait for one).
 CBIR_WORKER_PING_TIMEOUT = env_float("CBIR_WORKER_PING_TIMEOUT", 1.5, minimum=0.1)
-# Fault-injection aid for demonstrations and tests: pause between batches.
+# Fault-injection aid for demonstrations and tests: pause between batches
+# (of embedding chunks and of delete jobs).
 CBIR_EMBED_THROTTLE_SECONDS = env_float("CBIR_EMBED_THROTTLE_SECONDS", 0.0, minimum=0.0)
 # Zip imports: limits against zip bombs.
 CBIR_ZIP_MAX_ENTRIES = env_int("CBIR_ZIP_MAX_ENTRIES", 100_000, minimum=1)
@@ -208,6 +209,14 @@ CBIR_SPLIT_SEED = env_str("CBIR_SPLIT_SEED", "cbir-split-v1")
 # Newly embedded images at least this similar (cosine) to an image already in
 # their dataset are flagged as near-duplicates (exact duplicates are skipped by SHA-256).
 CBIR_NEAR_DUPLICATE_THRESHOLD = env_float("CBIR_NEAR_DUPLICATE_THRESHOLD", 0.95, minimum=0.01, maximum=1.0)
+# Deletes: rows per transaction (each batch commits on its own, so no long lock),
+# and the largest delete (images) done within the admin's request; a larger one
+# runs as a "delete" job with progress.
+CBIR_DELETE_BATCH_SIZE = env_int("CBIR_DELETE_BATCH_SIZE", 1000, minimum=1, maximum=100_000)
+CBIR_DELETE_IN_REQUEST_MAX = env_int("CBIR_DELETE_IN_REQUEST_MAX", 1000, minimum=0)
+# The model version whose embeddings near-duplicates are flagged with (its name);
+# empty: the active one. The threshold is calibrated for one model (docs/jobs.md).
+CBIR_NEAR_DUPLICATE_VERSION = env_str("CBIR_NEAR_DUPLICATE_VERSION", "")
 CBIR_WEIGHTS_DIR = Path(env_str("CBIR_WEIGHTS_DIR", str(VAR_DIR / "weights")) or VAR_DIR / "weights")
 # Offline: never try to download pretrained weights, fail with instructions instead.
 CBIR_OFFLINE = env_bool("CBIR_OFFLINE", False)

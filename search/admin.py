@@ -1,13 +1,16 @@
 from __future__ import annotations
 
 from django.contrib import admin, messages
+from django.db import transaction
 from django.db.models import Count, Q
 from django.shortcuts import redirect, render
 from django.urls import path
 from django.utils.html import format_html, format_html_join
 
 from search import embed_jobs, import_jobs, jobs
+from search.admin_deletes import DeleteThroughJobsMixin, dataset_summary, image_counts
 from search.admin_jobs import intermediate, jobs_link, redirect_to_job, save_upload, start_or_report
+from search.delete_jobs import Outcome, delete_or_start
 from search.forms import BuildIndexForm, ImageUploadForm, SetLabelForm, SetSplitForm, ZipImportForm
 from search.indexing import coverage
 from search.ingest import add_image
@@ -15,7 +18,7 @@ from search.models import Dataset, Embedding, Image, Split
 
 
 @admin.register(Dataset)
-class DatasetAdmin(admin.ModelAdmin):
+class DatasetAdmin(DeleteThroughJobsMixin, admin.ModelAdmin):
     list_display = ["name", "n_images", "n_train", "n_val", "n_test", "n_labels", "coverage_summary", "job_links",
                     "created"]
     search_fields = ["name", "description"]
@@ -23,6 +26,21 @@ class DatasetAdmin(admin.ModelAdmin):
     fields = ["name", "description", "created", "split_table", "label_table", "coverage_table", "job_links"]
     actions = ["build_index", "train_model", "evaluate"]
     change_form_template = "admin/search/dataset/change_form.html"
+
+    # --- Deleting (search/admin_deletes.py) ------------------------------------------
+
+    def perform_delete(self, request, objs):
+        """All or nothing: refused (JobError) when a job works on one of them."""
+        outcome = Outcome()
+        with transaction.atomic():
+            for dataset in objs:
+                step = delete_or_start(dataset=dataset, user=request.user)
+                outcome.deleted += step.deleted
+                outcome.job = step.job or outcome.job
+        return outcome
+
+    def delete_summary(self, objs):
+        return dataset_summary(objs)
 
     # --- Jobs started from here -------------------------------------------------
 
@@ -186,7 +204,7 @@ class LabelFilter(admin.SimpleListFilter):
 
 
 @admin.register(Image)
-class ImageAdmin(admin.ModelAdmin):
+class ImageAdmin(DeleteThroughJobsMixin, admin.ModelAdmin):
     list_display = ["thumb", "id", "original_filename", "label", "split", "dataset", "size", "created"]
     list_display_links = ["thumb", "id"]
     list_editable = ["label"]
@@ -201,6 +219,12 @@ class ImageAdmin(admin.ModelAdmin):
 
     def get_queryset(self, request):
         return super().get_queryset(request).select_related("dataset")
+
+    def perform_delete(self, request, objs):
+        return delete_or_start(image_ids=[obj.pk for obj in objs], user=request.user)
+
+    def delete_summary(self, objs):
+        return image_counts(Image.objects.filter(pk__in=[o.pk for o in objs])) if len(objs) > 100 else None
 
     @admin.display(description="")
     def thumb(self, obj):

@@ -6,13 +6,17 @@ from __future__ import annotations
 
 from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
+from django.core.paginator import Paginator
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import render
 from django.urls import path, reverse
 from django.utils.html import format_html
 
-from search.duplicates import delete_extras, near_duplicate_groups, near_duplicate_threshold
+from search.duplicates import delete_extras, flagging_version, group_ids, near_duplicate_threshold, with_images
+from search.jobs import JobError
 from search.models import Dataset, NearDuplicate
+
+GROUPS_PER_PAGE = 50
 
 
 def _thumb(image) -> str:
@@ -74,31 +78,42 @@ class NearDuplicateAdmin(admin.ModelAdmin):
         return [groups, *super().get_urls()]
 
     def groups_view(self, request: HttpRequest) -> HttpResponse:
-        """GET: the groups of one dataset. POST action=delete_extras with some
+        """GET: one page of GROUPS_PER_PAGE groups of one dataset, under the
+        flagging version (search.duplicates.flagging_version), with the
+        threshold and the group count. POST action=delete_extras with some
         `group` values (the kept image's id): a confirmation page, then, with
         confirm=yes, the extras of those groups are deleted."""
         if not self.has_view_permission(request):
             raise PermissionDenied
         datasets = Dataset.objects.filter(images__near_duplicates__isnull=False).distinct().order_by("name")
         dataset = self._chosen_dataset(request, datasets)
-        groups = near_duplicate_groups(dataset) if dataset else []
+        version = flagging_version()
+        all_groups = group_ids(dataset, version) if dataset else []
+        page = Paginator(all_groups, GROUPS_PER_PAGE).get_page(request.GET.get("page"))
         context = {
             **self.admin_site.each_context(request), "opts": self.model._meta, "title": "Near-duplicate groups",
-            "datasets": datasets, "dataset": dataset, "groups": groups, "threshold": near_duplicate_threshold(),
+            "datasets": datasets, "dataset": dataset, "groups": with_images(list(page.object_list)), "page_obj": page,
+            "n_groups": len(all_groups), "n_images": sum(len(g) for g in all_groups),
+            "threshold": near_duplicate_threshold(), "version": version,
             "can_delete": request.user.has_perm("search.delete_image"),
         }
         if dataset is not None and request.method == "POST" and request.POST.get("action") == "delete_extras":
             if not context["can_delete"]:
                 raise PermissionDenied
             chosen = {int(v) for v in request.POST.getlist("group") if v.isdigit()}
-            selected = [group for group in groups if group[0].pk in chosen]
+            selected = with_images([ids for ids in all_groups if ids[0] in chosen])
+            back = f"{request.path}?dataset={dataset.pk}&page={page.number}"
             if not selected:
                 self.message_user(request, "Select at least one group.", messages.WARNING)
             elif request.POST.get("confirm") == "yes":
-                deleted = delete_extras(dataset, [group[0].pk for group in selected])
+                try:
+                    deleted = delete_extras(dataset, [group[0].pk for group in selected], version)
+                except JobError as exc:
+                    self.message_user(request, f"Nothing was deleted: {exc}", messages.ERROR)
+                    return HttpResponseRedirect(back)
                 self.message_user(request, f"Deleted {len(deleted)} image(s); kept the first image of "
                                            f"{len(selected)} group(s).", messages.SUCCESS)
-                return HttpResponseRedirect(f"{request.path}?dataset={dataset.pk}")
+                return HttpResponseRedirect(back)
             else:
                 return render(request, "admin/search/nearduplicate/groups.html",
                               {**context, "confirm": True, "selected": selected,

@@ -7,9 +7,11 @@ class SearchConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        from search import embed_jobs, jobs, signals, worker  # noqa: F401 - signals: file clean-up on delete
+        from search import delete_jobs, embed_jobs, jobs, signals, worker  # noqa: F401 - signals: file clean-up on delete
 
         jobs.register_kind(jobs.JobKind("import", task="search.tasks.run_import", queue="embed"))
         jobs.register_kind(jobs.JobKind("embed", task="search.tasks.finish_embed_job", queue="embed",
                                         chunk_task="search.tasks.embed_chunk", requeue=embed_jobs.queue_chunks))
+        jobs.register_kind(jobs.JobKind("delete", task="search.tasks.run_delete", queue="embed",
+                                        requeue=delete_jobs.requeue, exclusive=True))
         worker.connect_worker_signals()

@@ -4,17 +4,24 @@ pixels changed.
 
 After images are embedded, `flag_near_duplicates` asks the version's HNSW
 index for each new image's few nearest neighbours in its dataset (one "more
-like this" query each, never an all-pairs matrix) and records every pair at or
-above the similarity threshold as a NearDuplicate row. `near_duplicate_groups`
-joins the pairs into groups for the admin, where the extras can be deleted."""
+like this" query each, never an all-pairs matrix: time linear in the images
+added) and records every pair at or above the similarity threshold as a
+NearDuplicate row. `group_ids` joins a dataset's pairs into groups (connected
+components, union-find over one query's pairs) for the admin, which pages
+through them and deletes the extras.
+
+One version flags. A cosine threshold means something only for the model it
+was calibrated for (0.95 suits the ImageNet networks, docs/evaluation.md; a
+weak autoencoder puts far more unrelated pairs above it), so only the
+version named by CBIR_NEAR_DUPLICATE_VERSION, by default the active one,
+flags; embedding with any other version flags nothing (`flagging_version`)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
-from django.db import transaction
 
 from search.models import Dataset, Image, NearDuplicate
 from search.neighbours import nearest
@@ -24,6 +31,30 @@ DEFAULT_THRESHOLD = 0.95
 # Neighbours looked at per image. A group larger than this is still found
 # whole, because its members are linked to one another pair by pair.
 NEIGHBOURS = 5
+SLICE = 1000  # images looked up (and pairs written) per step, with progress after each
+
+Progress = Callable[[int, int], None]
+
+
+def flagging_version() -> ModelVersion | None:
+    """The model version near-duplicates are flagged with: the one named by
+    CBIR_NEAR_DUPLICATE_VERSION, else the active one (None when neither
+    exists). Raises ImproperlyConfigured when the named version does not exist."""
+    name = getattr(settings, "CBIR_NEAR_DUPLICATE_VERSION", "") or ""
+    if name:
+        version = ModelVersion.objects.filter(name=name).first()
+        if version is None:
+            raise ImproperlyConfigured(f"CBIR_NEAR_DUPLICATE_VERSION names no model version: {name!r}")
+        return version
+    return ModelVersion.active()
+
+
+def flags_with(version: ModelVersion) -> bool:
+    """Whether embedding with `version` flags near-duplicates: it is the
+    flagging version, or no version is active yet and none is named (the first
+    version indexed, which becomes the active one)."""
+    chosen = flagging_version()
+    return version.pk == chosen.pk if chosen is not None else True
 
 
 def near_duplicate_threshold() -> float:
@@ -35,9 +66,10 @@ def near_duplicate_threshold() -> float:
 
 
 def flag_near_duplicates(version: ModelVersion, dataset: Dataset, image_ids: Iterable[int] | None = None,
-                         threshold: float | None = None) -> int:
+                         threshold: float | None = None, progress: Progress | None = None) -> int:
     """Record the near-duplicates of `image_ids` (all of the dataset's images
-    when None) within `dataset`, as seen by `version`.
+    when None) within `dataset`, as seen by `version` (whichever it is: the
+    choice of version is flag_new_near_duplicates').
 
     A pair is flagged when its cosine similarity is >= `threshold` (default:
     settings.CBIR_NEAR_DUPLICATE_THRESHOLD, else 0.95). In each pair `image`
@@ -45,14 +77,29 @@ def flag_near_duplicates(version: ModelVersion, dataset: Dataset, image_ids: Ite
     the older, so a new import points at what was already there. Rows are
     upserted on (image, duplicate_of): running it again changes nothing.
     Images not embedded by `version`, or not in `dataset`, are skipped.
+    Cost: one HNSW query per image (NEIGHBOURS results), in slices of SLICE
+    images, each followed by one upsert and `progress(done, total)`.
     Returns the number of pairs flagged.
     """
     threshold = near_duplicate_threshold() if threshold is None else float(threshold)
     queries = Image.objects.filter(dataset=dataset, embeddings__model_version=version)
     if image_ids is not None:
-        queries = queries.filter(pk__in=list(image_ids))
+        wanted = sorted(set(int(pk) for pk in image_ids))
+        ids = [pk for start in range(0, len(wanted), SLICE)
+               for pk in queries.filter(pk__in=wanted[start:start + SLICE]).order_by("pk").values_list("pk", flat=True)]
+    else:
+        ids = list(queries.order_by("pk").values_list("pk", flat=True))
+    flagged = 0
+    for start in range(0, len(ids), SLICE):
+        flagged += _flag_slice(version, dataset, ids[start:start + SLICE], threshold)
+        if progress:
+            progress(min(start + SLICE, len(ids)), len(ids))
+    return flagged
+
+
+def _flag_slice(version: ModelVersion, dataset: Dataset, ids: Sequence[int], threshold: float) -> int:
     found: dict[tuple[int, int], float] = {}
-    for image_id in queries.order_by("pk").values_list("pk", flat=True):
+    for image_id in ids:
         for hit in nearest(version, image_id=image_id, k=NEIGHBOURS, dataset=dataset, exclude_image_id=image_id):
             if hit.score < threshold:
                 break  # results come most similar first
@@ -71,16 +118,32 @@ def flag_near_duplicates(version: ModelVersion, dataset: Dataset, image_ids: Ite
     return len(rows)
 
 
-def flag_new_near_duplicates(version: ModelVersion, image_ids: Iterable[int]) -> int:
+def flag_new_near_duplicates(version: ModelVersion, image_ids: Iterable[int],
+                             progress: Progress | None = None) -> int:
     """Flag newly embedded images that nearly duplicate an image of their own
-    dataset, dataset by dataset. Run after the index exists, so each lookup is
-    an index query. Returns the number of pairs flagged."""
+    dataset, dataset by dataset, when `version` is the flagging version
+    (flags_with); otherwise flag nothing and return 0. Run after the index
+    exists, so each lookup is an index query. `progress(done, total)` counts
+    images over all datasets. Returns the number of pairs flagged."""
+    if not flags_with(version):
+        return 0
     by_dataset: dict[int, list[int]] = {}
-    for image_id, dataset_id in Image.objects.filter(pk__in=list(image_ids)).values_list("pk", "dataset_id"):
-        by_dataset.setdefault(dataset_id, []).append(image_id)
-    flagged = 0
+    wanted = sorted(set(int(pk) for pk in image_ids))
+    for start in range(0, len(wanted), SLICE):
+        for image_id, dataset_id in Image.objects.filter(pk__in=wanted[start:start + SLICE]).values_list(
+                "pk", "dataset_id"):
+            by_dataset.setdefault(dataset_id, []).append(image_id)
+    total = sum(len(ids) for ids in by_dataset.values())
+    flagged = before = 0
     for dataset in Dataset.objects.filter(pk__in=by_dataset):
-        flagged += flag_near_duplicates(version, dataset, by_dataset[dataset.pk])
+        ids = by_dataset[dataset.pk]
+
+        def step(done: int, _total: int, base: int = before) -> None:
+            if progress:
+                progress(base + done, total)
+
+        flagged += flag_near_duplicates(version, dataset, ids, progress=step)
+        before += len(ids)
     return flagged
 
 
@@ -89,14 +152,17 @@ def _ages(ids: set[int]) -> dict[int, tuple]:
     return {pk: (created, pk) for pk, created in Image.objects.filter(pk__in=ids).values_list("pk", "created")}
 
 
-def near_duplicate_groups(dataset: Dataset) -> list[list[Image]]:
-    """The dataset's flagged pairs joined into groups (connected components).
-
-    Each group is a list of Image rows, the oldest first (by `created`, then
-    id): the one to keep. Groups are ordered by their oldest image.
-    """
-    pairs = list(NearDuplicate.objects.filter(image__dataset=dataset).values_list("image_id", "duplicate_of_id"))
+def group_ids(dataset: Dataset, version: ModelVersion | None = None) -> list[list[int]]:
+    """The dataset's flagged pairs (those of `version` when given) joined into
+    groups: connected components, by union-find over the pairs read in one
+    query (with both images' ages). Each group is a list of image ids, the
+    oldest first (by `created`, then id): the one to keep. Groups are ordered
+    by their oldest image."""
+    pairs = NearDuplicate.objects.filter(image__dataset=dataset)
+    if version is not None:
+        pairs = pairs.filter(model_version=version)
     parent: dict[int, int] = {}
+    age: dict[int, tuple] = {}
 
     def find(x: int) -> int:
         parent.setdefault(x, x)
@@ -105,28 +171,40 @@ def near_duplicate_groups(dataset: Dataset) -> list[list[Image]]:
             x = parent[x]
         return x
 
-    for a, b in pairs:
+    for a, a_created, b, b_created in pairs.values_list("image_id", "image__created", "duplicate_of_id",
+                                                        "duplicate_of__created"):
+        age[a], age[b] = (a_created, a), (b_created, b)
         root_a, root_b = find(a), find(b)
         if root_a != root_b:
             parent[max(root_a, root_b)] = min(root_a, root_b)
     members: dict[int, list[int]] = {}
-    for pk in list(parent):
+    for pk in parent:
         members.setdefault(find(pk), []).append(pk)
-    images = Image.objects.in_bulk(list(parent))
-    groups = [sorted((images[pk] for pk in ids if pk in images), key=lambda im: (im.created, im.pk))
-              for ids in members.values()]
-    groups = [group for group in groups if len(group) > 1]
-    return sorted(groups, key=lambda group: (group[0].created, group[0].pk))
+    groups = [sorted(ids, key=age.__getitem__) for ids in members.values() if len(ids) > 1]
+    return sorted(groups, key=lambda ids: age[ids[0]])
 
 
-@transaction.atomic
-def delete_extras(dataset: Dataset, keep_ids: Sequence[int]) -> list[int]:
+def with_images(groups: Sequence[Sequence[int]]) -> list[list[Image]]:
+    """Groups of ids as groups of Image rows, in one query (for one page of groups)."""
+    images = Image.objects.in_bulk([pk for ids in groups for pk in ids])
+    return [[images[pk] for pk in ids if pk in images] for ids in groups]
+
+
+def near_duplicate_groups(dataset: Dataset, version: ModelVersion | None = None) -> list[list[Image]]:
+    """group_ids(dataset, version) as Image rows (every group: for small datasets and tests)."""
+    return with_images(group_ids(dataset, version))
+
+
+def delete_extras(dataset: Dataset, keep_ids: Sequence[int], version: ModelVersion | None = None) -> list[int]:
     """For each group whose first (kept) image id is in `keep_ids`, delete the
-    group's other images (their files go once the transaction commits, see
-    search.signals). Returns the ids deleted. Groups are recomputed here, so a
-    stale page cannot delete an image that is no longer a duplicate."""
+    group's other images, in one transaction (files go once it commits, see
+    search.deletion). Groups are recomputed here, so a stale page cannot delete
+    an image that is no longer a duplicate. Raises DeleteRefused (nothing
+    deleted) while a job works on the dataset. Returns the ids deleted."""
+    from search.deletion import delete_now
+
     wanted = set(int(pk) for pk in keep_ids)
-    extras = [image.pk for group in near_duplicate_groups(dataset) if group[0].pk in wanted for image in group[1:]]
-    for image in Image.objects.filter(pk__in=extras):
-        image.delete()
+    extras = [pk for ids in group_ids(dataset, version) if ids[0] in wanted for pk in ids[1:]]
+    if extras:
+        delete_now(image_ids=extras)
     return extras

@@ -4,13 +4,15 @@ switch search to it. Registered in SearchConfig.ready()."""
 
 from __future__ import annotations
 
+import time
+
 from django.conf import settings
 from django.db import transaction
 
 from search import jobs, runner
-from search.duplicates import flag_new_near_duplicates
+from search.duplicates import flag_new_near_duplicates, flags_with
 from search.indexing import embed_images, ensure_hnsw_index, missing_image_ids
-from search.models import Dataset, Job, JobChunk
+from search.models import Dataset, Image, Job, JobChunk
 from training.models import ModelVersion
 
 KIND = "embed"
@@ -82,9 +84,16 @@ def run_chunk(chunk_id: int) -> str:
             raise jobs.JobError("the job's model version was deleted")
         report = embed_images(version, chunk.image_ids, progress=lambda done, total, msg: progress(done, msg),
                               should_stop=should_stop)
-        for image_id, reason in report.failed[:20]:
+        # An image deleted meanwhile (its file gone with it) is not unreadable: it is no longer there.
+        failed_ids = [image_id for image_id, _ in report.failed]
+        live = set(Image.objects.filter(pk__in=failed_ids).values_list("pk", flat=True))
+        unreadable = [(image_id, reason) for image_id, reason in report.failed if image_id in live]
+        if len(unreadable) < len(report.failed):
+            jobs.add_log(chunk.job_id, f"chunk {chunk.index}: {len(report.failed) - len(unreadable)} image(s) "
+                                       "deleted meanwhile, skipped")
+        for image_id, reason in unreadable[:20]:
             jobs.add_log(chunk.job_id, f"image {image_id} could not be embedded: {reason}")
-        return report.embedded, len(report.failed)
+        return report.embedded, len(unreadable)
 
     return runner.execute_chunk(chunk_id, body, finish_embed_job)
 
@@ -117,7 +126,29 @@ def finish_embed_job(job_id: int) -> bool:
     jobs.add_log(job_id, f"done: {done} embedded, {failed} unreadable"
                          f"{', index built' if created else ''}{', now active for search' if activated else ''}")
     image_ids = [i for ids in JobChunk.objects.filter(job_id=job_id).values_list("image_ids", flat=True) for i in ids]
-    flagged = flag_new_near_duplicates(version, image_ids)
-    if flagged:
-        jobs.add_log(job_id, f"{flagged} near-duplicate pair(s) flagged (see admin: Near duplicates)")
+    flag_after(job_id, version, image_ids)
     return True
+
+
+def flag_after(job_id: int, version: ModelVersion, image_ids: list[int]) -> int:
+    """The near-duplicate pass after an embedding job (search.duplicates; only
+    the flagging version flags): its progress goes to the job's message at
+    most every PROGRESS_WRITE_SECONDS, its outcome to the log and the result."""
+    if not flags_with(version):
+        jobs.add_log(job_id, f"near-duplicates not flagged: {version.name} is not the version they are flagged "
+                             "with (CBIR_NEAR_DUPLICATE_VERSION, default the active one)")
+        return 0
+    last = [0.0]
+
+    def progress(done: int, total: int) -> None:
+        now = time.monotonic()
+        if done >= total or now - last[0] >= runner.PROGRESS_WRITE_SECONDS:
+            last[0] = now
+            Job.objects.filter(pk=job_id).update(message=f"near-duplicates: {done:,} of {total:,} image(s) looked up")
+
+    jobs.add_log(job_id, f"near-duplicates: looking up {len(image_ids):,} image(s) with {version.name}")
+    flagged = flag_new_near_duplicates(version, image_ids, progress=progress)
+    jobs.add_log(job_id, f"{flagged} near-duplicate pair(s) flagged (see admin: Near duplicates)")
+    result = Job.objects.filter(pk=job_id).values_list("result", flat=True).first() or {}
+    Job.objects.filter(pk=job_id).update(result={**result, "near_duplicates": flagged})
+    return flagged

@@ -4,6 +4,7 @@ SearchConfig.ready()."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from django.conf import settings
@@ -50,8 +51,12 @@ def _import(run: runner.Run) -> str:
         raise runner.JobFailed("the job's dataset was deleted")
     zip_path = Path(job.params["zip_path"])
 
+    throttle = settings.CBIR_EMBED_THROTTLE_SECONDS  # fault injection: slows an import down for tests and demos
+
     def progress(done: int, total: int, message: str) -> None:
         run.progress(done, total, message)
+        if throttle:
+            time.sleep(throttle)
 
     try:
         report = import_zip(zip_path, job.dataset, labels_from_folders=job.params.get("labels_from_folders", False),
@@ -65,7 +70,8 @@ def _import(run: runner.Run) -> str:
         raise runner.JobFailed(f"{exc} (stopped there; {done} image(s) imported before it are complete)",
                                outcome="storage error") from None
     if run.should_stop():
-        raise runner.JobStopped("stopped")
+        raise runner.JobStopped(f"cancelled: stopped after {report.imported} image(s) imported, which are kept "
+                                "(Run again imports the rest)")
     for name, reason in report.rejected[:200]:
         if reason != "not an image":
             run.log(f"skipped {name}: {reason}")

@@ -27,7 +27,7 @@ from typing import Any
 
 from django.conf import settings
 from django.db import connection, transaction
-from django.db.models import Sum
+from django.db.models import Q, Sum
 from django.utils import timezone
 
 from search import broker
@@ -72,6 +72,9 @@ class JobKind:
     - chunk_task: for jobs split into JobChunk rows, the task name that runs one
       chunk (called with the chunk id). Such jobs are recovered chunk by chunk.
     - requeue(job): how a re-run queues the work again (default: send `task`).
+    - exclusive: a job of this kind has its dataset and model version to
+      itself: it starts only when no other job is active on them, and no other
+      job starts on them until it ends (the "delete" kind).
     """
 
     name: str
@@ -79,6 +82,7 @@ class JobKind:
     queue: str
     chunk_task: str | None = None
     requeue: Callable[[Job], object] | None = None
+    exclusive: bool = False
 
 
 KINDS: dict[str, JobKind] = {}
@@ -191,10 +195,49 @@ def send_chunk(chunk: JobChunk) -> None:
                              lambda message: _fail_unsent(chunk.job_id, message))
 
 
+def _pk(value: Any) -> int | None:
+    return None if value is None else int(getattr(value, "pk", value))
+
+
+def working_on(*, datasets: Iterable[Any] = (), versions: Iterable[Any] = (), exclude: int | None = None) -> list[Job]:
+    """The queued or running jobs whose dataset or model version is one of
+    these (rows or ids), oldest first. Call it inside a transaction: the
+    dataset and version rows are locked first (SELECT … FOR NO KEY UPDATE),
+    so a job created or a row deleted by another transaction waits until this
+    one commits, and the answer stays true until then.
+    Raises TransactionManagementError outside a transaction."""
+    dataset_ids = sorted({pk for pk in map(_pk, datasets) if pk is not None})
+    version_ids = sorted({pk for pk in map(_pk, versions) if pk is not None})
+    for field, ids in (("dataset", dataset_ids), ("model_version", version_ids)):
+        # The target models through Job's foreign keys: the kernel imports no training module.
+        target: Any = Job._meta.get_field(field).related_model
+        list(target.objects.select_for_update(no_key=True).filter(pk__in=ids).order_by("pk").values_list("pk"))
+    busy = Job.objects.filter(status__in=ACTIVE).filter(
+        Q(dataset_id__in=dataset_ids) | Q(model_version_id__in=version_ids))
+    if exclude is not None:
+        busy = busy.exclude(pk=exclude)
+    return list(busy.order_by("created", "pk"))
+
+
+def describe(job: Job) -> str:
+    """"job #12 (import, running)": how messages name a job."""
+    return f"job #{job.pk} ({job.kind}, {job.status})"
+
+
+@transaction.atomic
 def create(kind: str, *, log: str, user: Any = None, **fields: Any) -> Job:
     """Create a job row of a registered kind, log its first line and queue it
-    after commit (for a kind with chunks, the caller queues the chunks instead)."""
+    after commit (for a kind with chunks, the caller queues the chunks instead).
+
+    Raises JobError when an exclusive job (see JobKind) is active on the new
+    job's dataset or model version, or, for an exclusive kind, when any job is."""
     spec = kind_of(kind)
+    for other in working_on(datasets=[fields.get("dataset", fields.get("dataset_id"))],
+                            versions=[fields.get("model_version", fields.get("model_version_id"))]):
+        other_kind = KINDS.get(other.kind)
+        if spec.exclusive or (other_kind is not None and other_kind.exclusive):
+            raise JobError(f"{describe(other)} is working on {other.dataset or other.model_version or 'it'}; "
+                           f"wait for it to end or cancel job #{other.pk} first")
     job = Job.objects.create(kind=kind, created_by=user, **fields)
     add_log(job.pk, log)
     if spec.chunk_task is None:

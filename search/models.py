@@ -54,6 +54,10 @@ class Image(models.Model):
     class Meta:
         ordering = ["id"]
         constraints = [models.UniqueConstraint(fields=["dataset", "sha256"], name="unique_image_per_dataset")]
+        # Deleting finds the files no row references any more with one query
+        # per 1,000 names (search.deletion.release_files), not a scan per image.
+        indexes = [models.Index(fields=["file"], name="image_file"),
+                   models.Index(fields=["thumbnail"], name="image_thumbnail")]
 
     def __str__(self) -> str:
         return f"{self.original_filename} ({self.dataset_id}:{self.pk})"
@@ -87,6 +91,7 @@ class Job(models.Model):
         EMBED = "embed", "embed"
         TRAIN = "train", "train"
         EVALUATE = "evaluate", "evaluate"
+        DELETE = "delete", "delete"
 
     class Status(models.TextChoices):
         QUEUED = "queued", "queued"

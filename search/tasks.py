@@ -1,4 +1,4 @@
-"""Celery tasks of the "import" and "embed" job kinds: one-line wrappers that
+"""Celery tasks of the "import", "embed" and "delete" job kinds: one-line wrappers that
 take an id and call the plain function a command or a test calls too."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 from celery import shared_task
 from django.conf import settings
 
-from search import embed_jobs, import_jobs
+from search import delete_jobs, embed_jobs, import_jobs
 
 
 @shared_task(acks_late=True, time_limit=settings.CBIR_CHUNK_TIME_LIMIT + 60,
@@ -23,3 +23,8 @@ def finish_embed_job(job_id: int) -> bool:
 @shared_task(acks_late=True, time_limit=settings.CBIR_TRAIN_TIME_LIMIT)
 def run_import(job_id: int) -> str:
     return import_jobs.run_import_job(job_id)
+
+
+@shared_task(acks_late=True, time_limit=settings.CBIR_TRAIN_TIME_LIMIT)
+def run_delete(job_id: int) -> str:
+    return delete_jobs.run_delete_job(job_id)

@@ -208,3 +208,88 @@ def test_only_users_who_may_delete_images_can_delete_extras(client, django_user_
                                     "group": [planted["originals"][0].pk], "confirm": "yes"})
     assert response.status_code == 403
     assert Image.objects.filter(pk=planted["copies"][0].pk).exists()
+
+
+# --- One version flags; progress; groups at scale ---------------------------------
+
+def test_embedding_with_a_second_non_active_version_flags_nothing_new(planted, tiny_version, settings):
+    from django.core.exceptions import ImproperlyConfigured
+
+    from search.duplicates import flag_new_near_duplicates, flagging_version
+    from training.versions import get_or_create_version
+
+    assert flagging_version() == tiny_version  # the first version indexed became the active one
+    second = get_or_create_version("tiny", random_weights=True, config={"dimension": 32, "size": 32})
+    report = build_index(planted["dataset"], second)
+    assert report.near_duplicates == 0 and not NearDuplicate.objects.exists()
+    ids = list(planted["dataset"].images.values_list("pk", flat=True))
+    assert flag_new_near_duplicates(second, ids) == 0
+    settings.CBIR_NEAR_DUPLICATE_VERSION = second.name  # chosen for flagging: now it flags, and tiny does not
+    assert flag_new_near_duplicates(second, ids) >= 1
+    assert set(NearDuplicate.objects.values_list("model_version", flat=True)) == {second.pk}
+    assert flag_new_near_duplicates(tiny_version, ids) == 0
+    settings.CBIR_NEAR_DUPLICATE_VERSION = "no-such-version"
+    with pytest.raises(ImproperlyConfigured, match="no-such-version"):
+        flagging_version()
+
+
+def test_flagging_reports_progress_through_the_job(planted, tiny_version):
+    from search.embed_jobs import flag_after
+    from search.models import Job
+
+    job = Job.objects.create(kind="embed", status="succeeded", result={"embedded": 11})
+    ids = list(planted["dataset"].images.values_list("pk", flat=True))
+    assert flag_after(job.pk, tiny_version, ids) == 4
+    job.refresh_from_db()
+    assert job.result == {"embedded": 11, "near_duplicates": 4}
+    logged = [line["msg"] for line in job.log]
+    assert f"near-duplicates: looking up {len(ids)} image(s) with {tiny_version.name}" in logged
+    assert logged[-1].startswith("4 near-duplicate pair(s) flagged")
+
+
+def _many_groups(dataset: Dataset, n_groups: int) -> None:
+    images = Image.objects.bulk_create([
+        Image(dataset=dataset, file=f"f/{dataset.pk}/{i}.png", thumbnail=f"t/{dataset.pk}/{i}.jpg",
+              sha256=f"{i:064x}", split="train", width=1, height=1, original_filename=f"{i}.png")
+        for i in range(3 * n_groups)])
+    NearDuplicate.objects.bulk_create(
+        [NearDuplicate(image=images[3 * g + 1], duplicate_of=images[3 * g], similarity=0.99) for g in range(n_groups)]
+        + [NearDuplicate(image=images[3 * g + 2], duplicate_of=images[3 * g + 1], similarity=0.98)
+           for g in range(n_groups)])
+
+
+def test_the_groups_page_pages_through_groups_with_constant_queries(admin_client, db, settings):
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from search.admin_duplicates import GROUPS_PER_PAGE
+
+    settings.CBIR_NEAR_DUPLICATE_VERSION = ""
+    counts = []
+    for n_groups in (GROUPS_PER_PAGE + 10, 3 * GROUPS_PER_PAGE):
+        dataset = Dataset.objects.create(name=f"g{n_groups}")
+        _many_groups(dataset, n_groups)
+        with CaptureQueriesContext(connection) as queries:
+            page = admin_client.get(GROUPS, {"dataset": dataset.pk})
+        counts.append(len(queries))
+        assert page.status_code == 200
+        assert page.context["n_groups"] == n_groups and len(page.context["groups"]) == GROUPS_PER_PAGE
+        assert all(len(group) == 3 for group in page.context["groups"])  # a chain of two pairs is one group
+        html = page.content.decode()
+        assert f"<strong>{n_groups}</strong> groups" in html and "0.95" in html
+        last = admin_client.get(GROUPS, {"dataset": dataset.pk, "page": page.context["page_obj"].paginator.num_pages})
+        assert len(last.context["groups"]) == n_groups - GROUPS_PER_PAGE * (last.context["page_obj"].number - 1)
+    assert counts[0] == counts[1], counts
+
+
+def test_delete_extras_is_refused_while_a_job_works_on_the_dataset(admin_client, planted, tiny_version):
+    from search.models import Job
+
+    orig = planted["originals"]
+    flag_near_duplicates(tiny_version, planted["dataset"], threshold=THRESHOLD)
+    job = Job.objects.create(kind="import", status="running", dataset=planted["dataset"])
+    response = admin_client.post(GROUPS, {"action": "delete_extras", "dataset": planted["dataset"].pk,
+                                          "group": [orig[0].pk], "confirm": "yes"}, follow=True)
+    assert response.status_code == 200
+    assert any(f"cancel job #{job.pk} first" in str(m) for m in response.context["messages"])
+    assert Image.objects.filter(pk__in=[c.pk for c in planted["copies"]]).count() == 3

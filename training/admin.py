@@ -6,6 +6,8 @@ from django.contrib import admin, messages
 from django.utils.html import format_html
 
 from search import embed_jobs
+from search.admin_deletes import DeleteThroughJobsMixin
+from search.delete_jobs import Outcome
 from training.models import ModelVersion
 
 # Fields that determine the stored vectors: editing them would make the embeddings lie.
@@ -14,7 +16,7 @@ FROZEN_FIELDS = ["architecture", "config", "weights_source", "weights_path", "we
 
 
 @admin.register(ModelVersion)
-class ModelVersionAdmin(admin.ModelAdmin):
+class ModelVersionAdmin(DeleteThroughJobsMixin, admin.ModelAdmin):
     list_display = ("name", "active_mark", "architecture", "dimension", "weights_source", "short_sha", "n_embeddings",
                     "index_ready", "job_links", "created")
     list_filter = ["architecture", "weights_source", "is_active"]
@@ -32,13 +34,13 @@ class ModelVersionAdmin(admin.ModelAdmin):
             return False
         return super().has_delete_permission(request, obj)
 
-    def delete_queryset(self, request, queryset):
-        if queryset.filter(is_active=True).exists():
-            self.message_user(request, "The active model version cannot be deleted; activate another first.",
-                              messages.ERROR)
-            queryset = queryset.filter(is_active=False)
-        for version in queryset:
-            version.delete()
+    def perform_delete(self, request, objs):
+        """Refused (nothing deleted) for the active version or one a job works
+        on; see search/admin_deletes.py."""
+        from search.deletion import delete_versions
+
+        delete_versions(objs)
+        return Outcome()
 
     @admin.display(description="active", boolean=True, ordering="is_active")
     def active_mark(self, obj):
