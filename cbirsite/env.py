@@ -62,6 +62,27 @@ def env_int(name: str, default: int, *, minimum: int | None = None, maximum: int
     return value
 
 
+_BYTE_UNITS = {"": 1, "b": 1, "kb": 1024, "mb": 1024**2, "gb": 1024**3, "tb": 1024**4}
+
+
+def env_bytes(name: str, default: int, *, minimum: int | None = None) -> int:
+    """A size in bytes: "1073741824", "512MB", "4GB" (units are powers of 1,024, as PostgreSQL reads them)."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    number = raw.rstrip("bBkKmMgGtT ")
+    unit = raw[len(number):].strip().lower()
+    if unit and not unit.endswith("b"):
+        unit += "b"
+    try:
+        value = int(float(number) * _BYTE_UNITS[unit])
+    except (ValueError, KeyError):
+        raise ImproperlyConfigured(f"{name}={raw!r} is not a size; write e.g. 4GB, 512MB or a number of bytes") from None
+    if minimum is not None and value < minimum:
+        raise ImproperlyConfigured(f"{name}={raw!r} is below the minimum of {minimum} bytes")
+    return value
+
+
 def env_float(name: str, default: float, *, minimum: float | None = None, maximum: float | None = None) -> float:
     raw = os.environ.get(name, "").strip()
     if not raw:
