@@ -91,6 +91,12 @@ if not DATABASE_URL:
     DATABASE_URL = embedded.postgres_url()
     os.environ["DATABASE_URL"] = DATABASE_URL  # child processes attach to the same server
 DATABASES = {"default": database_from_url(DATABASE_URL)}
+# A read replica (streaming replication of the primary) for the nearest-neighbour
+# queries; writes and every other read stay on the primary (cbirsite/routers.py).
+DATABASE_REPLICA_URL = env_str("DATABASE_REPLICA_URL")
+if DATABASE_REPLICA_URL:
+    DATABASES["replica"] = {**database_from_url(DATABASE_REPLICA_URL), "TEST": {"MIRROR": "default"}}
+DATABASE_ROUTERS = ["cbirsite.routers.SearchReplicaRouter"]
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # --- Broker -----------------------------------------------------------------

@@ -105,6 +105,38 @@ def write_embeddings(version: ModelVersion, image_ids: Sequence[int], vectors: n
     return len(rows)
 
 
+def copy_embeddings(version: ModelVersion, image_ids: Sequence[int], vectors: np.ndarray) -> int:
+    """Insert new embeddings in bulk with one binary COPY: image_ids (n,) int,
+    vectors (n, D) float, stored as halfvec through pgvector's psycopg
+    dumper (2 bytes a dimension on the wire instead of ~10 as text).
+
+    For loading many rows at once (bench/scale.py loads 100,000 this way at
+    tens of thousands of rows/s, where bulk_create formats every number as
+    text). Unlike write_embeddings it does not upsert: an (image, version)
+    already stored raises IntegrityError and nothing is written. Raises
+    ValueError when the shapes disagree with each other or with the version."""
+    from django.db import transaction
+    from django.utils import timezone
+    from pgvector import HalfVector
+
+    from search.neighbours import adapted_connection
+
+    vectors = np.asarray(vectors, dtype=np.float32)
+    if vectors.ndim != 2 or vectors.shape[1] != int(version.dimension) or len(vectors) != len(image_ids):
+        raise ValueError(f"expected {len(image_ids)} vectors of {version.dimension} dimensions, got shape "
+                         f"{vectors.shape}")
+    now = timezone.now()
+    with transaction.atomic():
+        raw = adapted_connection()
+        with raw.cursor() as cursor, cursor.copy(
+                "COPY search_embedding (image_id, model_version_id, vector, created) FROM STDIN (FORMAT BINARY)"
+        ) as copy:
+            copy.set_types(["int8", "int8", "halfvec", "timestamptz"])
+            for image_id, vector in zip(image_ids, vectors):
+                copy.write_row((int(image_id), int(version.pk), HalfVector(vector), now))
+    return len(vectors)
+
+
 def embed_images(version: ModelVersion, image_ids: Sequence[int], *, batch_size: int | None = None,
                  progress: Progress = _noop, should_stop: Callable[[], bool] | None = None) -> EmbedReport:
     """Embed the given images with `version` and upsert their vectors."""

@@ -11,6 +11,7 @@ from django.conf import settings
 
 from search.imaging import ImageRejected, decode_image
 from search.models import Dataset, Image
+from search.hnsw import VALID, index_state
 from search.neighbours import Hit, nearest
 from training.inference import embed_batch, network_for, preprocessing_for
 from training.models import ModelVersion
@@ -74,7 +75,7 @@ def parse_dataset(name) -> Dataset | None:
 
 def ready_version() -> ModelVersion:
     version = ModelVersion.active()
-    if version is None or not version.index_exists():
+    if version is None or index_state(version) != VALID:
         raise IndexNotReady("no search index is ready yet: import images and build the index "
                             "(python manage.py build_index --dataset NAME)")
     return version
