@@ -126,12 +126,19 @@ class BuildProgress:
     tuples_done: int
     tuples_total: int
 
-    def as_progress(self) -> tuple[int, int, str]:
-        """(done, total, message) for a job's progress bar: tuples when known, else blocks."""
-        done, total = ((self.tuples_done, self.tuples_total) if self.tuples_total
-                       else (self.blocks_done, self.blocks_total))
-        return done, total, (f"building the HNSW index: {self.phase} ({self.tuples_done:,}/{self.tuples_total:,} rows, "
-                             f"{self.blocks_done:,}/{self.blocks_total:,} blocks)")
+    def as_progress(self, rows: int = 0) -> tuple[int, int, str]:
+        """(done, total, message) for a job's progress bar. pgvector counts the
+        tuples it loads but leaves tuples_total at 0, so `rows` (the version's
+        row count, what the partial index will hold) is the total when given;
+        else tuples_total when known, else the table's blocks."""
+        if rows:
+            done, total = min(self.tuples_done, rows), rows
+        elif self.tuples_total:
+            done, total = self.tuples_done, self.tuples_total
+        else:
+            done, total = self.blocks_done, self.blocks_total
+        return done, total, (f"building the HNSW index: {self.phase} ({self.tuples_done:,}/{total:,} rows, "
+                             f"{self.blocks_done:,}/{self.blocks_total:,} blocks of the table)")
 
 
 def read_progress(pid: int) -> BuildProgress | None:
@@ -147,9 +154,9 @@ class _Poller(threading.Thread):
     """Reads the build's progress every `interval` seconds on its own database
     connection and hands each reading to `progress`."""
 
-    def __init__(self, pid: int, progress: Progress, interval: float) -> None:
+    def __init__(self, pid: int, progress: Progress, interval: float, rows: int) -> None:
         super().__init__(name=f"cbir-index-progress-{pid}", daemon=True)
-        self.pid, self.progress, self.interval = pid, progress, interval
+        self.pid, self.progress, self.interval, self.rows = pid, progress, interval, rows
         self.stopped = threading.Event()
         self.samples: list[BuildProgress] = []
 
@@ -159,7 +166,7 @@ class _Poller(threading.Thread):
                 sample = read_progress(self.pid)
                 if sample is not None:
                     self.samples.append(sample)
-                    self.progress(*sample.as_progress())
+                    self.progress(*sample.as_progress(self.rows))
                 self.stopped.wait(self.interval)
         finally:
             connection.close()  # this thread's own connection
@@ -223,7 +230,8 @@ def ensure_index(version: ModelVersion, expression: str, *, m: int, ef_construct
                 cursor.execute("SET CONSTRAINTS ALL IMMEDIATE")
             cursor.execute("SELECT pg_backend_pid()")
             pid = int(cursor.fetchone()[0])
-            poller = _Poller(pid, progress, settings.CBIR_INDEX_PROGRESS_INTERVAL) if progress else None
+            poller = (_Poller(pid, progress, settings.CBIR_INDEX_PROGRESS_INTERVAL, report.rows)
+                      if progress else None)
             start = time.perf_counter()
             try:
                 if poller:
