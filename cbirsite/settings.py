@@ -95,7 +95,8 @@ DATABASES = {"default": database_from_url(DATABASE_URL)}
 # queries; writes and every other read stay on the primary (cbirsite/routers.py).
 DATABASE_REPLICA_URL = env_str("DATABASE_REPLICA_URL")
 if DATABASE_REPLICA_URL:
-    DATABASES["replica"] = {**database_from_url(DATABASE_REPLICA_URL), "TEST": {"MIRROR": "default"}}
+    DATABASES["replica"] = {**database_from_url(DATABASE_REPLICA_URL, "DATABASE_REPLICA_URL"),
+                           "TEST": {"MIRROR": "default"}}
 DATABASE_ROUTERS = ["cbirsite.routers.SearchReplicaRouter"]
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
