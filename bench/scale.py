@@ -1,7 +1,7 @@
 """A million images on one machine: load, index build and search at N rows.
 
     .venv/bin/python bench/scale.py --n 100000 [--dim 1280] [--clusters 256] [--queries 60] [--k 10]
-        [--ef-search 40,100,200,400] [--compare-queries 20] [--reuse] [--keep] [--json]
+        [--ef-search 40,100,200,400] [--compare-queries 20] [--reuse] [--keep] [--unfiltered-only] [--json]
 
 Loads N clustered unit vectors (`--clusters` Gaussian clusters on the sphere,
 each point at cosine ~0.7 from its centre) into the project's own tables
@@ -54,6 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--ef-search", default="40,100,200,400", help="hnsw.ef_search values for the curve")
     parser.add_argument("--reuse", action="store_true", help="keep loaded rows of an earlier run; rebuild the index")
     parser.add_argument("--keep", action="store_true", help="leave the scratch data in the database")
+    parser.add_argument("--unfiltered-only", action="store_true",
+                        help="skip the filtered cases (for tuning m and ef_construction with --reuse)")
     parser.add_argument("--json", action="store_true")
     return parser.parse_args(argv)
 
@@ -200,6 +202,8 @@ def search(version, datasets, vectors, ids, queries, args) -> dict:
     for ef in [int(x) for x in args.ef_search.split(",")]:
         with override_settings(CBIR_HNSW_EF_SEARCH=ef):
             curve.append({"ef_search": max(ef, 2 * k), **measure(version, timed, truth, k)})
+    if args.unfiltered_only:
+        return {"unfiltered": curve, "filtered": []}
     sizes = dict(dataset_sizes(args.n))
     image_dataset = _owner_of(ids, datasets)
     filtered = []
@@ -274,6 +278,9 @@ def print_report(r: dict) -> None:
     print(table(["ef_search", "p50 ms", "p95 ms", f"recall@{r['k']}"],
                 [[c["ef_search"], c["p50_ms"], c["p95_ms"], c["recall"]] for c in r["search"]["unfiltered"]]))
     print()
+    if not r["search"]["filtered"]:
+        print(f"\n{r['seconds']} s in all; machine load: {r['machine_load']}")
+        return
     print(f"filtered to one dataset (CBIR_EXACT_SEARCH_MAX_ROWS={r['exact_search_max_rows']}, "
           f"hnsw.max_scan_tuples={r['max_scan_tuples']}):")
     rows = []

@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 import numpy as np
 from django.conf import settings
 
+from search.hnsw import VALID, index_state
 from search.imaging import ImageRejected, decode_image
 from search.models import Dataset, Image
-from search.hnsw import VALID, index_state
 from search.neighbours import Hit, nearest
 from training.inference import embed_batch, network_for, preprocessing_for
 from training.models import ModelVersion
