@@ -210,8 +210,9 @@ CBIR_EMBED_BATCH_SIZE = env_int("CBIR_EMBED_BATCH_SIZE", 32, minimum=1, maximum=
 # ~5% of a CPU forward pass and loader processes would compete for the same
 # cores, measured in docs/benchmarks.md), min(4, CPUs) on CUDA.
 CBIR_LOADER_WORKERS = env_int("CBIR_LOADER_WORKERS", -1, minimum=-1, maximum=64)
-# HNSW search breadth; raised to at least 2k per query.
-CBIR_HNSW_EF_SEARCH = env_int("CBIR_HNSW_EF_SEARCH", 100, minimum=1, maximum=1000)
+# HNSW search breadth; raised to at least 2k per query. 200: recall@10 0.998-1.000
+# at 100k rows for under a millisecond more than 100 (docs/scaling.md).
+CBIR_HNSW_EF_SEARCH = env_int("CBIR_HNSW_EF_SEARCH", 200, minimum=1, maximum=1000)
 # HNSW build parameters of new indexes (docs/scaling.md has the recall-latency curve).
 CBIR_HNSW_M = env_int("CBIR_HNSW_M", 16, minimum=2, maximum=100)
 CBIR_HNSW_EF_CONSTRUCTION = env_int("CBIR_HNSW_EF_CONSTRUCTION", 64, minimum=4, maximum=1000)

@@ -120,7 +120,7 @@ def subset_is_small(dataset: Dataset, limit: int | None = None) -> bool:
     limit = settings.CBIR_EXACT_SEARCH_MAX_ROWS if limit is None else int(limit)
     if limit <= 0:
         return False
-    return _search_rows(Image).filter(dataset=dataset).values("pk")[:limit + 1].count() <= limit
+    return _search_rows(Image).filter(dataset=dataset).order_by().values("pk")[:limit + 1].count() <= limit
 
 
 def plan_for(dataset: Dataset | None, splits: Sequence[str] | None = None) -> str:
