@@ -91,6 +91,33 @@ def test_postgres_settings_scale_with_the_machine():
     assert int(large["max_worker_processes"]) >= 32
 
 
+def test_the_embedded_server_gets_the_settings_in_an_included_file(tmp_path):
+    from cbirsite.embedded import SETTINGS_FILE, write_server_settings
+
+    assert not write_server_settings(tmp_path)  # not initialised: left alone
+    conf = tmp_path / "postgresql.conf"
+    conf.write_text("shared_buffers = 128MB\n")
+    assert write_server_settings(tmp_path)
+    written = (tmp_path / SETTINGS_FILE).read_text()
+    for name, value in machine.postgres_settings().items():
+        assert f"{name} = '{value}'" in written
+    lines = conf.read_text().splitlines()
+    assert lines[0] == "shared_buffers = 128MB" and lines[-1] == f"include_if_exists = '{SETTINGS_FILE}'"
+    assert not write_server_settings(tmp_path)  # unchanged: no reload needed
+    assert conf.read_text().count("include_if_exists") == 1
+
+
+@pytest.mark.django_db
+def test_the_running_embedded_server_uses_them():
+    from django.conf import settings
+
+    if settings.DATABASES["default"]["HOST"] != str(settings.VAR_DIR / "pg"):
+        pytest.skip("DATABASE_URL points at another server")
+    with connection.cursor() as cursor:
+        cursor.execute("SHOW max_parallel_maintenance_workers")
+        assert cursor.fetchone()[0] == machine.postgres_settings()["max_parallel_maintenance_workers"]
+
+
 # --- Builds on the real server --------------------------------------------------
 
 @pytest.mark.django_db(transaction=True)
