@@ -13,6 +13,7 @@ Measured figures behind the sizes: docs/scaling.md."""
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -28,6 +29,7 @@ from search.models import Embedding
 from training.models import ModelVersion
 
 Progress = Callable[[int, int, str], None]
+logger = logging.getLogger(__name__)
 
 # Graph bytes per row in maintenance_work_mem, measured with pgvector 0.8.5's
 # "hnsw graph no longer fits into maintenance_work_mem after N tuples" notice
@@ -166,7 +168,10 @@ class _Poller(threading.Thread):
                 sample = read_progress(self.pid)
                 if sample is not None:
                     self.samples.append(sample)
-                    self.progress(*sample.as_progress(self.rows))
+                    try:
+                        self.progress(*sample.as_progress(self.rows))
+                    except Exception:  # noqa: BLE001 - a lost progress write never stops the build
+                        logger.warning("could not record index build progress", exc_info=True)
                 self.stopped.wait(self.interval)
         finally:
             connection.close()  # this thread's own connection
