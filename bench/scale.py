@@ -95,13 +95,31 @@ def scratch(args):
     if args.reuse and version is not None and version.embeddings.count() == expected and all(
             Dataset.objects.filter(name=d).exists() for d in datasets.values()):
         return version, {label: Dataset.objects.get(name=d) for label, d in datasets.items()}, False
-    if version is not None:
-        version.delete()  # its embeddings and index go with it
-    Dataset.objects.filter(name__startswith="bench-scale-").delete()
+    drop_scratch(version)
     version = get_or_create_version("tiny", random_weights=True, config={"dimension": args.dim, "size": 32},
                                     name=name)
     return version, {label: Dataset.objects.create(name=d, description="bench/scale.py scratch data; safe to delete")
                      for label, d in datasets.items()}, True
+
+
+def drop_scratch(version) -> None:
+    """Delete the scratch version, its rows and the scratch datasets in SQL:
+    the ORM's cascade would load every image and run the file clean-up signal
+    (two queries per image), and these placeholder rows have no files."""
+    from django.db import connection
+
+    from search.models import Dataset
+
+    with connection.cursor() as cursor:
+        if version is not None:
+            cursor.execute("DELETE FROM search_embedding WHERE model_version_id = %s", [version.pk])
+        cursor.execute("DELETE FROM search_embedding WHERE image_id IN (SELECT i.id FROM search_image i "
+                       "JOIN search_dataset d ON d.id = i.dataset_id WHERE d.name LIKE %s)", ["bench-scale-%"])
+        cursor.execute("DELETE FROM search_image WHERE dataset_id IN "
+                       "(SELECT id FROM search_dataset WHERE name LIKE %s)", ["bench-scale-%"])
+    if version is not None:
+        version.delete()  # drops its index
+    Dataset.objects.filter(name__startswith="bench-scale-").delete()
 
 
 def load(version, datasets, vectors, args) -> dict:
@@ -229,8 +247,6 @@ def _owner_of(ids: np.ndarray, datasets) -> np.ndarray:
 def run(args) -> dict:
     from django.conf import settings
 
-    from search.models import Dataset
-
     load_meter = OtherLoad()
     started = time.perf_counter()
     vectors, queries = data(args)
@@ -247,8 +263,7 @@ def run(args) -> dict:
     report["bytes_per_row"] = {"index": round(b["index_bytes"] / args.n), "table": round(b["table_bytes"] / args.n)}
     report["search"] = search(version, datasets, vectors, ids, queries, args)
     if not args.keep:
-        version.delete()
-        Dataset.objects.filter(name__startswith="bench-scale-").delete()
+        drop_scratch(version)
     report["seconds"] = round(time.perf_counter() - started, 1)
     report["machine_load"] = load_meter.cores()
     return report
