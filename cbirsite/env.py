@@ -62,6 +62,27 @@ def env_int(name: str, default: int, *, minimum: int | None = None, maximum: int
     return value
 
 
+_BYTE_UNITS = {"": 1, "b": 1, "kb": 1024, "mb": 1024**2, "gb": 1024**3, "tb": 1024**4}
+
+
+def env_bytes(name: str, default: int, *, minimum: int | None = None) -> int:
+    """A size in bytes: "1073741824", "512MB", "4GB" (units are powers of 1,024, as PostgreSQL reads them)."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    number = raw.rstrip("bBkKmMgGtT ")
+    unit = raw[len(number):].strip().lower()
+    if unit and not unit.endswith("b"):
+        unit += "b"
+    try:
+        value = int(float(number) * _BYTE_UNITS[unit])
+    except (ValueError, KeyError):
+        raise ImproperlyConfigured(f"{name}={raw!r} is not a size; write e.g. 4GB, 512MB or a number of bytes") from None
+    if minimum is not None and value < minimum:
+        raise ImproperlyConfigured(f"{name}={raw!r} is below the minimum of {minimum} bytes")
+    return value
+
+
 def env_float(name: str, default: float, *, minimum: float | None = None, maximum: float | None = None) -> float:
     raw = os.environ.get(name, "").strip()
     if not raw:
@@ -89,12 +110,13 @@ def env_list(name: str, default: list[str]) -> list[str]:
     return [item.strip() for item in raw.split(",") if item.strip()]
 
 
-def database_from_url(url: str) -> dict:
-    """Turn postgresql://user:pass@host:port/name?host=/socket/dir into Django's DATABASES entry."""
+def database_from_url(url: str, name: str = "DATABASE_URL") -> dict:
+    """Turn postgresql://user:pass@host:port/name?host=/socket/dir into Django's
+    DATABASES entry; `name` is the variable it came from, for the error message."""
     parsed = urlparse(url)
     if parsed.scheme not in ("postgres", "postgresql", "pgsql"):
         raise ImproperlyConfigured(
-            f"DATABASE_URL must be a postgresql:// URL (this project needs PostgreSQL with pgvector); got scheme {parsed.scheme!r}"
+            f"{name} must be a postgresql:// URL (this project needs PostgreSQL with pgvector); got scheme {parsed.scheme!r}"
         )
     query = {key: values[-1] for key, values in parse_qs(parsed.query).items()}
     host = query.pop("host", None) or unquote(parsed.hostname or "")
@@ -102,7 +124,7 @@ def database_from_url(url: str) -> dict:
     try:
         port = parsed.port
     except ValueError:
-        raise ImproperlyConfigured(f"DATABASE_URL has an invalid port: {url!r}") from None
+        raise ImproperlyConfigured(f"{name} has an invalid port: {url!r}") from None
     return {
         "ENGINE": "django.db.backends.postgresql",
         "NAME": name,

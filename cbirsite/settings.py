@@ -12,6 +12,7 @@ from cbirsite import embedded
 from cbirsite.env import (
     database_from_url,
     env_bool,
+    env_bytes,
     env_choice,
     env_float,
     env_int,
@@ -90,6 +91,13 @@ if not DATABASE_URL:
     DATABASE_URL = embedded.postgres_url()
     os.environ["DATABASE_URL"] = DATABASE_URL  # child processes attach to the same server
 DATABASES = {"default": database_from_url(DATABASE_URL)}
+# A read replica (streaming replication of the primary) for the nearest-neighbour
+# queries; writes and every other read stay on the primary (cbirsite/routers.py).
+DATABASE_REPLICA_URL = env_str("DATABASE_REPLICA_URL")
+if DATABASE_REPLICA_URL:
+    DATABASES["replica"] = {**database_from_url(DATABASE_REPLICA_URL, "DATABASE_REPLICA_URL"),
+                           "TEST": {"MIRROR": "default"}}
+DATABASE_ROUTERS = ["cbirsite.routers.SearchReplicaRouter"]
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # --- Broker -----------------------------------------------------------------
@@ -203,8 +211,24 @@ CBIR_EMBED_BATCH_SIZE = env_int("CBIR_EMBED_BATCH_SIZE", 32, minimum=1, maximum=
 # ~5% of a CPU forward pass and loader processes would compete for the same
 # cores, measured in docs/benchmarks.md), min(4, CPUs) on CUDA.
 CBIR_LOADER_WORKERS = env_int("CBIR_LOADER_WORKERS", -1, minimum=-1, maximum=64)
-# HNSW search breadth; raised to at least 2k per query.
-CBIR_HNSW_EF_SEARCH = env_int("CBIR_HNSW_EF_SEARCH", 100, minimum=1, maximum=1000)
+# HNSW search breadth; raised to at least 2k per query. 200: recall@10 0.998-1.000
+# at 100k rows for under a millisecond more than 100 (docs/scaling.md).
+CBIR_HNSW_EF_SEARCH = env_int("CBIR_HNSW_EF_SEARCH", 200, minimum=1, maximum=1000)
+# HNSW build parameters of new indexes (docs/scaling.md has the recall-latency curve).
+CBIR_HNSW_M = env_int("CBIR_HNSW_M", 16, minimum=2, maximum=100)
+CBIR_HNSW_EF_CONSTRUCTION = env_int("CBIR_HNSW_EF_CONSTRUCTION", 64, minimum=4, maximum=1000)
+# A filtered search walks the index until k rows match or it has visited this
+# many tuples (pgvector's hnsw.max_scan_tuples; its default is 20,000).
+CBIR_HNSW_MAX_SCAN_TUPLES = env_int("CBIR_HNSW_MAX_SCAN_TUPLES", 100_000, minimum=1)
+# A filter (dataset) matching at most this many rows is answered by an exact
+# scan of those rows instead of the HNSW index (the crossover: docs/scaling.md).
+CBIR_EXACT_SEARCH_MAX_ROWS = env_int("CBIR_EXACT_SEARCH_MAX_ROWS", 2_000, minimum=0)
+# Index builds: maintenance_work_mem in bytes (0: sized from the rows, at most a
+# quarter of this machine's memory), parallel workers (-1: cores - 1), and how
+# often the build's progress is read (seconds).
+CBIR_INDEX_BUILD_MEMORY = env_bytes("CBIR_INDEX_BUILD_MEMORY", 0, minimum=0)
+CBIR_INDEX_BUILD_WORKERS = env_int("CBIR_INDEX_BUILD_WORKERS", -1, minimum=-1, maximum=64)
+CBIR_INDEX_PROGRESS_INTERVAL = env_float("CBIR_INDEX_PROGRESS_INTERVAL", 2.0, minimum=0.01)
 CBIR_SPLIT_SEED = env_str("CBIR_SPLIT_SEED", "cbir-split-v1")
 # Newly embedded images at least this similar (cosine) to an image already in
 # their dataset are flagged as near-duplicates (exact duplicates are skipped by SHA-256).

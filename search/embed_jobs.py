@@ -11,7 +11,8 @@ from django.db import transaction
 
 from search import jobs, runner
 from search.duplicates import flag_new_near_duplicates, flags_with
-from search.indexing import embed_images, ensure_hnsw_index, missing_image_ids
+from search.hnsw import IndexBuildError
+from search.indexing import build_hnsw_index, embed_images, missing_image_ids
 from search.models import Dataset, Image, Job, JobChunk
 from training.models import ModelVersion
 
@@ -98,33 +99,55 @@ def run_chunk(chunk_id: int) -> str:
     return runner.execute_chunk(chunk_id, body, finish_embed_job)
 
 
+def _all_chunks_done(job_id: int) -> Job | None:
+    """The job when it is still active and every chunk succeeded, else None."""
+    job = Job.objects.filter(pk=job_id).first()
+    if job is None or job.status not in jobs.ACTIVE or job.chunks.exclude(status=S.SUCCEEDED).exists():
+        return None
+    return job
+
+
 def finish_embed_job(job_id: int) -> bool:
     """Called after each chunk (and for a job with nothing to embed): when all
-    chunks succeeded, build the index, activate if asked, and mark the job
-    succeeded, in one transaction; then flag near-duplicates of the new images."""
+    chunks succeeded, build the index (CONCURRENTLY, outside any transaction,
+    so embedding writes go on; its progress is the job's progress), then in one
+    short transaction activate if asked and mark the job succeeded; then flag
+    near-duplicates of the new images."""
     jobs.transition(job_id, S.RUNNING, expect=[S.QUEUED])
+    job = _all_chunks_done(job_id)
+    if job is None:
+        return False
+    version = job.model_version
+    if version is None:
+        jobs.transition(job_id, S.FAILED, expect=jobs.ACTIVE, error="the job's model version was deleted")
+        return False
+    done, failed = jobs.chunk_progress(job_id)
+    images_total = job.progress_total
+    jobs.set_progress(job_id, 0, 0, "building the HNSW index")
+    try:
+        build = build_hnsw_index(version, progress=lambda d, t, msg: jobs.set_progress(job_id, d, t, msg))
+    except IndexBuildError as exc:
+        if jobs.transition(job_id, S.FAILED, expect=jobs.ACTIVE, error=str(exc)):
+            jobs.add_log(job_id, str(exc))
+        return False
+    if build.created:
+        jobs.add_log(job_id, f"index built: {build.rows:,} rows in {build.seconds:.1f} s "
+                             f"(maintenance_work_mem {build.memory // 2**20} MB, {build.workers} parallel worker(s)"
+                             f"{', an invalid index from a failed build dropped first' if build.dropped_invalid else ''})")
     with transaction.atomic():
         job = Job.objects.select_for_update().filter(pk=job_id).first()
-        if job is None or job.status not in jobs.ACTIVE:
-            return False
-        if job.chunks.exclude(status=S.SUCCEEDED).exists():
-            return False
-        version = job.model_version
-        if version is None:
-            jobs.transition(job_id, S.FAILED, expect=jobs.ACTIVE, error="the job's model version was deleted")
-            return False
-        done, failed = jobs.chunk_progress(job_id)
-        created = ensure_hnsw_index(version)
+        if job is None or job.status not in jobs.ACTIVE or job.chunks.exclude(status=S.SUCCEEDED).exists():
+            return False  # another finisher got here first, or the job was cancelled meanwhile
         message = f"{done} embedded" + (f", {failed} unreadable" if failed else "")
         activated = False
         if job.params.get("activate") or ModelVersion.active() is None:
             version.activate()
             activated = True
-        jobs.transition(job_id, S.SUCCEEDED, expect=jobs.ACTIVE, progress_done=done,
-                        result={"embedded": done, "failed": failed, "index_created": created, "activated": activated},
-                        message=message)
+        jobs.transition(job_id, S.SUCCEEDED, expect=jobs.ACTIVE, progress_done=done, progress_total=images_total,
+                        result={"embedded": done, "failed": failed, "index_created": build.created,
+                                "activated": activated}, message=message)
     jobs.add_log(job_id, f"done: {done} embedded, {failed} unreadable"
-                         f"{', index built' if created else ''}{', now active for search' if activated else ''}")
+                         f"{', index built' if build.created else ''}{', now active for search' if activated else ''}")
     image_ids = [i for ids in JobChunk.objects.filter(job_id=job_id).values_list("image_ids", flat=True) for i in ids]
     flag_after(job_id, version, image_ids)
     return True

@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from django.conf import settings
-from django.db import connection
 from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 
+from search import hnsw
 from search.duplicates import flag_new_near_duplicates
 from search.models import Dataset, Embedding, Image
 from training.inference import embed_batch, loader_workers, network_for, preprocessing_for
@@ -27,16 +27,10 @@ logger = logging.getLogger(__name__)
 
 Progress = Callable[[int, int, str], None]
 
-# HNSW build parameters (pgvector defaults; see docs/architecture.md).
-HNSW_M = 16
-HNSW_EF_CONSTRUCTION = 64
-
 
 def _noop(done: int, total: int, message: str) -> None:
     pass
 
-
-# --- Model versions -----------------------------------------------------------
 
 # --- HNSW index ---------------------------------------------------------------
 
@@ -44,27 +38,22 @@ def vector_expression(version: ModelVersion) -> str:
     return f"(vector::halfvec({int(version.dimension)}))"
 
 
-def ensure_hnsw_index(version: ModelVersion) -> bool:
-    """Create the version's partial HNSW cosine index if missing; True if created."""
-    if version.index_exists():
-        return False
-    with connection.cursor() as cursor:
-        if connection.in_atomic_block:
-            # Django's foreign keys are deferred; PostgreSQL refuses CREATE INDEX
-            # on a table with pending checks, so run them now.
-            cursor.execute("SET CONSTRAINTS ALL IMMEDIATE")
-        cursor.execute(
-            f"CREATE INDEX IF NOT EXISTS {version.index_name} ON search_embedding "
-            f"USING hnsw ({vector_expression(version)} halfvec_cosine_ops) "
-            f"WITH (m = {HNSW_M}, ef_construction = {HNSW_EF_CONSTRUCTION}) "
-            f"WHERE model_version_id = {int(version.pk)}"
-        )
-    return True
+def build_hnsw_index(version: ModelVersion, *, progress: Progress | None = None) -> hnsw.BuildReport:
+    """Create the version's partial HNSW cosine index if there is no valid one
+    (m = CBIR_HNSW_M, ef_construction = CBIR_HNSW_EF_CONSTRUCTION), sized and
+    run as search/hnsw.py says: CONCURRENTLY outside a transaction, memory from
+    the rows, progress(done, total, message) from pg_stat_progress_create_index."""
+    return hnsw.ensure_index(version, vector_expression(version), m=settings.CBIR_HNSW_M,
+                             ef_construction=settings.CBIR_HNSW_EF_CONSTRUCTION, progress=progress)
+
+
+def ensure_hnsw_index(version: ModelVersion, *, progress: Progress | None = None) -> bool:
+    """build_hnsw_index; True if it created the index."""
+    return build_hnsw_index(version, progress=progress).created
 
 
 def drop_hnsw_index(version: ModelVersion) -> None:
-    with connection.cursor() as cursor:
-        cursor.execute(f"DROP INDEX IF EXISTS {version.index_name}")
+    hnsw.drop_index(version)
 
 
 # --- Embedding ----------------------------------------------------------------
@@ -114,6 +103,38 @@ def write_embeddings(version: ModelVersion, image_ids: Sequence[int], vectors: n
     Embedding.objects.bulk_create(rows, update_conflicts=True, unique_fields=["image", "model_version"],
                                   update_fields=["vector"])
     return len(rows)
+
+
+def copy_embeddings(version: ModelVersion, image_ids: Sequence[int], vectors: np.ndarray) -> int:
+    """Insert new embeddings in bulk with one binary COPY: image_ids (n,) int,
+    vectors (n, D) float, stored as halfvec through pgvector's psycopg
+    dumper (2 bytes a dimension on the wire instead of ~10 as text).
+
+    For loading many rows at once (bench/scale.py loads 100,000 this way at
+    tens of thousands of rows/s, where bulk_create formats every number as
+    text). Unlike write_embeddings it does not upsert: an (image, version)
+    already stored raises IntegrityError and nothing is written. Raises
+    ValueError when the shapes disagree with each other or with the version."""
+    from django.db import transaction
+    from django.utils import timezone
+    from pgvector import HalfVector
+
+    from search.neighbours import adapted_connection
+
+    vectors = np.asarray(vectors, dtype=np.float32)
+    if vectors.ndim != 2 or vectors.shape[1] != int(version.dimension) or len(vectors) != len(image_ids):
+        raise ValueError(f"expected {len(image_ids)} vectors of {version.dimension} dimensions, got shape "
+                         f"{vectors.shape}")
+    now = timezone.now()
+    with transaction.atomic():
+        raw = adapted_connection()
+        with raw.cursor() as cursor, cursor.copy(
+                "COPY search_embedding (image_id, model_version_id, vector, created) FROM STDIN (FORMAT BINARY)"
+        ) as copy:
+            copy.set_types(["int8", "int8", "halfvec", "timestamptz"])
+            for image_id, vector in zip(image_ids, vectors):
+                copy.write_row((int(image_id), int(version.pk), HalfVector(vector), now))
+    return len(vectors)
 
 
 def embed_images(version: ModelVersion, image_ids: Sequence[int], *, batch_size: int | None = None,

@@ -312,7 +312,9 @@ def active_job(kind: str, **filters: Any) -> Job | None:
 def job_status(job: Job) -> dict:
     """The small JSON the job page polls."""
     job.refresh_from_db()
-    if kind_of(job.kind).chunk_task and not job.is_finished:
+    if kind_of(job.kind).chunk_task and not job.is_finished and job.chunks.exclude(status=S.SUCCEEDED).exists():
+        # While chunks run, progress is their sum; once all are done the job's
+        # own row says what its finishing step (an index build) has reached.
         done, failed = chunk_progress(job.pk)
         job.progress_done = done + failed
     duration = job.duration

@@ -10,12 +10,25 @@ vector is bound as one parameter, in binary, through pgvector's psycopg
 adapter (pgvector-python `pgvector.psycopg.register_vector`), instead of
 being formatted as 1,000+ numbers of text.
 
+A filter is answered exactly at any selectivity. A dataset with at most
+CBIR_EXACT_SEARCH_MAX_ROWS images is searched by an exact scan of its rows
+(found through b-trees, then sorted by distance: the ORDER BY uses the plain
+column, which no HNSW index matches, so the plan cannot walk the graph);
+a larger subset walks the HNSW index with an iterative scan of up to
+CBIR_HNSW_MAX_SCAN_TUPLES tuples, and when that still yields fewer than k rows
+the statement is run again as an exact scan. The crossover is measured in
+docs/scaling.md.
+
+Reads go through the `cbir_search` router hint (cbirsite/routers.py): to the
+`replica` database alias when DATABASE_REPLICA_URL is set, else to `default`.
+
 Only the per-transaction search settings (`SET LOCAL hnsw.*`) are raw SQL:
 the ORM has no way to say them.
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
 import weakref
 from collections.abc import Sequence
@@ -25,17 +38,20 @@ from typing import Any
 import numpy as np
 import psycopg
 from django.conf import settings
-from django.db import connection, transaction
-from django.db.models import Expression, QuerySet, Subquery
+from django.db import connections, transaction
+from django.db.models import Expression, F, QuerySet, Subquery
 from django.db.models.functions import Cast
 from pgvector import HalfVector
 from pgvector.django import CosineDistance, HalfVectorField
 from pgvector.psycopg import register_vector
 
-from search.models import Dataset, Embedding
+from cbirsite.routers import SEARCH_HINT
+from search.models import Dataset, Embedding, Image
 from training.models import ModelVersion
 
 MAX_EF_SEARCH = 1000  # pgvector's upper bound for hnsw.ef_search
+EXACT, HNSW = "exact", "hnsw"
+PLANS = (EXACT, HNSW)
 
 
 @dataclass
@@ -70,8 +86,16 @@ class QueryVector(Expression):
 
     def __init__(self, vector: np.ndarray, dimensions: int) -> None:
         super().__init__(output_field=HalfVectorField(dimensions=dimensions))
-        self.vector = HalfVector(np.asarray(vector, dtype=np.float32))
+        values = np.asarray(vector, dtype=np.float32)
+        self.vector = HalfVector(values)
         self.dimensions = int(dimensions)
+        # Django compares expressions by a hash of their arguments; hashing
+        # 1,280 numbers one by one cost ~3 ms a query, a digest of the bytes ~µs.
+        self._digest = hashlib.blake2b(values.tobytes(), digest_size=16).digest()
+
+    @property
+    def identity(self) -> tuple:
+        return (type(self), self.dimensions, self._digest)
 
     def as_sql(self, compiler: Any, connection: Any) -> tuple[str, list]:
         return f"%s::halfvec({self.dimensions})", [self.vector]
@@ -82,33 +106,75 @@ def stored_vector(version: ModelVersion) -> Cast:
     return Cast("vector", HalfVectorField(dimensions=int(version.dimension)))
 
 
+def _search_rows(model):
+    """`model`'s manager carrying the search router hint (replica when configured)."""
+    return model.objects.db_manager(hints={SEARCH_HINT: True})
+
+
+def subset_is_small(dataset: Dataset, limit: int | None = None) -> bool:
+    """True when `dataset` has at most `limit` (CBIR_EXACT_SEARCH_MAX_ROWS)
+    images: an exact scan of them is the plan. Counted up to limit + 1 rows
+    only, on the b-tree of search_image.dataset_id, so it costs O(limit) at
+    most whatever the dataset's size. Images count whether or not the version
+    embedded them: an upper bound of the filtered rows."""
+    limit = settings.CBIR_EXACT_SEARCH_MAX_ROWS if limit is None else int(limit)
+    if limit <= 0:
+        return False
+    return _search_rows(Image).filter(dataset=dataset).order_by().values("pk")[:limit + 1].count() <= limit
+
+
+def plan_for(dataset: Dataset | None, splits: Sequence[str] | None = None) -> str:
+    """"exact" for a dataset small enough to scan (subset_is_small), else
+    "hnsw". A split filter alone keeps a large share of the rows (60/20/20),
+    so it stays on the index."""
+    return EXACT if dataset is not None and subset_is_small(dataset) else HNSW
+
+
 def neighbours_queryset(version: ModelVersion, *, vector: np.ndarray | None = None, image_id: int | None = None,
                         dataset: Dataset | None = None, splits: Sequence[str] | None = None,
-                        exclude_image_id: int | None = None, exact: bool = False) -> QuerySet:
+                        exclude_image_id: int | None = None, exact: bool = False,
+                        plan: str | None = None) -> QuerySet:
     """Embeddings of `version` ordered by cosine distance to the query, as rows
     (image_id, distance, label, dataset name, file, thumbnail).
 
     The query is a vector of shape (D,) or an indexed image (its stored
     vector is read inside the same statement). Optional filters: a dataset,
-    splits, one image left out. With exact=True ties are broken by image id
-    (the order metrics.rank_with_ties uses); run it with `exact_options`."""
+    splits, one image left out. `plan`: "exact" or "hnsw", default plan_for()
+    (exact=True means "exact"). The exact plan orders by the plain column, so
+    it sorts the filtered rows whatever the session settings; ties are broken
+    by image id (the order metrics.rank_with_ties uses). The "hnsw" plan orders
+    by the indexed expression; run it with fetch(), which sets the scan and
+    falls back to an exact scan when the walk finds fewer than k rows.
+    Raises ValueError for a bad combination of arguments."""
     if (vector is None) == (image_id is None):
         raise ValueError("give exactly one of vector and image_id")
+    if plan is not None and plan not in PLANS:
+        raise ValueError(f"plan must be one of {PLANS}, not {plan!r}")
+    if exact:
+        plan = EXACT
+    elif plan is None:
+        plan = plan_for(dataset, splits)
     query: Expression | Subquery
     if vector is not None:
         query = QueryVector(vector, int(version.dimension))
     else:
         query = Subquery(Embedding.objects.filter(image_id=int(image_id or 0), model_version=version)
                          .values(q=stored_vector(version))[:1])
-    rows = Embedding.objects.filter(model_version=version)
+    rows = _search_rows(Embedding).filter(model_version=version)
     if dataset is not None:
         rows = rows.filter(image__dataset=dataset)
     if splits is not None:
         rows = rows.filter(image__split__in=[str(s) for s in splits])
     if exclude_image_id is not None:
         rows = rows.exclude(image_id=exclude_image_id)
-    order = ["distance", "image_id"] if exact else ["distance"]
-    return (rows.annotate(distance=CosineDistance(stored_vector(version), query)).order_by(*order)
+    if plan == EXACT:
+        # The uncast column: equal distances, but no index expression matches it.
+        distance = CosineDistance(F("vector"), query)
+        order = ["distance", "image_id"]
+    else:
+        distance = CosineDistance(stored_vector(version), query)
+        order = ["distance"]
+    return (rows.annotate(distance=distance).order_by(*order)
             .values_list("image_id", "distance", "image__label", "image__dataset__name", "image__file",
                          "image__thumbnail"))
 
@@ -116,10 +182,11 @@ def neighbours_queryset(version: ModelVersion, *, vector: np.ndarray | None = No
 _registered: weakref.WeakSet = weakref.WeakSet()
 
 
-def _adapted_connection() -> psycopg.Connection:
-    """Django's psycopg connection, with pgvector's types registered once."""
-    connection.ensure_connection()
-    raw = connection.connection
+def adapted_connection(alias: str = "default") -> psycopg.Connection:
+    """Django's psycopg connection for `alias`, with pgvector's types registered once."""
+    wrapper = connections[alias]
+    wrapper.ensure_connection()
+    raw = wrapper.connection
     if raw not in _registered:
         register_vector(raw)
         _registered.add(raw)
@@ -128,8 +195,8 @@ def _adapted_connection() -> psycopg.Connection:
 
 def compiled(queryset: QuerySet, k: int) -> tuple[str, tuple]:
     """The SQL and parameters of the first k rows of `queryset` (for EXPLAIN and benchmarks)."""
-    _adapted_connection()
-    return queryset[:k].query.sql_with_params()
+    adapted_connection(queryset.db)
+    return queryset[:k].query.get_compiler(using=queryset.db).as_sql()
 
 
 def ef_search_for(k: int) -> int:
@@ -139,27 +206,28 @@ def ef_search_for(k: int) -> int:
 
 def search_options(cursor: Any, k: int) -> None:
     """Per-transaction HNSW settings: a search breadth of at least 2k, and an
-    iterative scan so a filter still yields k rows, in exact order."""
-    cursor.execute(f"SET LOCAL hnsw.ef_search = {ef_search_for(k)}")
-    cursor.execute("SET LOCAL hnsw.iterative_scan = strict_order")
-    # On a small table the planner would rather sort every row of the version
-    # than start an HNSW scan; ordering through the index is what scales, and
-    # measured faster even at 146 rows (docs/benchmarks.md), so ask for it.
-    cursor.execute("SET LOCAL enable_sort = off")
+    iterative scan so a filter still yields k rows, in exact order, visiting
+    at most CBIR_HNSW_MAX_SCAN_TUPLES tuples."""
+    # One round trip: several statements are allowed in a call without parameters.
+    cursor.execute(f"SET LOCAL hnsw.ef_search = {ef_search_for(k)}; "
+                   "SET LOCAL hnsw.iterative_scan = strict_order; "
+                   f"SET LOCAL hnsw.max_scan_tuples = {int(settings.CBIR_HNSW_MAX_SCAN_TUPLES)}; "
+                   # On a small table the planner would rather sort every row of the version
+                   # than start an HNSW scan; ordering through the index is what scales, and
+                   # measured faster even at 146 rows (docs/benchmarks.md), so ask for it.
+                   "SET LOCAL enable_sort = off")
 
 
 def exact_options(cursor: Any) -> None:
     """A sequential scan and a sort: the true top k, whatever the index would return."""
-    cursor.execute("SET LOCAL enable_indexscan = off")
-    cursor.execute("SET LOCAL enable_sort = on")  # search's settings may linger in an outer transaction
+    # enable_sort: search's settings may linger in an outer transaction.
+    cursor.execute("SET LOCAL enable_indexscan = off; SET LOCAL enable_sort = on")
 
 
-def fetch(queryset: QuerySet, k: int, *, exact: bool = False) -> tuple[list[Hit], float]:
-    """Run the first k rows of a neighbours_queryset in one transaction with the
-    search (or exact) settings; returns (hits, seconds spent in the statement)."""
-    sql, params = compiled(queryset, k)
-    with transaction.atomic():
-        raw = _adapted_connection()
+def _run(queryset: QuerySet, sql: str, params: tuple, k: int, *, exact: bool) -> tuple[list[tuple], float]:
+    alias = queryset.db
+    with transaction.atomic(using=alias):
+        raw = adapted_connection(alias)
         # A server-side-binding cursor: Django's own (client-side binding)
         # cursor would format the HalfVector parameter as text.
         with psycopg.Cursor(raw) as cursor:
@@ -170,7 +238,28 @@ def fetch(queryset: QuerySet, k: int, *, exact: bool = False) -> tuple[list[Hit]
             start = time.perf_counter()
             cursor.execute(sql, params)
             rows = cursor.fetchall()
-            seconds = time.perf_counter() - start
+            return rows, time.perf_counter() - start
+
+
+def walks_index(queryset: QuerySet) -> bool:
+    """True for a neighbours_queryset of the "hnsw" plan (it orders by the
+    indexed expression, the cast); the "exact" plan orders by the column."""
+    distance = queryset.query.annotations.get("distance")
+    return distance is not None and isinstance(distance.get_source_expressions()[0], Cast)
+
+
+def fetch(queryset: QuerySet, k: int, *, exact: bool = False) -> tuple[list[Hit], float]:
+    """Run the first k rows of a neighbours_queryset in one transaction with the
+    search (or exact) settings; returns (hits, seconds spent in the statements).
+
+    When the index walk returns fewer than k rows (a filter the iterative scan
+    could not satisfy within hnsw.max_scan_tuples), the statement runs again
+    as an exact scan, so a result never has fewer than min(k, matching rows)."""
+    sql, params = compiled(queryset, k)
+    rows, seconds = _run(queryset, sql, params, k, exact=exact)
+    if not exact and len(rows) < k and walks_index(queryset):
+        rows, more = _run(queryset, sql, params, k, exact=True)
+        seconds += more
     hits = [Hit(image_id=r[0], score=1.0 - float(r[1]), label=r[2], dataset=r[3], file=r[4], thumbnail=r[5])
             for r in rows]
     return hits, seconds
@@ -179,8 +268,9 @@ def fetch(queryset: QuerySet, k: int, *, exact: bool = False) -> tuple[list[Hit]
 def nearest(version: ModelVersion, *, vector: np.ndarray | None = None, image_id: int | None = None, k: int,
             dataset: Dataset | None = None, splits: Sequence[str] | None = None,
             exclude_image_id: int | None = None, exact: bool = False) -> list[Hit]:
-    """The k nearest images by cosine distance, in one statement on the
-    version's HNSW index (exact=True: a sequential scan, for ground truth)."""
+    """The k nearest images by cosine distance, in one statement: on the
+    version's HNSW index, or an exact scan for a small filtered subset
+    (plan_for) or with exact=True (ground truth)."""
     queryset = neighbours_queryset(version, vector=vector, image_id=image_id, dataset=dataset, splits=splits,
                                    exclude_image_id=exclude_image_id, exact=exact)
     return fetch(queryset, k, exact=exact)[0]
@@ -189,13 +279,5 @@ def nearest(version: ModelVersion, *, vector: np.ndarray | None = None, image_id
 def explain(queryset: QuerySet, k: int, *, exact: bool = False, analyze: bool = False) -> str:
     """PostgreSQL's plan for the first k rows of `queryset`, run with the same settings as fetch()."""
     sql, params = compiled(queryset, k)
-    with transaction.atomic():
-        raw = _adapted_connection()
-        with psycopg.Cursor(raw) as cursor:
-            if exact:
-                exact_options(cursor)
-            else:
-                search_options(cursor, k)
-            cursor.execute(("EXPLAIN ANALYZE " if analyze else "EXPLAIN ") + sql, params)
-            return "\n".join(row[0] for row in cursor.fetchall())
-
+    rows, _ = _run(queryset, ("EXPLAIN ANALYZE " if analyze else "EXPLAIN ") + sql, params, k, exact=exact)
+    return "\n".join(row[0] for row in rows)

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from django.conf import settings
 
+from search.hnsw import VALID, index_state
 from search.imaging import ImageRejected, decode_image
 from search.models import Dataset, Image
 from search.neighbours import Hit, nearest
@@ -96,7 +97,7 @@ def parse_dataset(name) -> Dataset | None:
 
 def ready_version() -> ModelVersion:
     version = ModelVersion.active()
-    if version is None or not version.index_exists():
+    if version is None or index_state(version) != VALID:
         raise IndexNotReady("no search index is ready yet: import images and build the index "
                             "(python manage.py build_index --dataset NAME)")
     return version

@@ -94,3 +94,16 @@ def test_dockerfile_copies_what_the_app_needs():
     text = (ROOT / "Dockerfile").read_text()
     for folder in ("cbirsite", "search", "training", "templates", "manage.py"):
         assert f"COPY {folder}" in text
+
+
+def test_the_database_gets_the_settings_the_embedded_one_gets(compose):
+    """The same postgresql.conf settings as cbirsite/machine.py sizes for the
+    embedded server, as `postgres -c` flags, and shared memory for a parallel build."""
+    from cbirsite.machine import postgres_settings
+
+    db = compose["services"]["db"]
+    argv = _command(db)
+    assert argv[0] == "postgres"
+    flags = {argv[i + 1].split("=", 1)[0] for i, a in enumerate(argv) if a == "-c"}
+    assert set(postgres_settings()) <= flags
+    assert db["shm_size"]

@@ -1,0 +1,323 @@
+"""A million images on one machine: load, index build and search at N rows.
+
+    .venv/bin/python bench/scale.py --n 100000 [--dim 1280] [--clusters 256] [--queries 60] [--k 10]
+        [--ef-search 40,100,200,400] [--compare-queries 20] [--reuse] [--keep] [--unfiltered-only] [--json]
+
+Loads N clustered unit vectors (`--clusters` Gaussian clusters on the sphere,
+each point at cosine ~0.7 from its centre) into the project's own tables
+through its own code: images with bulk_create, embeddings with
+search.indexing.copy_embeddings (binary COPY), under a scratch model version
+"bench-scale-<dim>" of the tiny network made by training/versions.py. The
+images are split into datasets holding 0.01 %, 0.1 %, 1 % and 10 % of the
+rows and the rest (88.89 %), so a dataset filter has those selectivities.
+
+Then builds the version's HNSW index through the code path jobs use
+(search.indexing.build_hnsw_index: CONCURRENTLY, memory sized from the rows,
+progress read from pg_stat_progress_create_index) and queries it with
+`--queries` fresh points from the same clusters, against numpy's exact top k
+over the same halfvec-rounded vectors:
+
+  unfiltered       p50/p95 latency and recall@k for each ef_search of --ef-search
+  filtered         for each dataset: the plan search.neighbours chooses, and
+                   both plans forced ("exact", "hnsw") on --compare-queries
+                   queries: the crossover between them
+
+Latency is the wall time of search.neighbours.nearest's work (plan choice,
+statement, rows) in milliseconds. Prints load time, build time and rows/s,
+table and index bytes per row and per million rows. The machine may be
+shared: the report says how busy it was. --reuse keeps rows from an earlier
+run with the same N/dim/seed (only the index is rebuilt); --keep leaves the
+scratch data in place afterwards (default: deleted).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import numpy as np
+from _common import OtherLoad, busy_warning, emit, median, percentile, setup_django, table
+
+SHARES = [("sel-0.01%", 0.0001), ("sel-0.1%", 0.001), ("sel-1%", 0.01), ("sel-10%", 0.1)]
+SEED = 20261129
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--n", type=int, default=20_000, help="rows (default 20,000)")
+    parser.add_argument("--dim", type=int, default=1280, help="dimension (default 1280, EfficientNet-Lite0's)")
+    parser.add_argument("--clusters", type=int, default=256, help="Gaussian clusters (default 256)")
+    parser.add_argument("--queries", type=int, default=60, help="queries per case (default 60)")
+    parser.add_argument("--compare-queries", type=int, default=20, help="queries per forced plan (default 20)")
+    parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--ef-search", default="40,100,200,400", help="hnsw.ef_search values for the curve")
+    parser.add_argument("--reuse", action="store_true", help="keep loaded rows of an earlier run; rebuild the index")
+    parser.add_argument("--keep", action="store_true", help="leave the scratch data in the database")
+    parser.add_argument("--unfiltered-only", action="store_true",
+                        help="skip the filtered cases (for tuning m and ef_construction with --reuse)")
+    parser.add_argument("--json", action="store_true")
+    return parser.parse_args(argv)
+
+
+def clustered_vectors(n: int, dim: int, clusters: int, rng: np.random.Generator) -> np.ndarray:
+    """(n, dim) float32 unit vectors around `clusters` random unit centres."""
+    centres = rng.normal(size=(clusters, dim)).astype(np.float32)
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    which = rng.integers(0, clusters, size=n)
+    points = centres[which] + rng.normal(size=(n, dim)).astype(np.float32) / np.sqrt(dim)
+    return points / np.linalg.norm(points, axis=1, keepdims=True)
+
+
+def data(args) -> tuple[np.ndarray, np.ndarray]:
+    """(the N stored vectors, the query vectors), the same for the same arguments."""
+    rng = np.random.default_rng(SEED)
+    both = clustered_vectors(args.n + 2 * args.queries, args.dim, args.clusters, rng)
+    return both[:args.n], both[args.n:]
+
+
+def dataset_sizes(n: int) -> list[tuple[str, int]]:
+    sizes = [(name, max(1, round(n * share))) for name, share in SHARES]
+    return sizes + [("rest", n - sum(size for _, size in sizes))]
+
+
+def scratch(args):
+    from search.models import Dataset
+    from training.models import ModelVersion
+    from training.versions import get_or_create_version
+
+    name = f"bench-scale-{args.dim}"
+    version = ModelVersion.objects.filter(name=name).first()
+    if version is not None and version.is_active:
+        raise SystemExit(f"{name} is the active model version; activate another before benchmarking")
+    datasets = {label: f"bench-scale-{label}" for label, _ in dataset_sizes(args.n)}
+    expected = sum(size for _, size in dataset_sizes(args.n))
+    if args.reuse and version is not None and version.embeddings.count() == expected and all(
+            Dataset.objects.filter(name=d).exists() for d in datasets.values()):
+        return version, {label: Dataset.objects.get(name=d) for label, d in datasets.items()}, False
+    drop_scratch(version)
+    version = get_or_create_version("tiny", random_weights=True, config={"dimension": args.dim, "size": 32},
+                                    name=name)
+    return version, {label: Dataset.objects.create(name=d, description="bench/scale.py scratch data; safe to delete")
+                     for label, d in datasets.items()}, True
+
+
+def drop_scratch(version) -> None:
+    """Delete the scratch version, its rows and the scratch datasets in SQL:
+    the ORM's cascade would load every image and run the file clean-up signal
+    (two queries per image), and these placeholder rows have no files."""
+    from django.db import connection
+
+    from search.models import Dataset
+
+    with connection.cursor() as cursor:
+        if version is not None:
+            cursor.execute("DELETE FROM search_embedding WHERE model_version_id = %s", [version.pk])
+        cursor.execute("DELETE FROM search_embedding WHERE image_id IN (SELECT i.id FROM search_image i "
+                       "JOIN search_dataset d ON d.id = i.dataset_id WHERE d.name LIKE %s)", ["bench-scale-%"])
+        cursor.execute("DELETE FROM search_image WHERE dataset_id IN "
+                       "(SELECT id FROM search_dataset WHERE name LIKE %s)", ["bench-scale-%"])
+    if version is not None:
+        version.delete()  # drops its index
+    Dataset.objects.filter(name__startswith="bench-scale-").delete()
+
+
+def load(version, datasets, vectors, args) -> dict:
+    from django.db import connection
+
+    from search.indexing import copy_embeddings
+    from search.models import Image
+
+    sizes = dataset_sizes(args.n)
+    owner = np.concatenate([np.full(size, i) for i, (_, size) in enumerate(sizes)])
+    np.random.default_rng(SEED + 1).shuffle(owner)  # datasets spread over the clusters
+    start = time.perf_counter()
+    ids = np.zeros(args.n, dtype=np.int64)
+    for i, (label, _) in enumerate(sizes):
+        rows = np.flatnonzero(owner == i)
+        made = Image.objects.bulk_create([
+            Image(dataset=datasets[label], file=f"bench/{r}.png", thumbnail=f"bench/{r}.jpg", sha256=f"{r:064x}",
+                  split="train", width=1, height=1, original_filename=str(r)) for r in rows], batch_size=5000)
+        ids[rows] = [im.pk for im in made]
+    images_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    step = 10_000
+    for lo in range(0, args.n, step):
+        copy_embeddings(version, ids[lo:lo + step], vectors[lo:lo + step])
+    copy_seconds = time.perf_counter() - start
+    with connection.cursor() as cursor:
+        cursor.execute("VACUUM ANALYZE search_embedding")
+        cursor.execute("ANALYZE search_image")
+    return {"images_seconds": round(images_seconds, 1), "embeddings_seconds": round(copy_seconds, 1),
+            "embeddings_rows_per_s": round(args.n / copy_seconds)}
+
+
+def image_ids(version, args) -> np.ndarray:
+    """Image id of each stored vector row (original_filename holds the row number)."""
+    from search.models import Embedding
+
+    rows = Embedding.objects.filter(model_version=version).values_list("image__original_filename", "image_id")
+    ids = np.zeros(args.n, dtype=np.int64)
+    for row, image_id in rows.iterator(chunk_size=20_000):
+        ids[int(row)] = image_id
+    return ids
+
+
+def build(version) -> dict:
+    from search.hnsw import drop_index, sizes
+    from search.indexing import build_hnsw_index
+
+    drop_index(version)
+    start = time.perf_counter()
+    report = build_hnsw_index(version, progress=lambda done, total, message: None)
+    seconds = time.perf_counter() - start
+    size = sizes(version)
+    last = report.samples[-1] if report.samples else None
+    return {"rows": report.rows, "seconds": round(seconds, 1), "rows_per_s": round(report.rows / seconds),
+            "maintenance_work_mem_mb": report.memory // 2**20, "workers": report.workers,
+            "concurrently": report.concurrently, "progress_samples": len(report.samples),
+            "last_phase": last.phase if last else None, **size}
+
+
+def exact_top(vectors16: np.ndarray, ids: np.ndarray, rows: np.ndarray | None, query: np.ndarray, k: int) -> list[int]:
+    pool = vectors16 if rows is None else vectors16[rows]
+    pool_ids = ids if rows is None else ids[rows]
+    q = query.astype(np.float16).astype(np.float32)
+    scores = pool @ (q / np.linalg.norm(q))
+    top = np.argsort(-scores, kind="stable")[:k]
+    return [int(pool_ids[i]) for i in top]
+
+
+def measure(version, queries, truth, k, **query) -> dict:
+    from search.neighbours import fetch, neighbours_queryset
+
+    latencies, recalls, counts = [], [], []
+    for q, expected in zip(queries, truth):
+        start = time.perf_counter()
+        hits, _ = fetch(neighbours_queryset(version, vector=q, **query), k)
+        latencies.append(1000 * (time.perf_counter() - start))
+        got = [h.image_id for h in hits]
+        counts.append(len(got))
+        recalls.append(len(set(got) & set(expected)) / max(1, min(k, len(expected))))
+    return {"queries": len(latencies), "p50_ms": round(median(latencies), 2),
+            "p95_ms": round(percentile(latencies, 95), 2), "recall": round(float(np.mean(recalls)), 3),
+            "min_rows": min(counts)}
+
+
+def search(version, datasets, vectors, ids, queries, args) -> dict:
+    from django.test import override_settings
+
+    from search.neighbours import plan_for
+
+    # Stored halfvec values, as PostgreSQL compares them.
+    vectors16 = vectors.astype(np.float16).astype(np.float32)
+    vectors16 /= np.linalg.norm(vectors16, axis=1, keepdims=True)
+    k = args.k
+    warm, timed = queries[:args.queries], queries[args.queries:]
+    measure(version, warm[:5], [exact_top(vectors16, ids, None, q, k) for q in warm[:5]], k)  # warm the cache
+    truth = [exact_top(vectors16, ids, None, q, k) for q in timed]
+    curve = []
+    for ef in [int(x) for x in args.ef_search.split(",")]:
+        with override_settings(CBIR_HNSW_EF_SEARCH=ef):
+            curve.append({"ef_search": max(ef, 2 * k), **measure(version, timed, truth, k)})
+    if args.unfiltered_only:
+        return {"unfiltered": curve, "filtered": []}
+    sizes = dict(dataset_sizes(args.n))
+    image_dataset = _owner_of(ids, datasets)
+    filtered = []
+    for label, dataset in datasets.items():
+        rows = np.flatnonzero(image_dataset == dataset.pk)
+        dtruth = [exact_top(vectors16, ids, rows, q, k) for q in timed]
+        entry = {"dataset": label, "rows": sizes[label], "selectivity_pct": round(100 * sizes[label] / args.n, 3),
+                 "plan": plan_for(dataset), "chosen": measure(version, timed, dtruth, k, dataset=dataset)}
+        c = args.compare_queries
+        for plan in ("exact", "hnsw"):
+            entry[plan] = measure(version, timed[:c], dtruth[:c], k, dataset=dataset, plan=plan)
+        filtered.append(entry)
+    return {"unfiltered": curve, "filtered": filtered}
+
+
+def _owner_of(ids: np.ndarray, datasets) -> np.ndarray:
+    from search.models import Image
+
+    owner = dict(Image.objects.filter(dataset__in=list(datasets.values())).values_list("pk", "dataset_id"))
+    return np.array([owner[int(i)] for i in ids])
+
+
+def run(args) -> dict:
+    from django.conf import settings
+
+    load_meter = OtherLoad()
+    started = time.perf_counter()
+    vectors, queries = data(args)
+    version, datasets, fresh = scratch(args)
+    report: dict = {"n": args.n, "dim": args.dim, "clusters": args.clusters, "k": args.k,
+                    "queries": args.queries, "m": settings.CBIR_HNSW_M,
+                    "ef_construction": settings.CBIR_HNSW_EF_CONSTRUCTION,
+                    "max_scan_tuples": settings.CBIR_HNSW_MAX_SCAN_TUPLES,
+                    "exact_search_max_rows": settings.CBIR_EXACT_SEARCH_MAX_ROWS}
+    report["load"] = load(version, datasets, vectors, args) if fresh else {"reused": True}
+    ids = image_ids(version, args)
+    report["build"] = build(version)
+    b = report["build"]
+    report["bytes_per_row"] = {"index": round(b["index_bytes"] / args.n), "table": round(b["table_bytes"] / args.n)}
+    report["search"] = search(version, datasets, vectors, ids, queries, args)
+    if not args.keep:
+        drop_scratch(version)
+    report["seconds"] = round(time.perf_counter() - started, 1)
+    report["machine_load"] = load_meter.cores()
+    return report
+
+
+def print_report(r: dict) -> None:
+    print(f"N = {r['n']:,} unit vectors, {r['dim']}-d, {r['clusters']} clusters; k = {r['k']}, "
+          f"{r['queries']} queries; m = {r['m']}, ef_construction = {r['ef_construction']}")
+    load = r["load"]
+    if load.get("reused"):
+        print("load: reused rows from an earlier run")
+    else:
+        print(f"load: images {load['images_seconds']} s (bulk_create), embeddings {load['embeddings_seconds']} s "
+              f"(binary COPY, {load['embeddings_rows_per_s']:,} rows/s)")
+    b = r["build"]
+    mb = 2**20
+    print(f"build: {b['rows']:,} rows in {b['seconds']} s = {b['rows_per_s']:,} rows/s "
+          f"(maintenance_work_mem {b['maintenance_work_mem_mb']} MB, {b['workers']} parallel worker(s), "
+          f"CONCURRENTLY={b['concurrently']}, {b['progress_samples']} progress readings, last: {b['last_phase']})")
+    per = r["bytes_per_row"]
+    print(f"sizes: index {b['index_bytes'] / mb:.1f} MiB = {per['index']:,} B/row = "
+          f"{per['index'] * 1e6 / 2**30:.2f} GiB per million rows; table (heap+TOAST, whole search_embedding) "
+          f"{b['table_bytes'] / mb:.1f} MiB = {per['table']:,} B/row = {per['table'] * 1e6 / 2**30:.2f} GiB "
+          "per million rows")
+    print()
+    print("unfiltered (HNSW):")
+    print(table(["ef_search", "p50 ms", "p95 ms", f"recall@{r['k']}"],
+                [[c["ef_search"], c["p50_ms"], c["p95_ms"], c["recall"]] for c in r["search"]["unfiltered"]]))
+    print()
+    if not r["search"]["filtered"]:
+        print(f"\n{r['seconds']} s in all; machine load: {r['machine_load']}")
+        return
+    print(f"filtered to one dataset (CBIR_EXACT_SEARCH_MAX_ROWS={r['exact_search_max_rows']}, "
+          f"hnsw.max_scan_tuples={r['max_scan_tuples']}):")
+    rows = []
+    for f in r["search"]["filtered"]:
+        c, e, h = f["chosen"], f["exact"], f["hnsw"]
+        rows.append([f["dataset"], f"{f['rows']:,}", f["selectivity_pct"], f["plan"],
+                     f"{c['p50_ms']}/{c['p95_ms']}", c["recall"], c["min_rows"],
+                     f"{e['p50_ms']}/{e['p95_ms']}", e["recall"], f"{h['p50_ms']}/{h['p95_ms']}", h["recall"],
+                     h["min_rows"]])
+    print(table(["dataset", "rows", "%", "plan", "chosen p50/p95 ms", "recall", "min rows",
+                 "exact p50/p95", "recall", "hnsw p50/p95", "recall", "min rows"], rows))
+    print(f"\n{r['seconds']} s in all; machine load: {r['machine_load']}")
+    warning = busy_warning(r["machine_load"])
+    if warning:
+        print("WARNING:", warning)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    setup_django()
+    return emit(run(args), args.json, print_report)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,275 @@
+"""Building a model version's HNSW index at scale.
+
+One partial expression index per version (search/indexing.py says which):
+`CREATE INDEX CONCURRENTLY` when the caller is not inside a transaction, so
+embedding writes to search_embedding go on during the build (PostgreSQL refuses
+CONCURRENTLY inside a transaction block; there the plain statement is used).
+`maintenance_work_mem` is sized from the rows so the graph is built in memory
+(pgvector slows down many times once it no longer fits), and
+`max_parallel_maintenance_workers` from the cores. A thread reads
+`pg_stat_progress_create_index` for the building backend and reports it.
+
+Measured figures behind the sizes: docs/scaling.md."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from django.conf import settings
+from django.db import connection
+
+from cbirsite import machine
+from search.models import Embedding
+from training.models import ModelVersion
+
+Progress = Callable[[int, int, str], None]
+logger = logging.getLogger(__name__)
+
+# Graph bytes per row in maintenance_work_mem, measured with pgvector 0.8.5's
+# "hnsw graph no longer fits into maintenance_work_mem after N tuples" notice
+# (halfvec, m = 16): 3,277 B at 1,280-d, 1,228 B at 256-d, i.e. 2 bytes per
+# dimension plus 716 B, of which the layer-0 neighbour list is 2m x 16 B.
+GRAPH_BYTES_PER_DIMENSION = 2
+GRAPH_BYTES_PER_M = 32
+GRAPH_BYTES_FIXED = 204
+# Headroom over the estimate: the row count moves while a build waits.
+GRAPH_HEADROOM = 1.2
+MIN_BUILD_MEMORY = 64 * machine.MIB  # PostgreSQL's default maintenance_work_mem
+# Without CBIR_INDEX_BUILD_MEMORY, a build takes at most this share of the machine's memory.
+MAX_BUILD_MEMORY_SHARE = 0.25
+_LOCK_BASE = 0x43_42_49_52 << 32  # "CBIR" in the high half of the advisory-lock key
+
+
+class IndexBuildError(RuntimeError):
+    """The index could not be built (the message says why)."""
+
+
+def graph_bytes(rows: int, dimension: int, m: int) -> int:
+    """Estimated size in bytes of pgvector's in-memory HNSW graph for `rows`
+    halfvec vectors of `dimension` with `m` links per node."""
+    per_row = GRAPH_BYTES_PER_DIMENSION * dimension + GRAPH_BYTES_PER_M * m + GRAPH_BYTES_FIXED
+    return int(rows) * per_row
+
+
+def build_memory(rows: int, dimension: int, m: int) -> int:
+    """maintenance_work_mem in bytes for building an index of `rows` vectors:
+    CBIR_INDEX_BUILD_MEMORY when set, else the graph estimate with 20 % headroom,
+    at least 64 MB and at most a quarter of this machine's memory."""
+    if settings.CBIR_INDEX_BUILD_MEMORY:
+        return int(settings.CBIR_INDEX_BUILD_MEMORY)
+    wanted = int(graph_bytes(rows, dimension, m) * GRAPH_HEADROOM)
+    cap = max(MIN_BUILD_MEMORY, int(machine.memory_bytes() * MAX_BUILD_MEMORY_SHARE))
+    return max(MIN_BUILD_MEMORY, min(wanted, cap))
+
+
+def build_workers() -> int:
+    """max_parallel_maintenance_workers for a build: CBIR_INDEX_BUILD_WORKERS
+    when set (>= 0), else one per core beyond the first (the leader works too), at most 8."""
+    if settings.CBIR_INDEX_BUILD_WORKERS >= 0:
+        return int(settings.CBIR_INDEX_BUILD_WORKERS)
+    return max(0, min(machine.cores() - 1, 8))
+
+
+# --- State --------------------------------------------------------------------
+
+MISSING, VALID, INVALID = "missing", "valid", "invalid"
+
+
+def index_state(version: ModelVersion) -> str:
+    """"valid", "missing", or "invalid" (left by a failed or interrupted
+    CREATE INDEX CONCURRENTLY: PostgreSQL keeps it, unused by queries)."""
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT i.indisvalid FROM pg_index i WHERE i.indexrelid = to_regclass(%s)",
+                       [version.index_name])
+        row = cursor.fetchone()
+    if row is None:
+        return MISSING
+    return VALID if row[0] else INVALID
+
+
+@contextmanager
+def _build_lock(version: ModelVersion, *, in_transaction: bool, poll: float = 0.5) -> Iterator[None]:
+    """One build per version at a time, across processes. The try-lock is polled
+    rather than waited on: a waiting statement would hold a snapshot that a
+    concurrent build's CONCURRENTLY phase waits for, a deadlock."""
+    key = _LOCK_BASE + int(version.pk)
+    function = "pg_try_advisory_xact_lock" if in_transaction else "pg_try_advisory_lock"
+    with connection.cursor() as cursor:
+        while True:
+            cursor.execute(f"SELECT {function}(%s)", [key])
+            if cursor.fetchone()[0]:
+                break
+            time.sleep(poll)
+    try:
+        yield
+    finally:
+        if not in_transaction:
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT pg_advisory_unlock(%s)", [key])
+
+
+# --- Progress -----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class BuildProgress:
+    """One row of pg_stat_progress_create_index: `phase` as PostgreSQL names it
+    (e.g. "building index: loading tuples"), blocks of the table scanned and
+    tuples loaded into the graph, each out of its total (0 when unknown)."""
+
+    phase: str
+    blocks_done: int
+    blocks_total: int
+    tuples_done: int
+    tuples_total: int
+
+    def as_progress(self, rows: int = 0) -> tuple[int, int, str]:
+        """(done, total, message) for a job's progress bar. pgvector counts the
+        tuples it loads but leaves tuples_total at 0, so `rows` (the version's
+        row count, what the partial index will hold) is the total when given;
+        else tuples_total when known, else the table's blocks."""
+        if rows:
+            done, total = min(self.tuples_done, rows), rows
+        elif self.tuples_total:
+            done, total = self.tuples_done, self.tuples_total
+        else:
+            done, total = self.blocks_done, self.blocks_total
+        return done, total, (f"building the HNSW index: {self.phase} ({self.tuples_done:,}/{total:,} rows, "
+                             f"{self.blocks_done:,}/{self.blocks_total:,} blocks of the table)")
+
+
+def read_progress(pid: int) -> BuildProgress | None:
+    """The CREATE INDEX progress of backend `pid`, or None when it builds nothing."""
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT phase, blocks_done, blocks_total, tuples_done, tuples_total "
+                       "FROM pg_stat_progress_create_index WHERE pid = %s", [int(pid)])
+        row = cursor.fetchone()
+    return None if row is None else BuildProgress(str(row[0]), *(int(v or 0) for v in row[1:]))
+
+
+class _Poller(threading.Thread):
+    """Reads the build's progress every `interval` seconds on its own database
+    connection and hands each reading to `progress`."""
+
+    def __init__(self, pid: int, progress: Progress, interval: float, rows: int) -> None:
+        super().__init__(name=f"cbir-index-progress-{pid}", daemon=True)
+        self.pid, self.progress, self.interval, self.rows = pid, progress, interval, rows
+        self.stopped = threading.Event()
+        self.samples: list[BuildProgress] = []
+
+    def run(self) -> None:
+        try:
+            while not self.stopped.is_set():
+                sample = read_progress(self.pid)
+                if sample is not None:
+                    self.samples.append(sample)
+                    try:
+                        self.progress(*sample.as_progress(self.rows))
+                    except Exception:  # noqa: BLE001 - a lost progress write never stops the build
+                        logger.warning("could not record index build progress", exc_info=True)
+                self.stopped.wait(self.interval)
+        finally:
+            connection.close()  # this thread's own connection
+
+
+# --- Build --------------------------------------------------------------------
+
+@dataclass
+class BuildReport:
+    """What ensure_index did: created (False: a valid index was there), rows
+    of the version, the maintenance_work_mem (bytes) and workers it used,
+    whether it ran CONCURRENTLY, seconds, and the progress samples it read."""
+
+    created: bool = False
+    rows: int = 0
+    memory: int = 0
+    workers: int = 0
+    concurrently: bool = False
+    dropped_invalid: bool = False
+    seconds: float = 0.0
+    samples: list[BuildProgress] = field(default_factory=list)
+
+
+def create_index_sql(version: ModelVersion, expression: str, m: int, ef_construction: int, *,
+                     concurrently: bool) -> str:
+    return (f"CREATE INDEX {'CONCURRENTLY ' if concurrently else ''}IF NOT EXISTS {version.index_name} "
+            f"ON search_embedding USING hnsw ({expression} halfvec_cosine_ops) "
+            f"WITH (m = {int(m)}, ef_construction = {int(ef_construction)}) "
+            f"WHERE model_version_id = {int(version.pk)}")
+
+
+def ensure_index(version: ModelVersion, expression: str, *, m: int, ef_construction: int,
+                 progress: Progress | None = None) -> BuildReport:
+    """Build the version's HNSW index unless a valid one exists; an INVALID one
+    (a failed concurrent build) is dropped and built again.
+
+    `expression`: the indexed SQL expression, e.g. "(vector::halfvec(1280))".
+    Outside a transaction the build is CONCURRENTLY (writes go on); inside one
+    it is a plain CREATE INDEX. `progress(done, total, message)` is called from
+    a thread every CBIR_INDEX_PROGRESS_INTERVAL seconds during the build.
+    Raises IndexBuildError when PostgreSQL refuses the build."""
+    in_transaction = connection.in_atomic_block
+    report = BuildReport(concurrently=not in_transaction)
+    with _build_lock(version, in_transaction=in_transaction):
+        state = index_state(version)
+        if state == VALID:
+            return report
+        with connection.cursor() as cursor:
+            if state == INVALID:
+                cursor.execute(f"DROP INDEX {'' if in_transaction else 'CONCURRENTLY '}IF EXISTS {version.index_name}")
+                report.dropped_invalid = True
+            report.rows = Embedding.objects.filter(model_version=version).count()
+            report.memory = build_memory(report.rows, int(version.dimension), m)
+            report.workers = build_workers()
+            scope = "LOCAL " if in_transaction else ""
+            cursor.execute(f"SET {scope}maintenance_work_mem = '{report.memory // 1024}kB'")
+            cursor.execute(f"SET {scope}max_parallel_maintenance_workers = {int(report.workers)}")
+            if in_transaction:
+                # Django's foreign keys are deferred; PostgreSQL refuses CREATE
+                # INDEX on a table with pending checks, so run them now.
+                cursor.execute("SET CONSTRAINTS ALL IMMEDIATE")
+            cursor.execute("SELECT pg_backend_pid()")
+            pid = int(cursor.fetchone()[0])
+            poller = (_Poller(pid, progress, settings.CBIR_INDEX_PROGRESS_INTERVAL, report.rows)
+                      if progress else None)
+            start = time.perf_counter()
+            try:
+                if poller:
+                    poller.start()
+                cursor.execute(create_index_sql(version, expression, m, ef_construction,
+                                                concurrently=not in_transaction))
+            except Exception as exc:
+                raise IndexBuildError(f"building {version.index_name} failed: {exc}") from exc
+            finally:
+                if poller:
+                    poller.stopped.set()
+                    poller.join()
+                    report.samples = poller.samples
+                if not in_transaction:
+                    cursor.execute("RESET maintenance_work_mem")
+                    cursor.execute("RESET max_parallel_maintenance_workers")
+            report.seconds = time.perf_counter() - start
+    report.created = True
+    return report
+
+
+def drop_index(version: ModelVersion) -> None:
+    """Drop the version's index (valid or not); nothing when there is none."""
+    with connection.cursor() as cursor:
+        cursor.execute(f"DROP INDEX IF EXISTS {version.index_name}")
+
+
+def sizes(version: ModelVersion) -> dict[str, Any]:
+    """Bytes on disk: the version's index, and the whole search_embedding table
+    (heap + TOAST, where 1,280-d halfvec rows live: they exceed 2 kB)."""
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT coalesce(pg_relation_size(to_regclass(%s)), 0), "
+                       "pg_table_size('search_embedding'), pg_indexes_size('search_embedding')",
+                       [version.index_name])
+        index, table, indexes = cursor.fetchone()
+    return {"index_bytes": int(index), "table_bytes": int(table), "all_indexes_bytes": int(indexes)}
