@@ -25,7 +25,9 @@ over the same halfvec-rounded vectors:
 Latency is the wall time of search.neighbours.nearest's work (plan choice,
 statement, rows) in milliseconds. Prints load time, build time and rows/s,
 table and index bytes per row and per million rows. The machine may be
-shared: the report says how busy it was. --reuse keeps rows from an earlier
+shared: the report says how busy it was, but its "other processes" include
+the PostgreSQL backends doing this benchmark's build and queries, so here a
+high figure is partly the benchmark itself. --reuse keeps rows from an earlier
 run with the same N/dim/seed (only the index is rebuilt); --keep leaves the
 scratch data in place afterwards (default: deleted).
 """

@@ -110,13 +110,13 @@ def env_list(name: str, default: list[str]) -> list[str]:
     return [item.strip() for item in raw.split(",") if item.strip()]
 
 
-def database_from_url(url: str, name: str = "DATABASE_URL") -> dict:
+def database_from_url(url: str, variable: str = "DATABASE_URL") -> dict:
     """Turn postgresql://user:pass@host:port/name?host=/socket/dir into Django's
-    DATABASES entry; `name` is the variable it came from, for the error message."""
+    DATABASES entry; `variable` is where it came from, for the error message."""
     parsed = urlparse(url)
     if parsed.scheme not in ("postgres", "postgresql", "pgsql"):
         raise ImproperlyConfigured(
-            f"{name} must be a postgresql:// URL (this project needs PostgreSQL with pgvector); got scheme {parsed.scheme!r}"
+            f"{variable} must be a postgresql:// URL (this project needs PostgreSQL with pgvector); got scheme {parsed.scheme!r}"
         )
     query = {key: values[-1] for key, values in parse_qs(parsed.query).items()}
     host = query.pop("host", None) or unquote(parsed.hostname or "")
@@ -124,7 +124,7 @@ def database_from_url(url: str, name: str = "DATABASE_URL") -> dict:
     try:
         port = parsed.port
     except ValueError:
-        raise ImproperlyConfigured(f"{name} has an invalid port: {url!r}") from None
+        raise ImproperlyConfigured(f"{variable} has an invalid port: {url!r}") from None
     return {
         "ENGINE": "django.db.backends.postgresql",
         "NAME": name,

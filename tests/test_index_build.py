@@ -172,20 +172,25 @@ def test_build_progress_is_read_from_pg_stat_progress_create_index(version_256, 
 def test_the_embed_job_builds_outside_its_transaction_and_shows_the_build_as_progress(version_256, settings):
     settings.CBIR_INDEX_PROGRESS_INTERVAL = 0.01
     ids = _load(version_256, 4000)
+    # The job embedded 3 images; the index it builds covers all 4,000 rows of the version.
     job = Job.objects.create(kind=KIND, model_version=version_256, status=jobs.S.RUNNING,
-                             params={"dataset_id": None, "activate": True}, progress_total=len(ids))
-    JobChunk.objects.create(job=job, index=0, image_ids=ids[:3], status=jobs.S.SUCCEEDED, done=len(ids))
-    seen: list[str] = []
+                             params={"dataset_id": None, "activate": True}, progress_total=3)
+    JobChunk.objects.create(job=job, index=0, image_ids=ids[:3], status=jobs.S.SUCCEEDED, done=3)
+    seen: list[dict] = []
     finisher = threading.Thread(target=lambda: (finish_embed_job(job.pk), connection.close()))
     finisher.start()
     while finisher.is_alive():
-        row = Job.objects.filter(pk=job.pk).values_list("message", "progress_done", "progress_total").first()
-        if row and row[0].startswith("building the HNSW index:"):
-            seen.append(row[0])
+        status = jobs.job_status(Job.objects.get(pk=job.pk))  # what the job page polls
+        if status["message"].startswith("building the HNSW index:") and not status["finished"]:
+            seen.append(status)
         finisher.join(0.005)
     job.refresh_from_db()
     assert job.status == jobs.S.SUCCEEDED and job.result["index_created"] and job.result["activated"]
-    assert job.progress_done == len(ids) and job.progress_total == len(ids)
+    assert job.progress_done == 3 and job.progress_total == 3  # back to the images once succeeded
     assert hnsw.index_state(version_256) == hnsw.VALID and ModelVersion.active() == version_256
-    assert seen, "the job row never showed the build's progress"
+    assert seen, "the job page never showed the build's progress"
+    # Once every chunk is done the bar is the build's (tuples of the version's rows), not the chunks' sum.
+    assert all(st["total"] == len(ids) and 0 <= st["done"] <= st["total"] for st in seen)
+    assert max(st["done"] for st in seen) > 3, "the bar showed the chunks' sum, not the build"
+    assert any("loading tuples" in st["message"] for st in seen)
     assert any("index built: 4,000 rows" in entry["msg"] for entry in job.log)
