@@ -95,14 +95,23 @@ class Worker:
         return self
 
     def wait_ready(self, app, timeout: float = 180) -> None:
-        """Until the worker answers a ping (generous: a loaded 2-core machine imports torch slowly)."""
+        """Until the worker logs that it is ready and then answers a ping.
+
+        Generous, since a loaded 2-core machine imports torch slowly; and the
+        log line comes first because a ping that times out can leave kombu's
+        Redis channel waiting on a reply forever when it is closed."""
         deadline = time.monotonic() + timeout
+        marker = f"{self.name}@{socket.gethostname()} ready."
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"worker {self.name} exited; log:\n{self.log.read_text()[-3000:]}")
+            if marker in self.log.read_text(errors="replace"):
+                break
+            time.sleep(0.2)
+        while time.monotonic() < deadline:
             try:
                 with app.connection_for_write() as conn:
-                    replies = app.control.inspect(timeout=0.5, connection=conn,
+                    replies = app.control.inspect(timeout=2.0, connection=conn,
                                                   destination=[f"{self.name}@{socket.gethostname()}"]).ping()
             except Exception:  # noqa: BLE001 - e.g. connections broken by a Redis restart
                 from search.broker import reset_broker_connections
