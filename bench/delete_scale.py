@@ -13,7 +13,11 @@ files released after each commit, the dataset row last). Meanwhile a thread
 runs a nearest-neighbour query (search.neighbours.nearest, k=10, over the
 whole version, as the public search does) every 0.1 s and records its
 latency; the version's HNSW index covers the N rows and 1,000 rows of another
-dataset (built once after the fill, not row by row). The setup is not timed.
+dataset (built once after the fill, not row by row). Each N runs twice: rows
+only (no files on disk: the database's share) and rows with their files.
+Also printed: the CPU seconds of this process plus its PostgreSQL backend
+(less sensitive than wall time to other load on a shared machine) and the
+load average. The setup is not timed.
 
 Uses the dev database (the embedded PostgreSQL under var/ unless DATABASE_URL
 is set; `manage.py migrate` first); everything it creates is deleted at the
@@ -23,6 +27,7 @@ end. Prints a table of medians; the machine is shared and noisy.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import tempfile
@@ -109,18 +114,32 @@ class SearchProbe(threading.Thread):
             connection.close()
 
 
-def one_run(n: int, version: ModelVersion, probe_image: int, media: Path) -> dict:
+def backend_cpu_seconds() -> float:
+    """CPU seconds (user + system) of this connection's PostgreSQL backend, from /proc (same host only)."""
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_backend_pid()")
+        pid = cursor.fetchone()[0]
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def one_run(n: int, version: ModelVersion, probe_image: int, media: Path, files: bool) -> dict:
     drop_hnsw_index(version)  # inserting row by row into an HNSW index is slow; build it once instead
-    dataset = fill(f"bench-delete-{n}", n, version, media)
+    dataset = fill(f"bench-delete-{n}", n, version, media, files=files)
     ensure_hnsw_index(version)
     files_before = sum(1 for p in (media / "datasets" / str(dataset.pk)).rglob("*") if p.is_file())
     job = Job.objects.create(kind="delete", dataset=dataset,
                              params={"dataset_id": dataset.pk, "dataset_name": dataset.name, "total": n})
     probe = SearchProbe(version, probe_image)
     probe.start()
-    start = time.perf_counter()
+    start, cpu, db_cpu, load = time.perf_counter(), time.process_time(), backend_cpu_seconds(), os.getloadavg()[0]
     outcome = run_delete_job(job.pk)
     seconds = time.perf_counter() - start
+    cpu, db_cpu = time.process_time() - cpu, backend_cpu_seconds() - db_cpu
+    load = max(load, os.getloadavg()[0])
     probe.stop.set()
     probe.join()
     job.refresh_from_db()
@@ -128,7 +147,7 @@ def one_run(n: int, version: ModelVersion, probe_image: int, media: Path) -> dic
                      if p.is_file())
     assert outcome == "done" and job.status == "succeeded", (outcome, job.status, job.error)
     assert not Dataset.objects.filter(pk=dataset.pk).exists() and left_files == 0, left_files
-    return {"seconds": seconds, "files": files_before * 2, "search_p50": median(probe.latencies),
+    return {"seconds": seconds, "cpu": cpu, "db_cpu": db_cpu, "load": load, "files": files_before * 2, "search_p50": median(probe.latencies),
             "search_max": max(probe.latencies) if probe.latencies else float("nan"),
             "searches": len(probe.latencies), "errors": probe.errors}
 
@@ -155,10 +174,12 @@ def main() -> None:
     idle.join()
     rows = []
     try:
-        for n in args.images:
-            runs = [one_run(n, version, probe_image, media) for _ in range(args.repeats)]
+        for n, files in ((n, files) for n in args.images for files in (False, True)):
+            runs = [one_run(n, version, probe_image, media, files) for _ in range(args.repeats)]
             seconds = median([r["seconds"] for r in runs])
-            rows.append([f"{n:,}", len(runs), f"{seconds:.1f}", f"{1e6 * seconds / n:.0f}",
+            cpu = median([r["cpu"] + r["db_cpu"] for r in runs])
+            rows.append([f"{n:,}", f"{2 * n:,}" if files else "none", len(runs), f"{seconds:.1f}", f"{1e6 * seconds / n:.0f}", f"{cpu:.1f}",
+                         f"{1e6 * cpu / n:.0f}", f"{max(r['load'] for r in runs):.1f}",
                          f"{1000 * median([r['search_p50'] for r in runs]):.1f}",
                          f"{1000 * max(r['search_max'] for r in runs):.0f}",
                          sum(r["searches"] for r in runs), sum(r["errors"] for r in runs)])
@@ -171,7 +192,8 @@ def main() -> None:
     print(f"batch size {settings.CBIR_DELETE_BATCH_SIZE}; search (1,000 rows indexed) before the runs: "
           f"median {1000 * median(idle.latencies):.1f} ms, p95 {1000 * percentile(idle.latencies, 95):.1f} ms "
           f"({len(idle.latencies)} queries)")
-    print(table(["images", "runs", "delete s (median)", "µs per image", "search median ms (during)",
+    print(table(["images", "files", "runs", "delete s (median)", "µs per image", "CPU s (process + its backend)",
+                 "CPU µs per image", "load average (max)", "search median ms (during)",
                  "search max ms (during)", "searches", "search errors"], rows))
 
 

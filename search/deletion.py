@@ -22,6 +22,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from django.conf import settings
@@ -33,6 +34,7 @@ from search.models import Dataset, Image
 from training.models import ModelVersion
 
 RELEASE_BATCH = 1000  # file names per "still referenced?" query
+UNLINK_THREADS = 8  # unlinks wait on the filesystem (journal, discard), not the CPU: overlap them
 
 Progress = Callable[[int, int], None]
 
@@ -52,27 +54,33 @@ def check_free(*, what: str, datasets: Iterable = (), versions: Iterable = (), e
                             f"cancel job #{job.pk} first (Jobs page), then delete again")
 
 
+def _unlink(path: Path) -> bool:
+    try:
+        path.unlink()
+        return True
+    except FileNotFoundError:
+        return False
+
+
 def release_files(names: Iterable[str]) -> int:
     """Unlink the files (names relative to MEDIA_ROOT) that no image row
     references any more, as file or thumbnail. One query per RELEASE_BATCH
-    names, on the indexes of search_image.file and .thumbnail. Meant to run
-    after the deleting transaction commits. Returns the number of files removed."""
+    names, on the indexes of search_image.file and .thumbnail; the unlinks run
+    on UNLINK_THREADS threads, since each waits on the filesystem (measured 5-10x
+    faster than one after another, docs/benchmarks.md). Meant to run after the
+    deleting transaction commits. Returns the number of files removed."""
     wanted = sorted({name for name in names if name})
     root = Path(settings.MEDIA_ROOT)
     removed = 0
-    for start in range(0, len(wanted), RELEASE_BATCH):
-        part = wanted[start:start + RELEASE_BATCH]
-        kept: set[str] = set()
-        for file, thumbnail in Image.objects.filter(Q(file__in=part) | Q(thumbnail__in=part)).values_list(
-                "file", "thumbnail"):
-            kept.update((file, thumbnail))
-        for name in part:
-            if name not in kept:
-                try:
-                    (root / name).unlink()
-                    removed += 1
-                except FileNotFoundError:
-                    pass
+    with ThreadPoolExecutor(UNLINK_THREADS, thread_name_prefix="cbir-unlink") as pool:
+        for start in range(0, len(wanted), RELEASE_BATCH):
+            part = wanted[start:start + RELEASE_BATCH]
+            kept: set[str] = set()
+            for file, thumbnail in Image.objects.filter(Q(file__in=part) | Q(thumbnail__in=part)).values_list(
+                    "file", "thumbnail"):
+                kept.update((file, thumbnail))
+            gone = [root / name for name in part if name not in kept]
+            removed += sum(pool.map(_unlink, gone, chunksize=64))
     return removed
 
 

@@ -66,14 +66,15 @@ def _messages(response) -> list[str]:
     return [str(m) for m in response.context["messages"]]
 
 
-def _assert_rows_and_files_agree(media: Path) -> None:
-    """Every image row has both files; every stored file belongs to a row."""
+def _assert_rows_and_files_agree(media: Path, *datasets: Dataset) -> None:
+    """For these datasets (the media folder is shared with other tests): every
+    image row has both files; every stored file belongs to a row."""
     names = set()
-    for file, thumbnail in Image.objects.values_list("file", "thumbnail"):
+    for file, thumbnail in Image.objects.filter(dataset_id__in=[d.pk for d in datasets]).values_list(
+            "file", "thumbnail"):
         assert (media / file).is_file() and (media / thumbnail).is_file()
         names.update((file, thumbnail))
-    stored = {str(p.relative_to(media)) for folder in ("datasets", "thumbnails") for p in (media / folder).rglob("*")
-              if p.is_file()}
+    stored = {str(p.relative_to(media)) for d in datasets for p in _files_of(d.pk, media)}
     assert stored <= names, stored - names
 
 
@@ -100,7 +101,7 @@ def test_deleting_a_dataset_during_its_import(slow_worker, admin_client, shared_
     job.refresh_from_db()
     assert job.status == S.CANCELLED, (job.status, job.log)
     assert not Image.objects.filter(dataset_id=dataset.pk).exists()
-    _assert_rows_and_files_agree(shared_media)
+    _assert_rows_and_files_agree(shared_media, dataset)
 
 
 def test_deleting_during_an_embedding_job(forty, tiny_version, admin_client, shared_media):
@@ -126,7 +127,7 @@ def test_deleting_during_an_embedding_job(forty, tiny_version, admin_client, sha
     job.refresh_from_db()
     assert job.status == S.CANCELLED and "unreadable" not in job.message, (job.message, job.log)
     assert not Embedding.objects.filter(image__dataset_id=forty.pk).exists()
-    _assert_rows_and_files_agree(shared_media)
+    _assert_rows_and_files_agree(shared_media, forty)
 
 
 def test_a_large_delete_runs_as_a_job_search_answers_meanwhile_and_cancel_keeps_whole_rows(
@@ -160,11 +161,11 @@ def test_a_large_delete_runs_as_a_job_search_answers_meanwhile_and_cancel_keeps_
     left = forty.images.count()
     assert job.status == S.CANCELLED and 0 < left < 40
     assert f"cancelled after deleting {40 - left} of 40 image(s)" in job.message, job.message
-    _assert_rows_and_files_agree(shared_media)
+    _assert_rows_and_files_agree(shared_media, forty, other)
 
     assert admin_client.post(reverse("job-rerun", args=[job.pk])).status_code == 302
     job = wait_for(lambda: Job.objects.filter(pk=job.pk, status=S.SUCCEEDED).first(), timeout=60,
                    message="the delete job to finish after Run again")
     assert not Dataset.objects.filter(pk=forty.pk).exists() and not _files_of(forty.pk, shared_media)
     assert other.images.count() == 3
-    _assert_rows_and_files_agree(shared_media)
+    _assert_rows_and_files_agree(shared_media, forty, other)
