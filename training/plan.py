@@ -20,10 +20,12 @@ from training.config import LABELLED_OBJECTIVES, TrainConfig
 from training.data import ImageListDataset, PairDataset
 from training.inference import loader_workers
 from training.loop import evaluate
-from training.networks.base import EmbeddingNet
+from training.networks.base import CLASS_OBJECTIVES, EmbeddingNet
 from training.objectives import (
+    METRIC_LOSSES,
     ClassificationObjective,
     ContrastiveObjective,
+    MetricLossObjective,
     ReconstructionObjective,
     TripletObjective,
 )
@@ -86,6 +88,20 @@ def readable(items: list[tuple[int, str, str | None]], warnings: list[str]) -> l
     return good
 
 
+def class_objective(objective: str, model: torch.nn.Module, num_classes: int) -> torch.nn.Module:
+    """The objective module for a labelled objective on `model` (which has a
+    `.dimension`): classification (our cosine classifier), a
+    pytorch-metric-learning loss (normalized_softmax, arcface, proxy_anchor),
+    or triplet."""
+    if objective == "classification":
+        return ClassificationObjective(model, num_classes=num_classes)  # type: ignore[arg-type]
+    if objective in METRIC_LOSSES:
+        return MetricLossObjective(objective, num_classes, int(model.dimension))  # type: ignore[arg-type]
+    if objective == "triplet":
+        return TripletObjective()
+    raise ValueError(f"{objective} is not a labelled objective")
+
+
 def epoch_seed(seed: int, epoch: int) -> int:
     return (seed * 100_003 + epoch) % (2**63 - 1)
 
@@ -109,7 +125,7 @@ class DataPlan:
                 self.warnings.append(f"{unlabelled} unlabelled training image(s) left out ({objective} needs labels)")
             train = [row for row in train if row[2] is not None]
         check_train_labels(dataset.name, config, [label for _, _, label in train])
-        if objective == "classification":
+        if objective in CLASS_OBJECTIVES:
             self.classes = sorted({label for _, _, label in train if label is not None})
             unseen = [row for row in val if row[2] not in self.classes]
             if unseen:
@@ -162,7 +178,7 @@ class DataPlan:
         # The classifier's classes are fixed above (they are checked again on resume).
         mapping: dict[Hashable, int] | None = (
             {label: i for i, label in enumerate(self.classes)} if self.classes is not None else None)
-        train_set = ImageListDataset(train_items, preprocessing, augment=config.augment, label_to_index=mapping)
+        train_set = ImageListDataset(train_items, preprocessing, augment=bool(config.augment), label_to_index=mapping)
         val_set = ImageListDataset(val_items, preprocessing, augment=False, label_to_index=mapping)
         if objective == "triplet":
             self.objective = TripletObjective()
@@ -176,8 +192,8 @@ class DataPlan:
             val_batch = min(max(batch, 64), 256)
         else:
             self.sampler = None
-            if objective == "classification":
-                self.objective = ClassificationObjective(model, num_classes=len(self.classes or []))
+            if objective in CLASS_OBJECTIVES:
+                self.objective = class_objective(objective, model, len(self.classes or []))
             else:
                 self.objective = ReconstructionObjective()
             # A last batch of one image breaks BatchNorm in training mode: drop it then.

@@ -65,6 +65,7 @@ class TrainResult:
     resumed_from_epoch: int = 0
     device: str = "cpu"
     warnings: list[str] = field(default_factory=list)
+    features: dict | None = None  # head-only training: {"cached", "embedded", "seconds", "path"}
 
     @property
     def seconds_per_epoch(self) -> float:
@@ -76,7 +77,8 @@ class TrainResult:
                 "seconds": round(self.seconds, 3), "seconds_per_epoch": round(self.seconds_per_epoch, 3),
                 "stop_reason": self.stop_reason, "objective": self.objective, "pairs": self.pairs,
                 "n_train": self.n_train, "n_val": self.n_val, "classes": len(self.classes or []),
-                "device": self.device, "resumed_from_epoch": self.resumed_from_epoch, "warnings": self.warnings[:50]}
+                "device": self.device, "resumed_from_epoch": self.resumed_from_epoch, "warnings": self.warnings[:50],
+                "features": self.features}
 
 
 # --- Training -----------------------------------------------------------------
@@ -138,7 +140,7 @@ def _resume(last: Path, config: TrainConfig, plan: DataPlan, model, optimizer) -
 
 def train(dataset: Dataset, config: TrainConfig, *, checkpoint_dir: str | os.PathLike[str],
           progress: Progress | None = None, should_stop: Callable[[], bool] | None = None,
-          resume: bool = True) -> TrainResult:
+          resume: bool = True, on_features: Callable[[int, int], None] | None = None) -> TrainResult:
     """Train `config.architecture` on the dataset's train split, validating on
     its val split after every epoch.
 
@@ -152,10 +154,19 @@ def train(dataset: Dataset, config: TrainConfig, *, checkpoint_dir: str | os.Pat
     validation loss, or before an epoch that would overrun `time_limit_s`.
     should_stop() is asked between batches; when true, TrainingStopped is
     raised (the last finished epoch stays in last.pt).
+
+    Head-only training (config.head_only) first caches the frozen backbone's
+    features (on_features(done, total) reports that) and trains only the
+    head (training/head_training.py); config.processes > 1 trains with
+    DistributedDataParallel over that many processes (training/distributed.py).
     """
     # Seeded, and the caller's random state is given back afterwards.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
+        if config.head_only:
+            from training.head_training import train_head
+
+            return train_head(dataset, config, Path(checkpoint_dir), progress, should_stop, resume, on_features)
         return _train(dataset, config, Path(checkpoint_dir), progress, should_stop, resume)
 
 
