@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from django.conf import settings
 from PIL import Image as PILImage
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
 from search.models import Dataset, Image, Split
 from training.config import LABELLED_OBJECTIVES, TrainConfig
@@ -102,6 +102,11 @@ def class_objective(objective: str, model: torch.nn.Module, num_classes: int) ->
     raise ValueError(f"{objective} is not a labelled objective")
 
 
+def plan_rows(dataset: Dataset, warnings: list[str]) -> tuple[list, list]:
+    """(train rows, val rows) of (id, path, label), unreadable files left out (with a warning)."""
+    return (readable(split_items(dataset, Split.TRAIN), warnings), readable(split_items(dataset, Split.VAL), warnings))
+
+
 def epoch_seed(seed: int, epoch: int) -> int:
     return (seed * 100_003 + epoch) % (2**63 - 1)
 
@@ -111,20 +116,31 @@ class DataPlan:
     pairs and augmentations depend only on (seed, epoch), so a resumed run
     repeats exactly what an uninterrupted one would have done."""
 
-    def __init__(self, dataset: Dataset, config: TrainConfig, model: EmbeddingNet, device: torch.device) -> None:
+    def __init__(self, dataset: Dataset | str, config: TrainConfig, model: EmbeddingNet, device: torch.device, *,
+                 rows: tuple[list, list] | None = None, world: int = 1, rank: int = 0) -> None:
+        """dataset: the Dataset (its train and val rows are read), or its name
+        when `rows` = (train rows, val rows) of (id, path, label) are given (the
+        other processes of a distributed run). world, rank: this process's
+        place among the run's processes; each takes its share of every global
+        batch (batch_size / world images) through a DistributedSampler."""
         self.config = config
         self.warnings: list[str] = []
         self.classes: list[str] | None = None
         self.pairs: str | None = None
-        train = readable(split_items(dataset, Split.TRAIN), self.warnings)
-        val = readable(split_items(dataset, Split.VAL), self.warnings)
+        self.world, self.rank = world, rank
+        self.samplers: list[DistributedSampler] = []
+        if rows is None:
+            assert isinstance(dataset, Dataset)
+            rows = plan_rows(dataset, self.warnings)
+        name = dataset if isinstance(dataset, str) else dataset.name
+        train, val = list(rows[0]), list(rows[1])
         objective = config.objective
         if objective in LABELLED_OBJECTIVES:
             unlabelled = sum(1 for _, _, label in train if label is None)
             if unlabelled:
                 self.warnings.append(f"{unlabelled} unlabelled training image(s) left out ({objective} needs labels)")
             train = [row for row in train if row[2] is not None]
-        check_train_labels(dataset.name, config, [label for _, _, label in train])
+        check_train_labels(name, config, [label for _, _, label in train])
         if objective in CLASS_OBJECTIVES:
             self.classes = sorted({label for _, _, label in train if label is not None})
             unseen = [row for row in val if row[2] not in self.classes]
@@ -142,7 +158,7 @@ class DataPlan:
             held = {row[0] for row in val}
             train = [row for row in train if row[0] not in held]
             self.warnings.append(f"the val split has no usable image; {len(val)} training image(s) validate instead")
-            check_train_labels(dataset.name, config, [label for _, _, label in train])
+            check_train_labels(name, config, [label for _, _, label in train])
         self.n_train, self.n_val = len(train), len(val)
         train_items: list[tuple[str, str | None]] = [(path, label) for _, path, label in train]
         val_items: list[tuple[str, str | None]] = [(path, label) for _, path, label in val]
@@ -153,7 +169,7 @@ class DataPlan:
                             "prefetch_factor": 2 if workers else None}
         self.generator = torch.Generator()
         self.val_generator = torch.Generator()
-        batch = config.batch_size
+        batch = config.batch_size // world  # per process; TrainConfig checks it divides evenly
 
         if objective == "contrastive":
             self.objective: torch.nn.Module = ContrastiveObjective()
@@ -196,9 +212,14 @@ class DataPlan:
                 self.objective = class_objective(objective, model, len(self.classes or []))
             else:
                 self.objective = ReconstructionObjective()
+            # The epoch's permutation is torch.randperm seeded by (seed, epoch), one for all processes; each
+            # takes every world-th image of it, so one process and N processes see the same global batches.
+            shuffle = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True,
+                                         seed=config.seed * 100_003)
+            self.samplers.append(shuffle)
             # A last batch of one image breaks BatchNorm in training mode: drop it then.
-            self.train_loader = DataLoader(train_set, batch_size=batch, shuffle=True, generator=self.generator,
-                                           drop_last=len(train_set) % batch == 1, **self.loader_args)
+            self.train_loader = DataLoader(train_set, batch_size=batch, sampler=shuffle, generator=self.generator,
+                                           drop_last=len(shuffle) % batch == 1, **self.loader_args)
             val_batch = batch
         self.val_loader = DataLoader(val_set, batch_size=val_batch, shuffle=False, generator=self.val_generator,
                                      **self.loader_args)
@@ -212,15 +233,20 @@ class DataPlan:
         if self.config.objective != "contrastive":
             if self.sampler is not None:
                 self.sampler.set_epoch(epoch)
+            for shuffle in self.samplers:
+                shuffle.set_epoch(epoch)  # its seed + epoch = epoch_seed(seed, epoch)
             return self.train_loader
         if self.pairs == "labels":
             pairs = make_pairs(self._train_labels, self.n_pairs, seed=seed)
         else:
             pairs = make_augmented_pairs(len(self._train_items), seed=seed, n_pairs=self.n_pairs)
         augment = self.config.augment or self.pairs == "augmented"
-        return DataLoader(PairDataset(self._train_items, pairs, self._preprocessing, augment=augment),
-                          batch_size=self.config.batch_size, shuffle=False, generator=self.generator,
-                          **self.loader_args)
+        pair_set = PairDataset(self._train_items, pairs, self._preprocessing, augment=augment)
+        # Each process takes every world-th pair: together they cover each global batch once.
+        shard = DistributedSampler(pair_set, num_replicas=self.world, rank=self.rank, shuffle=False) \
+            if self.world > 1 else None
+        return DataLoader(pair_set, batch_size=self.config.batch_size // self.world, shuffle=False, sampler=shard,
+                          generator=self.generator, **self.loader_args)
 
     def validate(self, model: torch.nn.Module, device: torch.device, autocast_dtype) -> float:
         """The validation loss, identical for identical weights (fixed seeds, RNG state restored)."""

@@ -29,6 +29,7 @@ import torch
 
 from search.models import Dataset
 from training.config import TrainConfig
+from training.distributed import STOP_REASONS, Dist, joint_loss
 from training.inference import resolve_device
 from training.loop import fit, load_checkpoint, mixed_precision
 from training.plan import DataPlan
@@ -167,18 +168,29 @@ def train(dataset: Dataset, config: TrainConfig, *, checkpoint_dir: str | os.Pat
             from training.head_training import train_head
 
             return train_head(dataset, config, Path(checkpoint_dir), progress, should_stop, resume, on_features)
-        return _train(dataset, config, Path(checkpoint_dir), progress, should_stop, resume)
+        if config.processes > 1:
+            from training.distributed import train_distributed
+
+            return train_distributed(dataset, config, Path(checkpoint_dir), progress, should_stop, resume)
+        result = _train(dataset, config, Path(checkpoint_dir), progress, should_stop, resume)
+        assert result is not None
+        return result
 
 
-def _train(dataset: Dataset, config: TrainConfig, checkpoint_dir: Path, progress: Progress | None,
-           should_stop: Callable[[], bool] | None, resume: bool) -> TrainResult:
+def _train(dataset: Dataset | str, config: TrainConfig, checkpoint_dir: Path, progress: Progress | None,
+           should_stop: Callable[[], bool] | None, resume: bool, *, dist_info: Dist | None = None,
+           rows: tuple[list, list] | None = None) -> TrainResult | None:
+    """One process's training; in a distributed run (`dist_info`, training/distributed.py)
+    every rank runs it and only rank 0 returns a result (the others None)."""
     last_path, best_path = checkpoint_dir / "last.pt", checkpoint_dir / "best.pt"
-    if not resume:
+    main = dist_info is None or dist_info.main
+    if not resume and main:
         for path in (last_path, best_path):
             path.unlink(missing_ok=True)
-    device = resolve_device()
+    device = dist_info.device if dist_info is not None else resolve_device()
     model = config.build_model().to(device)
-    plan = DataPlan(dataset, config, model, device)
+    plan = DataPlan(dataset, config, model, device, rows=rows, world=dist_info.world if dist_info else 1,
+                    rank=dist_info.rank if dist_info else 0)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     plan.objective.to(device)
     parameters = list(model.parameters()) + list(plan.objective.parameters())
@@ -192,13 +204,20 @@ def _train(dataset: Dataset, config: TrainConfig, checkpoint_dir: Path, progress
     current: dict[str, Any] = {"epoch": start_epoch, "history": history}
 
     def stop_check() -> None:
-        if should_stop is not None and should_stop():
+        stop = should_stop is not None and should_stop()
+        if dist_info is not None:  # rank 0 decides for all: they stop together
+            stop = bool(dist_info.decide(int(stop)))
+        if stop:
             raise TrainingStopped("training was stopped")
 
     def stop_reason(done: list[dict]) -> str | None:
         stop_check()
         current["history"] = done
-        return _stop_reason(config, done)
+        reason = _stop_reason(config, done)
+        if dist_info is not None:  # the time limit is judged from rank 0's clock
+            code = dist_info.decide(STOP_REASONS.index(reason) + 1 if reason else 0)
+            reason = STOP_REASONS[code - 1] if code else None
+        return reason
 
     def loader_for_epoch(epoch: int):
         current["epoch"] = epoch
@@ -214,12 +233,18 @@ def _train(dataset: Dataset, config: TrainConfig, checkpoint_dir: Path, progress
             # fit's own history list (handed to stop_reason before every epoch) holds the entry now.
             progress(entry["epoch"], config.epochs, n_batches, n_batches, current["history"])
 
-    history = fit(model, plan.objective, optimizer, None, None, device, epochs=config.epochs,
+    trained, loss_fn = (dist_info.wrap(model, plan.objective), joint_loss) if dist_info is not None \
+        else (model, plan.objective)
+    history = fit(trained, loss_fn, optimizer, None, None, device, epochs=config.epochs,
                   checkpoint_dir=checkpoint_dir, config=_checkpoint_config(config, plan), start_epoch=start_epoch,
                   history=history, best_val_loss=best_epoch(history)[1], scaler=scaler, autocast_dtype=autocast_dtype,
                   on_batch=on_batch, on_epoch=on_epoch, loader_for_epoch=loader_for_epoch,
                   validate=lambda: plan.validate(model, device, autocast_dtype),
-                  lr_for_epoch=lambda epoch: _learning_rate(config, epoch), stop_reason=stop_reason)
+                  lr_for_epoch=lambda epoch: _learning_rate(config, epoch), stop_reason=stop_reason,
+                  reduce=dist_info.reduce if dist_info is not None else None, checkpoint_model=model,
+                  checkpoint_objective=plan.objective, write_checkpoints=main)
+    if not main:
+        return None
 
     best, best_val_loss = best_epoch(history)
     if not best or not best_path.exists():
