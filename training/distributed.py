@@ -2,7 +2,7 @@
 device (TrainConfig.processes > 1; `manage.py train --processes N`).
 
 The calling process (the command, or the Celery worker running the job) is
-rank 0; it starts ranks 1..N-1 as `python -m training.distributed SPEC RANK`
+rank 0; it starts ranks 1..N-1 as `python -m training.rank SPEC RANK`
 subprocesses (plain subprocesses, so a daemonic Celery child may start them),
 which attach to the same rendezvous (tcp://127.0.0.1:<free port>). Backend:
 NCCL on CUDA (rank r on cuda:r, BatchNorm synchronised), gloo on the CPU.
@@ -127,11 +127,11 @@ def _cpu_threads(world: int) -> int:
     return max(1, (os.cpu_count() or 1) // world)
 
 
-def train_distributed(dataset, config, checkpoint_dir: Path, progress, should_stop, resume: bool):
-    """training.trainer.train for config.processes > 1, as rank 0; returns rank 0's TrainResult."""
+def train_distributed(dataset, config, checkpoint_dir: Path, progress, should_stop, resume: bool, rank_train):
+    """training.trainer.train for config.processes > 1, as rank 0; returns rank
+    0's TrainResult. rank_train is training.trainer._train (each rank's loop)."""
     from training.inference import loader_workers, resolve_device
     from training.plan import plan_rows
-    from training.trainer import _train
 
     world = config.processes
     device_type = resolve_device().type
@@ -151,14 +151,14 @@ def train_distributed(dataset, config, checkpoint_dir: Path, progress, should_st
             "resume": resume, "port": port, "world": world, "device": device_type}
     spec_path = checkpoint_dir / "distributed.json"
     spec_path.write_text(json.dumps(spec))
-    children = [subprocess.Popen([sys.executable, "-m", "training.distributed", str(spec_path), str(rank)],
+    children = [subprocess.Popen([sys.executable, "-m", "training.rank", str(spec_path), str(rank)],
                                  env=os.environ.copy()) for rank in range(1, world)]
     threads = torch.get_num_threads()
     try:
         if device_type == "cpu":
             torch.set_num_threads(_cpu_threads(world))
         _init(0, world, port, device_type)
-        result = _train(dataset.name, config, checkpoint_dir, progress, should_stop, resume,
+        result = rank_train(dataset.name, config, checkpoint_dir, progress, should_stop, resume,
                         dist_info=Dist(0, world, device_for(device_type, 0)), rows=rows)
     except BaseException:
         for child in children:
@@ -180,14 +180,10 @@ def train_distributed(dataset, config, checkpoint_dir: Path, progress, should_st
     return result
 
 
-def _child(spec_path: str, rank: int) -> int:
-    """Ranks 1..N-1: set up Django (for the models the plan imports), train, exit."""
-    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "cbirsite.settings")
-    import django
-
-    django.setup()
+def run_rank(spec_path: str, rank: int, rank_train) -> int:
+    """Ranks 1..N-1 (training/rank.py, after Django is set up): train, exit."""
     from training.config import TrainConfig
-    from training.trainer import TrainingStopped, _train
+    from training.runs import TrainingStopped
 
     spec = json.loads(Path(spec_path).read_text())
     config = TrainConfig.from_params(spec["config"])
@@ -200,14 +196,10 @@ def _child(spec_path: str, rank: int) -> int:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
             rows = ([tuple(r) for r in spec["rows"][0]], [tuple(r) for r in spec["rows"][1]])
-            _train(spec["dataset"], config, Path(spec["checkpoint_dir"]), None, None, bool(spec["resume"]),
-                   dist_info=Dist(rank, world, device), rows=rows)
+            rank_train(spec["dataset"], config, Path(spec["checkpoint_dir"]), None, None, bool(spec["resume"]),
+                       dist_info=Dist(rank, world, device), rows=rows)
     except TrainingStopped:
         pass
     finally:
         dist.destroy_process_group()
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(_child(sys.argv[1], int(sys.argv[2])))

@@ -61,7 +61,7 @@ class TrainForm(forms.Form):
         required=False, initial=False, label="Head only (cached backbone features)",
         help_text="embed the dataset once with the frozen, pretrained backbone (features cached on disk) and train "
                   "only a projection head on them: seconds instead of hours; augmentation is off")
-    head = forms.ChoiceField(choices=[(h, h) for h in HEADS], initial="linear",
+    head = forms.ChoiceField(choices=[(h, h) for h in HEADS], initial="linear", required=False,
                              help_text="head-only training: linear projection, or a small MLP")
     objective = forms.ChoiceField(choices=[(o, OBJECTIVE_LABELS[o]) for o in OBJECTIVES], initial="auto")
     epochs = forms.IntegerField(min_value=1, max_value=10_000, initial=10)
@@ -84,7 +84,7 @@ class TrainForm(forms.Form):
                                                  help_text="stop after this many epochs without a better "
                                                            "validation loss (0: never)")
     augment = forms.BooleanField(required=False, initial=True, label="Augment training images")
-    processes = forms.IntegerField(min_value=1, max_value=MAX_PROCESSES, initial=1,
+    processes = forms.IntegerField(min_value=1, max_value=MAX_PROCESSES, initial=1, required=False,
                                    help_text="training processes on the worker's host (DistributedDataParallel, one "
                                              "per GPU); the batch size is the global batch")
 
@@ -101,7 +101,8 @@ class TrainForm(forms.Form):
         timm_model = (cleaned.get("timm_model") or "").strip()
         fields = {name: cleaned.get(name) for name in (
             "architecture", "objective", "epochs", "batch_size", "learning_rate", "embedding_dim", "image_size",
-            "scheduler", "early_stopping_patience", "augment", "processes")}
+            "scheduler", "early_stopping_patience", "augment")}
+        fields["processes"] = cleaned.get("processes") or 1
         try:
             if timm_model:
                 architecture = timm_model if timm_model.startswith("timm:") else f"timm:{timm_model}"

@@ -33,6 +33,7 @@ from training.inference import resolve_device
 from training.loop import evaluate, fit
 from training.networks.head import HeadNet
 from training.plan import VALIDATION_EVERY, check_train_labels, class_objective, epoch_seed, readable
+from training.runs import TrainingStopped, TrainResult, _learning_rate, _resume, _stop_reason, best_epoch
 from training.samplers import PKSampler, group_by_label
 
 logger = logging.getLogger(__name__)
@@ -120,8 +121,6 @@ def train_head(dataset: Dataset, config: TrainConfig, checkpoint_dir: Path, prog
                resume: bool, on_features: FeatureProgress | None = None):
     """training.trainer.train for config.head_only; returns a TrainResult
     whose extra `features` entry says how many features were cached or embedded."""
-    from training.trainer import TrainingStopped, TrainResult, _learning_rate, _resume, _stop_reason, best_epoch
-
     last_path, best_path = checkpoint_dir / "last.pt", checkpoint_dir / "best.pt"
     if not resume:
         for path in (last_path, best_path):

@@ -29,7 +29,7 @@ from training.objectives import (
     ReconstructionObjective,
     TripletObjective,
 )
-from training.samplers import PKSampler, group_by_label, make_augmented_pairs, make_pairs
+from training.samplers import PKSampler, SameShuffleSampler, group_by_label, make_augmented_pairs, make_pairs
 
 VALIDATION_EVERY = 5  # when the val split is empty: every 5th training image validates instead
 
@@ -128,7 +128,7 @@ class DataPlan:
         self.classes: list[str] | None = None
         self.pairs: str | None = None
         self.world, self.rank = world, rank
-        self.samplers: list[DistributedSampler] = []
+        self.samplers: list[SameShuffleSampler] = []
         if rows is None:
             assert isinstance(dataset, Dataset)
             rows = plan_rows(dataset, self.warnings)
@@ -212,14 +212,16 @@ class DataPlan:
                 self.objective = class_objective(objective, model, len(self.classes or []))
             else:
                 self.objective = ReconstructionObjective()
-            # The epoch's permutation is torch.randperm seeded by (seed, epoch), one for all processes; each
-            # takes every world-th image of it, so one process and N processes see the same global batches.
-            shuffle = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True,
-                                         seed=config.seed * 100_003)
-            self.samplers.append(shuffle)
             # A last batch of one image breaks BatchNorm in training mode: drop it then.
-            self.train_loader = DataLoader(train_set, batch_size=batch, sampler=shuffle, generator=self.generator,
-                                           drop_last=len(shuffle) % batch == 1, **self.loader_args)
+            if world == 1:
+                self.train_loader = DataLoader(train_set, batch_size=batch, shuffle=True, generator=self.generator,
+                                               drop_last=len(train_set) % batch == 1, **self.loader_args)
+            else:  # each process takes every world-th image of the one-process permutation
+                shard = SameShuffleSampler(train_set, num_replicas=world, rank=rank,
+                                           seed_for_epoch=lambda epoch: epoch_seed(config.seed, epoch))
+                self.samplers.append(shard)
+                self.train_loader = DataLoader(train_set, batch_size=batch, sampler=shard, generator=self.generator,
+                                               drop_last=len(shard) % batch == 1, **self.loader_args)
             val_batch = batch
         self.val_loader = DataLoader(val_set, batch_size=val_batch, shuffle=False, generator=self.val_generator,
                                      **self.loader_args)
@@ -233,8 +235,8 @@ class DataPlan:
         if self.config.objective != "contrastive":
             if self.sampler is not None:
                 self.sampler.set_epoch(epoch)
-            for shuffle in self.samplers:
-                shuffle.set_epoch(epoch)  # its seed + epoch = epoch_seed(seed, epoch)
+            for shard in self.samplers:
+                shard.set_epoch(epoch)
             return self.train_loader
         if self.pairs == "labels":
             pairs = make_pairs(self._train_labels, self.n_pairs, seed=seed)

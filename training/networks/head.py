@@ -93,20 +93,9 @@ class HeadNet(EmbeddingNet):
         return self
 
 
-def build(weights: str = "pretrained", *, backbone: str = DEFAULT_BACKBONE, head: str = "linear",
-          dimension: int = DEFAULT_DIMENSION, hidden: int = DEFAULT_HIDDEN, **config) -> HeadNet:
-    """Build backbone → head. `weights` applies to the backbone ("pretrained":
-    its pretrained weights, WeightsUnavailable when they cannot be had;
-    "random": to rebuild a saved version before loading its state); the head
-    always starts random (seeded by the caller)."""
-    from training.networks.registry import build_network, get_architecture  # the registry imports this module
-
-    if config:
-        raise ValueError(f"the head architecture takes backbone, head, dimension and hidden, not {sorted(config)}")
-    if backbone == "head":
-        raise ValueError("a head's backbone cannot itself be a head")
-    if get_architecture(backbone).pretrained is None:
-        raise ValueError(f"{backbone} has no pretrained weights, so a frozen backbone would give random features; "
-                         f"choose a backbone with pretrained weights")
-    network = build_network(backbone, weights=weights)
-    return HeadNet(network, backbone, head, int(dimension), int(hidden))
+def build(backbone_network: EmbeddingNet, backbone: str, *, head: str = "linear",
+          dimension: int = DEFAULT_DIMENSION, hidden: int = DEFAULT_HIDDEN) -> HeadNet:
+    """backbone_network (built by the registry, pretrained or random) → a new,
+    random head (seeded by the caller). The registry's "head" builder
+    (training/networks/registry.py) resolves the backbone name."""
+    return HeadNet(backbone_network, backbone, head, int(dimension), int(hidden))

@@ -15,7 +15,6 @@ from torchvision.models import ResNet50_Weights, VGG16_Weights
 from training.networks import (
     autoencoder,
     efficientnet_lite0,
-    head,
     resnet50,
     siamese,
     timm_backbone,
@@ -23,6 +22,7 @@ from training.networks import (
     torchvision_weights,
     vgg16,
 )
+from training.networks import head as head_network
 from training.networks.base import Architecture, EmbeddingNet, Pretrained
 
 MAX_DIMENSION = 4000
@@ -78,16 +78,31 @@ register(Architecture("autoencoder", autoencoder.build,
                       autoencoder.DIMENSION, settings=frozenset({"dimension", "size", "width"}),
                       default_objective="reconstruction",
                       defaults={"dimension": autoencoder.DIMENSION, "size": 224, "width": 32}))
-register(Architecture("head", head.build,
+def _build_head(weights: str = "pretrained", *, backbone: str = head_network.DEFAULT_BACKBONE, head: str = "linear",
+                dimension: int = head_network.DEFAULT_DIMENSION, hidden: int = head_network.DEFAULT_HIDDEN,
+                **config) -> EmbeddingNet:
+    """backbone → head. `weights` applies to the backbone ("pretrained": its
+    pretrained weights, WeightsUnavailable when they cannot be had; "random":
+    to rebuild a saved version before loading its state)."""
+    if config:
+        raise ValueError(f"the head architecture takes backbone, head, dimension and hidden, not {sorted(config)}")
+    if backbone == "head" or get_architecture(backbone).pretrained is None:
+        raise ValueError(f"{backbone} has no pretrained weights, so a frozen backbone would give random features; "
+                         f"choose a backbone with pretrained weights")
+    return head_network.build(build_network(backbone, weights=weights), backbone, head=head, dimension=dimension,
+                              hidden=hidden)
+
+
+register(Architecture("head", _build_head,
                       "a trainable projection head (linear or MLP) on a frozen pretrained backbone "
                       "(efficientnet_lite0 or any timm:<model>), trained on cached features (--head-only)",
-                      head.DEFAULT_DIMENSION,
+                      head_network.DEFAULT_DIMENSION,
                       # The weights are the backbone's; TrainConfig checks them through the backbone's record.
                       pretrained=Pretrained("the backbone's pretrained weights"),
                       settings=frozenset({"backbone", "head", "dimension", "hidden"}),
                       default_objective="normalized_softmax",
-                      defaults={"backbone": head.DEFAULT_BACKBONE, "head": "linear",
-                                "dimension": head.DEFAULT_DIMENSION}))
+                      defaults={"backbone": head_network.DEFAULT_BACKBONE, "head": "linear",
+                                "dimension": head_network.DEFAULT_DIMENSION}))
 
 _TIMM: dict[str, Architecture] = {}
 
