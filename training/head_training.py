@@ -137,7 +137,7 @@ def train_head(dataset: Dataset, config: TrainConfig, checkpoint_dir: Path, prog
                                  lr=config.learning_rate)
     start_epoch, history = 0, list[dict]()
     if resume and last_path.exists():
-        start_epoch, history = _resume(last_path, config, plan, head, optimizer)  # type: ignore[arg-type]
+        start_epoch, history = _resume(last_path, config, plan, head, optimizer)
     n_batches = plan.n_batches
     current: dict[str, Any] = {"epoch": start_epoch, "history": history}
 

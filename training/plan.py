@@ -245,9 +245,9 @@ class DataPlan:
         augment = self.config.augment or self.pairs == "augmented"
         pair_set = PairDataset(self._train_items, pairs, self._preprocessing, augment=augment)
         # Each process takes every world-th pair: together they cover each global batch once.
-        shard = DistributedSampler(pair_set, num_replicas=self.world, rank=self.rank, shuffle=False) \
+        pair_shard: DistributedSampler | None = DistributedSampler(pair_set, num_replicas=self.world, rank=self.rank, shuffle=False) \
             if self.world > 1 else None
-        return DataLoader(pair_set, batch_size=self.config.batch_size // self.world, shuffle=False, sampler=shard,
+        return DataLoader(pair_set, batch_size=self.config.batch_size // self.world, shuffle=False, sampler=pair_shard,
                           generator=self.generator, **self.loader_args)
 
     def validate(self, model: torch.nn.Module, device: torch.device, autocast_dtype) -> float:

@@ -163,7 +163,7 @@ class SameShuffleSampler(DistributedSampler):
         generator = torch.Generator()
         generator.manual_seed(self.seed_for_epoch(self.epoch))
         torch.empty((), dtype=torch.int64).random_(generator=generator)  # the DataLoader's base seed
-        indices = torch.randperm(len(self.dataset), generator=generator).tolist()  # type: ignore[arg-type]
+        indices = torch.randperm(len(self.dataset), generator=generator).tolist()
         padding = self.total_size - len(indices)
         indices += (indices * math.ceil(padding / len(indices)))[:padding] if padding > 0 else []
         return iter(indices[self.rank:self.total_size:self.num_replicas])
