@@ -153,3 +153,20 @@ def test_the_train_command_and_the_form_start_head_only_training(labelled, tmp_p
     fields = form.config_fields()
     assert (fields["architecture"], fields["backbone"], fields["head"], fields["objective"], fields["augment"]) == \
         ("head", "efficientnet_lite0", "mlp", "normalized_softmax", False)
+
+
+def test_a_head_only_training_job_caches_trains_and_publishes(labelled):
+    from search.jobs import S
+    from search.models import Job
+    from training.train_job import run_training_job
+
+    params = {"architecture": "head", "epochs": 2, "batch_size": 8, "learning_rate": 1e-2, "image_size": 32,
+              "embedding_dim": 8}
+    job = Job.objects.create(kind=Job.Kind.TRAIN, dataset=labelled, params=params)
+    assert run_training_job(job.pk) == "done"
+    job.refresh_from_db()
+    assert job.status == S.SUCCEEDED, job.error
+    assert job.model_version.name == "efficientnet_lite0-head-colours-ft-1"
+    assert job.result["features"]["embedded"] == job.result["n_train"] + job.result["n_val"]
+    assert Embedding.objects.filter(model_version=job.model_version).count() == labelled.images.count()
+    assert 0 <= job.result["evaluation"]["precision_at_k"] <= 1
