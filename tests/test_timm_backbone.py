@@ -101,3 +101,9 @@ def test_timm_names_resolve_in_the_registry_and_the_config(hub):
     network = build_network("head", weights="random", **head.build_kwargs())
     assert network.dimension == 32 and network.preprocessing.size == 160
     assert network.backbone.dimension == 64
+
+
+def test_a_timm_model_over_the_index_limit_is_refused(hub):
+    # timm's vgg16 keeps a 4096-d pre-logits layer: over pgvector's 4,000-d HNSW limit.
+    with pytest.raises(UnknownArchitecture, match="4096-d features; the index holds 1..4000"):
+        get_architecture("timm:vgg16.tv_in1k")

@@ -118,6 +118,8 @@ def _timm_architecture(name: str) -> Architecture:
             raise UnknownArchitecture(f"{name!r} is longer than the {MAX_NAME_LENGTH} characters a model "
                                       f"version's architecture holds")
         dimension = timm_backbone.dimension_of(name)
+        if not 1 <= dimension <= MAX_DIMENSION:
+            raise UnknownArchitecture(f"{name} gives {dimension}-d features; the index holds 1..{MAX_DIMENSION}")
         _TIMM[name] = Architecture(name, partial(timm_backbone.build, name),
                                    f"timm model {name[len(timm_backbone.PREFIX):]} (pretrained through timm); "
                                    f"{dimension}-d pooled features", dimension,
