@@ -90,6 +90,11 @@ def test_the_registry_records_decide_what_the_config_and_the_form_offer():
     from training.networks.registry import pretrained_architectures, sizable_architectures
 
     for name, architecture in ARCHITECTURES.items():
+        if name == "head":  # a frozen backbone must be pretrained: the one architecture that refuses random weights
+            with pytest.raises(ValueError, match="needs its pretrained weights"):
+                TrainConfig(name, pretrained=False)
+            assert TrainConfig(name).objective == architecture.default_objective
+            continue
         config = TrainConfig(name, pretrained=False)
         assert config.objective == architecture.default_objective
         assert TrainConfig(name).pretrained is (architecture.pretrained is not None)

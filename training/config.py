@@ -11,10 +11,20 @@ from typing import Any
 
 import torch
 
-from training.networks.base import OBJECTIVES_NEEDING_LABELS, EmbeddingNet
-from training.networks.registry import MAX_DIMENSION, build_network, get_architecture, sizable_architectures
+from training.networks import head as head_network
+from training.networks.base import CLASS_OBJECTIVES, OBJECTIVES_NEEDING_LABELS, EmbeddingNet
+from training.networks.registry import (
+    ARCHITECTURES,
+    MAX_DIMENSION,
+    build_network,
+    get_architecture,
+    sizable_architectures,
+)
 
-OBJECTIVES = ("auto", "reconstruction", "contrastive", "classification", "triplet")
+OBJECTIVES = ("auto", "reconstruction", "contrastive", "classification", "triplet", "normalized_softmax",
+              "arcface", "proxy_anchor")
+HEAD_OBJECTIVES = tuple(sorted(CLASS_OBJECTIVES | {"triplet"}))
+MAX_PROCESSES = 64
 LABELLED_OBJECTIVES = tuple(sorted(OBJECTIVES_NEEDING_LABELS))
 SCHEDULERS = ("none", "cosine")
 MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 16, 1024
@@ -46,6 +56,17 @@ class TrainConfig:
       globally pooled) only the preprocessing changes.
     - batch_size counts images, or pairs for the contrastive objective.
     - num_workers None → training.inference.loader_workers (CBIR_LOADER_WORKERS; 0 on a CPU by default).
+    - architecture "head" (head-only training, training/head_training.py):
+      `backbone` (default efficientnet_lite0, or any timm:<model>; must have
+      pretrained weights) is frozen and its features cached; only a `head`
+      ("linear", default, or "mlp") of `embedding_dim` (default 256) trains,
+      with a labelled objective (default normalized_softmax). Augmentation is
+      off (the features are computed once). backbone and head are None for
+      every other architecture.
+    - augment None → on, except for head-only training.
+    - processes: training processes on this host (DistributedDataParallel,
+      one per GPU, or gloo on the CPU; training/distributed.py). The batch
+      size is the global one and must divide evenly among the processes.
     """
 
     architecture: str
@@ -58,10 +79,13 @@ class TrainConfig:
     scheduler: str = "none"
     early_stopping_patience: int = 3
     time_limit_s: float | None = None
-    augment: bool = True
+    augment: bool | None = None
     num_workers: int | None = None
     image_size: int | None = None
     seed: int = 0
+    backbone: str | None = None
+    head: str | None = None
+    processes: int = 1
 
     def __post_init__(self) -> None:
         architecture = get_architecture(self.architecture)  # UnknownArchitecture (a ValueError) names the known ones
@@ -92,8 +116,6 @@ class TrainConfig:
                     or not self.time_limit_s > 0:
                 raise ValueError(f"time_limit_s must be a number of seconds above 0, not {self.time_limit_s!r}")
             self.time_limit_s = float(self.time_limit_s)
-        if not isinstance(self.augment, bool):
-            raise ValueError(f"augment must be true or false, not {self.augment!r}")
         if self.num_workers is not None:
             _check_int("num_workers", self.num_workers, 0, 64)
         _check_int("seed", self.seed, 0, 2**31 - 1)
@@ -105,6 +127,22 @@ class TrainConfig:
         if self.pretrained and not available:
             raise ValueError(f"{self.architecture} has no pretrained weights: it is trained from scratch "
                              f"(leave pretrained unset or false)")
+        self._check_head(architecture)
+        if self.augment is None:
+            self.augment = not self.head_only
+        if not isinstance(self.augment, bool):
+            raise ValueError(f"augment must be true or false, not {self.augment!r}")
+        if self.head_only and self.augment:
+            raise ValueError("augment does not apply to head-only training: the backbone's features are computed "
+                             "once, without augmentation")
+        _check_int("processes", self.processes, 1, MAX_PROCESSES)
+        if self.processes > 1:
+            if self.head_only:
+                raise ValueError("processes: head-only training runs in one process (it takes seconds)")
+            if self.objective == "triplet":
+                raise ValueError("processes: triplet training (P×K batches) runs in one process")
+            if self.batch_size % self.processes:
+                raise ValueError(f"batch_size {self.batch_size} must divide evenly among {self.processes} processes")
         # Build the network on the meta device (no memory, no weights) so that
         # settings the architecture refuses (an autoencoder size not a multiple
         # of 16, a siamese input too small) fail here, before any job exists.
@@ -113,6 +151,32 @@ class TrainConfig:
         if self.objective == "reconstruction" and not hasattr(model, "reconstruct"):
             raise ValueError(f"the reconstruction objective needs a network with a decoder (autoencoder), "
                              f"not {self.architecture}")
+
+    @property
+    def head_only(self) -> bool:
+        """Whether only a projection head trains, on cached features of a frozen backbone."""
+        return self.architecture == "head"
+
+    def _check_head(self, architecture) -> None:
+        """Resolve and check backbone and head (only for the "head" architecture)."""
+        if not self.head_only:
+            if self.backbone is not None or self.head is not None:
+                raise ValueError("backbone and head apply to head-only training (architecture 'head', --head-only)")
+            return
+        self.backbone = self.backbone or architecture.defaults["backbone"]
+        self.head = self.head or architecture.defaults["head"]
+        backbone = get_architecture(self.backbone)  # UnknownArchitecture names the known ones
+        if self.backbone == "head" or backbone.pretrained is None:
+            with_weights = ", ".join(n for n in sorted(ARCHITECTURES) if get_architecture(n).pretrained and n != "head")
+            raise ValueError(f"backbone {self.backbone} has no pretrained weights; head-only training needs a "
+                             f"pretrained backbone ({with_weights}, or timm:<model name>)")
+        if self.head not in head_network.HEADS:
+            raise ValueError(f"head must be one of {', '.join(head_network.HEADS)}, not {self.head!r}")
+        if not self.pretrained:
+            raise ValueError("pretrained: head-only training freezes the backbone, so it needs its pretrained weights")
+        if self.objective not in HEAD_OBJECTIVES:
+            raise ValueError(f"objective {self.objective} does not apply to head-only training; choose one of "
+                             f"{', '.join(HEAD_OBJECTIVES)}")
 
     @classmethod
     def from_params(cls, params: dict) -> TrainConfig:
@@ -133,6 +197,8 @@ class TrainConfig:
             kwargs["dimension"] = self.embedding_dim
         if self.image_size is not None and "size" in takes:
             kwargs["size"] = self.image_size
+        if self.head_only:
+            kwargs.update(backbone=self.backbone, head=self.head)
         return kwargs
 
     def build_model(self) -> EmbeddingNet:
@@ -147,7 +213,8 @@ class TrainConfig:
 
     def model_key(self) -> dict:
         """What a checkpoint must agree on to be resumed with this config."""
-        return {k: getattr(self, k) for k in ("architecture", "embedding_dim", "image_size", "objective")}
+        return {k: getattr(self, k) for k in ("architecture", "embedding_dim", "image_size", "objective", "backbone",
+                                              "head")}
 
 
 def apply_image_size(model: EmbeddingNet, image_size: int | None) -> EmbeddingNet:
@@ -162,6 +229,7 @@ def check_pretrained_available(config: TrainConfig) -> None:
     """Fail early (WeightsUnavailable, naming the file and where it goes) when
     the run starts from pretrained weights that cannot be had; the job would
     fail anyway. The architecture's registry record says how to check."""
-    pretrained = get_architecture(config.architecture).pretrained
+    pretrained = get_architecture(config.backbone if config.head_only and config.backbone
+                                  else config.architecture).pretrained
     if config.pretrained and pretrained is not None:
         pretrained.check()

@@ -13,6 +13,7 @@ from django import forms
 
 from training.config import (
     MAX_IMAGE_SIZE,
+    MAX_PROCESSES,
     MIN_IMAGE_SIZE,
     OBJECTIVES,
     SCHEDULERS,
@@ -20,6 +21,7 @@ from training.config import (
     check_pretrained_available,
 )
 from training.networks.base import WeightsUnavailable
+from training.networks.head import HEADS
 from training.networks.registry import (
     ARCHITECTURES,
     get_architecture,
@@ -34,6 +36,9 @@ OBJECTIVE_LABELS = {
     "contrastive": "contrastive pairs (labels, or two augmentations of one image)",
     "classification": "classification over the labels (cosine classifier)",
     "triplet": "triplet, batch-hard over P×K batches (labels)",
+    "normalized_softmax": "normalized softmax (cosine softmax, pytorch-metric-learning; labels)",
+    "arcface": "ArcFace, additive angular margin (pytorch-metric-learning; labels)",
+    "proxy_anchor": "Proxy Anchor (pytorch-metric-learning; labels)",
 }
 
 
@@ -46,7 +51,18 @@ class TrainForm(forms.Form):
     check it makes shows here as a form error. Give `dataset` to also check
     that its labels suit the objective."""
 
-    architecture = forms.ChoiceField(choices=_architecture_choices)
+    architecture = forms.ChoiceField(choices=_architecture_choices,
+                                     help_text="with “head only”: the frozen backbone")
+    timm_model = forms.CharField(
+        required=False, max_length=45, label="or a timm model",
+        help_text="any timm model name (e.g. convnext_tiny.fb_in22k, vit_small_patch14_dinov2.lvd142m): used instead "
+                  "of the architecture above, with timm's pretrained weights and preprocessing")
+    head_only = forms.BooleanField(
+        required=False, initial=False, label="Head only (cached backbone features)",
+        help_text="embed the dataset once with the frozen, pretrained backbone (features cached on disk) and train "
+                  "only a projection head on them: seconds instead of hours; augmentation is off")
+    head = forms.ChoiceField(choices=[(h, h) for h in HEADS], initial="linear", required=False,
+                             help_text="head-only training: linear projection, or a small MLP")
     objective = forms.ChoiceField(choices=[(o, OBJECTIVE_LABELS[o]) for o in OBJECTIVES], initial="auto")
     epochs = forms.IntegerField(min_value=1, max_value=10_000, initial=10)
     batch_size = forms.IntegerField(min_value=2, max_value=4096, initial=32,
@@ -68,6 +84,9 @@ class TrainForm(forms.Form):
                                                  help_text="stop after this many epochs without a better "
                                                            "validation loss (0: never)")
     augment = forms.BooleanField(required=False, initial=True, label="Augment training images")
+    processes = forms.IntegerField(min_value=1, max_value=MAX_PROCESSES, initial=1, required=False,
+                                   help_text="training processes on the worker's host (DistributedDataParallel, one "
+                                             "per GPU); the batch size is the global batch")
 
     def __init__(self, *args, dataset=None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -79,12 +98,21 @@ class TrainForm(forms.Form):
         if self.errors:
             return cleaned
         architecture = cleaned["architecture"]
+        timm_model = (cleaned.get("timm_model") or "").strip()
         fields = {name: cleaned.get(name) for name in (
             "architecture", "objective", "epochs", "batch_size", "learning_rate", "embedding_dim", "image_size",
             "scheduler", "early_stopping_patience", "augment")}
-        # The checkbox reads "where the architecture has them": for the others it means random weights.
-        fields["pretrained"] = bool(cleaned.get("pretrained")) and get_architecture(architecture).pretrained is not None
+        fields["processes"] = cleaned.get("processes") or 1
         try:
+            if timm_model:
+                architecture = timm_model if timm_model.startswith("timm:") else f"timm:{timm_model}"
+                fields["architecture"] = architecture
+            # The checkbox reads "where the architecture has them": for the others it means random weights.
+            fields["pretrained"] = bool(cleaned.get("pretrained")) and \
+                get_architecture(architecture).pretrained is not None
+            if cleaned.get("head_only"):
+                fields.update(architecture="head", backbone=architecture, head=cleaned.get("head") or "linear",
+                              augment=False, pretrained=True)
             config = TrainConfig(**fields)
             check_pretrained_available(config)
             if self.dataset is not None:
@@ -98,8 +126,11 @@ class TrainForm(forms.Form):
 
     def _add_config_error(self, message: str) -> None:
         """Put a TrainConfig message on the field it names, else on the form."""
+        if "timm" in message:
+            self.add_error("timm_model", message)
+            return
         for name in ("embedding_dim", "image_size", "batch_size", "learning_rate", "epochs", "objective",
-                     "scheduler", "early_stopping_patience", "pretrained"):
+                     "scheduler", "early_stopping_patience", "pretrained", "processes", "augment", "head"):
             if message.startswith(name) or f" {name} " in message:
                 self.add_error(name, message)
                 return

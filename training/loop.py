@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 LossFn = Callable[[nn.Module, Any, torch.device], torch.Tensor]
+Reduce = Callable[[float, int], tuple[float, int]]  # (loss total, images) of this process → of all processes
 CHECKPOINT_FORMAT = 1
 
 
@@ -70,9 +71,12 @@ def _set_mode(model: nn.Module, loss_fn: LossFn, training: bool) -> None:
 def train_one_epoch(model: nn.Module, loss_fn: LossFn, optimizer: torch.optim.Optimizer, loader: Iterable,
                     device: torch.device, *, scaler: torch.amp.GradScaler | None = None,
                     autocast_dtype: torch.dtype | None = None,
-                    on_batch: Callable[[int, int, float], None] | None = None) -> float:
+                    on_batch: Callable[[int, int, float], None] | None = None,
+                    reduce: Reduce | None = None) -> float:
     """One pass over `loader`; returns the mean training loss per image
-    (batch losses weighted by batch size).
+    (batch losses weighted by batch size). In a distributed run, `reduce`
+    sums (loss total, image count) over the processes first, so every process
+    returns the mean over the whole global epoch.
 
     on_batch(batch_index, n_batches, loss) is called after every step (for
     progress reports; an exception raised there, e.g. on cancellation, stops
@@ -102,6 +106,8 @@ def train_one_epoch(model: nn.Module, loss_fn: LossFn, optimizer: torch.optim.Op
         count += size
         if on_batch is not None:
             on_batch(batch_index, n_batches, value)
+    if reduce is not None:
+        total, count = reduce(total, count)
     if count == 0:
         raise ValueError("the training loader yielded no batches")
     return total / count
@@ -207,7 +213,9 @@ def fit(model: nn.Module, loss_fn: LossFn, optimizer: torch.optim.Optimizer, tra
         loader_for_epoch: Callable[[int], Iterable] | None = None,
         validate: Callable[[], float] | None = None,
         lr_for_epoch: Callable[[int], float] | None = None,
-        stop_reason: Callable[[list[dict]], str | None] | None = None) -> list[dict]:
+        stop_reason: Callable[[list[dict]], str | None] | None = None,
+        reduce: Reduce | None = None, checkpoint_model: nn.Module | None = None,
+        checkpoint_objective: nn.Module | None = None, write_checkpoints: bool = True) -> list[dict]:
     """The project's one epoch loop: train from `start_epoch` up to `epochs`
     epochs, validating after each.
 
@@ -225,10 +233,17 @@ def fit(model: nn.Module, loss_fn: LossFn, optimizer: torch.optim.Optimizer, tra
     may raise to abort); `on_epoch(entry)` runs after the checkpoints are written.
     To resume: c = load_checkpoint(last.pt, model, optimizer, objective=...),
     then fit(..., start_epoch=c["epoch"], history=c["history"], best_val_loss=c["best_val_loss"]).
+
+    Distributed runs (training/distributed.py) pass the DistributedDataParallel
+    wrapper as `model`, the plain network and objective as `checkpoint_model`
+    and `checkpoint_objective` (what the checkpoints hold), `reduce` (training
+    losses over all processes) and write_checkpoints only on rank 0.
     """
     checkpoint_dir = Path(checkpoint_dir)
     history = list(history or [])
-    objective = loss_fn if isinstance(loss_fn, nn.Module) else None
+    objective = checkpoint_objective if checkpoint_objective is not None else (
+        loss_fn if isinstance(loss_fn, nn.Module) else None)
+    saved = checkpoint_model if checkpoint_model is not None else model
     for epoch in range(start_epoch, epochs):
         if stop_reason is not None and stop_reason(history) is not None:
             break
@@ -244,7 +259,7 @@ def fit(model: nn.Module, loss_fn: LossFn, optimizer: torch.optim.Optimizer, tra
             loader = train_loader
         started = time.perf_counter()
         train_loss = train_one_epoch(model, loss_fn, optimizer, loader, device, scaler=scaler,
-                                     autocast_dtype=autocast_dtype, on_batch=on_batch)
+                                     autocast_dtype=autocast_dtype, on_batch=on_batch, reduce=reduce)
         if validate is not None:
             val_loss = validate()
         else:
@@ -258,11 +273,12 @@ def fit(model: nn.Module, loss_fn: LossFn, optimizer: torch.optim.Optimizer, tra
         entry = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss, "seconds": round(seconds, 3),
                  "lr": lr, "best": is_best}
         history.append(entry)
-        if is_best:
-            save_checkpoint(checkpoint_dir / "best.pt", model, optimizer, epoch + 1, config, best_val_loss, history,
+        if is_best and write_checkpoints:
+            save_checkpoint(checkpoint_dir / "best.pt", saved, optimizer, epoch + 1, config, best_val_loss, history,
                             objective=objective)
-        save_checkpoint(checkpoint_dir / "last.pt", model, optimizer, epoch + 1, config, best_val_loss, history,
-                        objective=objective)
+        if write_checkpoints:
+            save_checkpoint(checkpoint_dir / "last.pt", saved, optimizer, epoch + 1, config, best_val_loss, history,
+                            objective=objective)
         if on_epoch is not None:
             on_epoch(entry)
     return history

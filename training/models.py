@@ -15,6 +15,7 @@ class ModelVersion(models.Model):
     class WeightsSource(models.TextChoices):
         PACKAGE = "package", "Python package"
         TORCHVISION = "torchvision", "torchvision weight cache"
+        TIMM = "timm", "timm (Hugging Face or torch hub cache)"
         CHECKPOINT = "checkpoint", "checkpoint file"
         RANDOM = "random", "random initial weights"
 

@@ -7,6 +7,11 @@ them between train and eval mode and checkpoint any parameters they own.
     ContrastiveObjective       (x1, x2, same) PairDataset            any, e.g. siamese
     TripletObjective           (x, label) ImageListDataset+PKSampler any, labelled images only
     ClassificationObjective    (x, label) ImageListDataset           any, labelled images only
+    MetricLossObjective        (x, label) ImageListDataset or cached  any, labelled images only
+                               features (FeatureDataset)
+
+`x` is whatever the trained module takes: images for a whole network,
+cached backbone features for a projection head (head-only training).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from pytorch_metric_learning import losses as pml_losses
 from torch import nn
 
 from training.losses import contrastive_loss, triplet_loss
@@ -94,3 +100,37 @@ class ClassificationObjective(nn.Module):
     def forward(self, model: nn.Module, batch: Any, device: torch.device) -> torch.Tensor:
         x, labels = _labelled(batch, device, "classification training")
         return F.cross_entropy(self.logits(model(x).float()), labels)
+
+
+# objective name → pytorch-metric-learning loss class (each owns per-class weights or proxies).
+METRIC_LOSSES = {
+    "normalized_softmax": pml_losses.NormalizedSoftmaxLoss,  # Zhai & Wu 2018, "Classification is a Strong Baseline"
+    "arcface": pml_losses.ArcFaceLoss,  # Deng et al. 2019, additive angular margin
+    "proxy_anchor": pml_losses.ProxyAnchorLoss,  # Kim et al. 2020
+}
+
+
+class MetricLossObjective(nn.Module):
+    """A pytorch-metric-learning loss with per-class parameters on the
+    embeddings of a labelled (x, label) batch: `loss(model(x), labels)`.
+
+    name: "normalized_softmax" (cosine softmax, temperature 0.05), "arcface"
+    (margin 28.6°, scale 64) or "proxy_anchor" (margin 0.1, alpha 32), with
+    the library's defaults (https://kevinmusgrave.github.io/pytorch-metric-learning/losses/).
+    The loss's weights (dimension × num_classes) are this module's parameters:
+    put them in the optimizer and pass the module as `objective=` to
+    save/load_checkpoint, as for ClassificationObjective. Raises ValueError for
+    an unknown name or fewer than two classes."""
+
+    def __init__(self, name: str, num_classes: int, dimension: int) -> None:
+        super().__init__()
+        if name not in METRIC_LOSSES:
+            raise ValueError(f"unknown metric loss {name!r}; known: {', '.join(METRIC_LOSSES)}")
+        if num_classes < 2:
+            raise ValueError(f"{name} needs at least two classes, got {num_classes}")
+        self.name = name
+        self.loss = METRIC_LOSSES[name](num_classes=int(num_classes), embedding_size=int(dimension))
+
+    def forward(self, model: nn.Module, batch: Any, device: torch.device) -> torch.Tensor:
+        x, labels = _labelled(batch, device, f"{self.name} training")
+        return self.loss(model(x).float(), labels)

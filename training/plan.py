@@ -13,21 +13,23 @@ from typing import Any
 import torch
 from django.conf import settings
 from PIL import Image as PILImage
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
 from search.models import Dataset, Image, Split
 from training.config import LABELLED_OBJECTIVES, TrainConfig
 from training.data import ImageListDataset, PairDataset
 from training.inference import loader_workers
 from training.loop import evaluate
-from training.networks.base import EmbeddingNet
+from training.networks.base import CLASS_OBJECTIVES, EmbeddingNet
 from training.objectives import (
+    METRIC_LOSSES,
     ClassificationObjective,
     ContrastiveObjective,
+    MetricLossObjective,
     ReconstructionObjective,
     TripletObjective,
 )
-from training.samplers import PKSampler, group_by_label, make_augmented_pairs, make_pairs
+from training.samplers import PKSampler, SameShuffleSampler, group_by_label, make_augmented_pairs, make_pairs
 
 VALIDATION_EVERY = 5  # when the val split is empty: every 5th training image validates instead
 
@@ -86,6 +88,25 @@ def readable(items: list[tuple[int, str, str | None]], warnings: list[str]) -> l
     return good
 
 
+def class_objective(objective: str, model: torch.nn.Module, num_classes: int) -> torch.nn.Module:
+    """The objective module for a labelled objective on `model` (which has a
+    `.dimension`): classification (our cosine classifier), a
+    pytorch-metric-learning loss (normalized_softmax, arcface, proxy_anchor),
+    or triplet."""
+    if objective == "classification":
+        return ClassificationObjective(model, num_classes=num_classes)  # type: ignore[arg-type]
+    if objective in METRIC_LOSSES:
+        return MetricLossObjective(objective, num_classes, int(model.dimension))  # type: ignore[arg-type]
+    if objective == "triplet":
+        return TripletObjective()
+    raise ValueError(f"{objective} is not a labelled objective")
+
+
+def plan_rows(dataset: Dataset, warnings: list[str]) -> tuple[list, list]:
+    """(train rows, val rows) of (id, path, label), unreadable files left out (with a warning)."""
+    return (readable(split_items(dataset, Split.TRAIN), warnings), readable(split_items(dataset, Split.VAL), warnings))
+
+
 def epoch_seed(seed: int, epoch: int) -> int:
     return (seed * 100_003 + epoch) % (2**63 - 1)
 
@@ -95,21 +116,32 @@ class DataPlan:
     pairs and augmentations depend only on (seed, epoch), so a resumed run
     repeats exactly what an uninterrupted one would have done."""
 
-    def __init__(self, dataset: Dataset, config: TrainConfig, model: EmbeddingNet, device: torch.device) -> None:
+    def __init__(self, dataset: Dataset | str, config: TrainConfig, model: EmbeddingNet, device: torch.device, *,
+                 rows: tuple[list, list] | None = None, world: int = 1, rank: int = 0) -> None:
+        """dataset: the Dataset (its train and val rows are read), or its name
+        when `rows` = (train rows, val rows) of (id, path, label) are given (the
+        other processes of a distributed run). world, rank: this process's
+        place among the run's processes; each takes its share of every global
+        batch (batch_size / world images) through a DistributedSampler."""
         self.config = config
         self.warnings: list[str] = []
         self.classes: list[str] | None = None
         self.pairs: str | None = None
-        train = readable(split_items(dataset, Split.TRAIN), self.warnings)
-        val = readable(split_items(dataset, Split.VAL), self.warnings)
+        self.world, self.rank = world, rank
+        self.samplers: list[SameShuffleSampler] = []
+        if rows is None:
+            assert isinstance(dataset, Dataset)
+            rows = plan_rows(dataset, self.warnings)
+        name = dataset if isinstance(dataset, str) else dataset.name
+        train, val = list(rows[0]), list(rows[1])
         objective = config.objective
         if objective in LABELLED_OBJECTIVES:
             unlabelled = sum(1 for _, _, label in train if label is None)
             if unlabelled:
                 self.warnings.append(f"{unlabelled} unlabelled training image(s) left out ({objective} needs labels)")
             train = [row for row in train if row[2] is not None]
-        check_train_labels(dataset.name, config, [label for _, _, label in train])
-        if objective == "classification":
+        check_train_labels(name, config, [label for _, _, label in train])
+        if objective in CLASS_OBJECTIVES:
             self.classes = sorted({label for _, _, label in train if label is not None})
             unseen = [row for row in val if row[2] not in self.classes]
             if unseen:
@@ -126,7 +158,7 @@ class DataPlan:
             held = {row[0] for row in val}
             train = [row for row in train if row[0] not in held]
             self.warnings.append(f"the val split has no usable image; {len(val)} training image(s) validate instead")
-            check_train_labels(dataset.name, config, [label for _, _, label in train])
+            check_train_labels(name, config, [label for _, _, label in train])
         self.n_train, self.n_val = len(train), len(val)
         train_items: list[tuple[str, str | None]] = [(path, label) for _, path, label in train]
         val_items: list[tuple[str, str | None]] = [(path, label) for _, path, label in val]
@@ -137,7 +169,7 @@ class DataPlan:
                             "prefetch_factor": 2 if workers else None}
         self.generator = torch.Generator()
         self.val_generator = torch.Generator()
-        batch = config.batch_size
+        batch = config.batch_size // world  # per process; TrainConfig checks it divides evenly
 
         if objective == "contrastive":
             self.objective: torch.nn.Module = ContrastiveObjective()
@@ -162,7 +194,7 @@ class DataPlan:
         # The classifier's classes are fixed above (they are checked again on resume).
         mapping: dict[Hashable, int] | None = (
             {label: i for i, label in enumerate(self.classes)} if self.classes is not None else None)
-        train_set = ImageListDataset(train_items, preprocessing, augment=config.augment, label_to_index=mapping)
+        train_set = ImageListDataset(train_items, preprocessing, augment=bool(config.augment), label_to_index=mapping)
         val_set = ImageListDataset(val_items, preprocessing, augment=False, label_to_index=mapping)
         if objective == "triplet":
             self.objective = TripletObjective()
@@ -176,13 +208,20 @@ class DataPlan:
             val_batch = min(max(batch, 64), 256)
         else:
             self.sampler = None
-            if objective == "classification":
-                self.objective = ClassificationObjective(model, num_classes=len(self.classes or []))
+            if objective in CLASS_OBJECTIVES:
+                self.objective = class_objective(objective, model, len(self.classes or []))
             else:
                 self.objective = ReconstructionObjective()
             # A last batch of one image breaks BatchNorm in training mode: drop it then.
-            self.train_loader = DataLoader(train_set, batch_size=batch, shuffle=True, generator=self.generator,
-                                           drop_last=len(train_set) % batch == 1, **self.loader_args)
+            if world == 1:
+                self.train_loader = DataLoader(train_set, batch_size=batch, shuffle=True, generator=self.generator,
+                                               drop_last=len(train_set) % batch == 1, **self.loader_args)
+            else:  # each process takes every world-th image of the one-process permutation
+                shard = SameShuffleSampler(train_set, num_replicas=world, rank=rank,
+                                           seed_for_epoch=lambda epoch: epoch_seed(config.seed, epoch))
+                self.samplers.append(shard)
+                self.train_loader = DataLoader(train_set, batch_size=batch, sampler=shard, generator=self.generator,
+                                               drop_last=len(shard) % batch == 1, **self.loader_args)
             val_batch = batch
         self.val_loader = DataLoader(val_set, batch_size=val_batch, shuffle=False, generator=self.val_generator,
                                      **self.loader_args)
@@ -196,15 +235,20 @@ class DataPlan:
         if self.config.objective != "contrastive":
             if self.sampler is not None:
                 self.sampler.set_epoch(epoch)
+            for shard in self.samplers:
+                shard.set_epoch(epoch)
             return self.train_loader
         if self.pairs == "labels":
             pairs = make_pairs(self._train_labels, self.n_pairs, seed=seed)
         else:
             pairs = make_augmented_pairs(len(self._train_items), seed=seed, n_pairs=self.n_pairs)
         augment = self.config.augment or self.pairs == "augmented"
-        return DataLoader(PairDataset(self._train_items, pairs, self._preprocessing, augment=augment),
-                          batch_size=self.config.batch_size, shuffle=False, generator=self.generator,
-                          **self.loader_args)
+        pair_set = PairDataset(self._train_items, pairs, self._preprocessing, augment=augment)
+        # Each process takes every world-th pair: together they cover each global batch once.
+        pair_shard: DistributedSampler | None = DistributedSampler(pair_set, num_replicas=self.world, rank=self.rank, shuffle=False) \
+            if self.world > 1 else None
+        return DataLoader(pair_set, batch_size=self.config.batch_size // self.world, shuffle=False, sampler=pair_shard,
+                          generator=self.generator, **self.loader_args)
 
     def validate(self, model: torch.nn.Module, device: torch.device, autocast_dtype) -> float:
         """The validation loss, identical for identical weights (fixed seeds, RNG state restored)."""

@@ -10,6 +10,12 @@ size×size (as in the study: the whole image, squashed, no crop), scale to
 Importing this module also sets up decoding for every process that reads
 images (web, workers, training): the HEIC/HEIF opener of pillow-heif is
 registered, and PNG metadata limits are raised (see MAX_PNG_METADATA_CHUNK).
+
+Networks with their own pretrained configuration (timm models) may instead ask
+for timm's evaluation transform: resize the shorter side to
+floor(size / crop_pct) and take the centre size×size crop ("center"), or
+squash to that square and crop its centre ("squash"), with their own
+interpolation (timm.data.transforms_factory.transforms_imagenet_eval).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import functools
 import io
 import logging
+import math
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -207,36 +214,85 @@ def _transform_to_srgb(icc: bytes, mode: str) -> ImageCms.ImageCmsTransform | No
                                    flags=ImageCms.Flags.NOCACHE)
 
 
+RESAMPLING = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
+              "nearest": Image.Resampling.NEAREST, "lanczos": Image.Resampling.LANCZOS,
+              "box": Image.Resampling.BOX, "hamming": Image.Resampling.HAMMING}
+CROP_MODES = ("center", "squash")
+
+
 @dataclass(frozen=True)
 class Preprocessing:
-    """How a model version wants its input; stored on the ModelVersion row."""
+    """How a model version wants its input; stored on the ModelVersion row.
+
+    size: input side in pixels. resample: one of RESAMPLING's names.
+    crop_pct None (the default, the study's way): squash the whole image to
+    size×size. A number in (0, 1]: timm's evaluation transform, scaling to
+    floor(size / crop_pct) then cropping the centre size×size, the shorter
+    side first ("center") or the whole image squashed first ("squash").
+    Raises ValueError on an unknown resample or crop_mode or a crop_pct outside (0, 1]."""
 
     size: int = 224
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     grayscale: bool = False
     resample: str = field(default="bilinear")
+    crop_pct: float | None = None
+    crop_mode: str = "center"
+
+    def __post_init__(self) -> None:
+        if self.resample not in RESAMPLING:
+            raise ValueError(f"unknown resample {self.resample!r}; known: {', '.join(RESAMPLING)}")
+        if self.crop_pct is not None and not 0 < self.crop_pct <= 1:
+            raise ValueError(f"crop_pct must be in (0, 1], not {self.crop_pct!r}")
+        if self.crop_mode not in CROP_MODES:
+            raise ValueError(f"unknown crop_mode {self.crop_mode!r}; known: {', '.join(CROP_MODES)}")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        data = asdict(self)
+        if self.crop_pct is None:  # versions made before cropping existed keep their exact dict
+            del data["crop_pct"], data["crop_mode"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> Preprocessing:
+        crop_pct = data.get("crop_pct")
         return cls(
             size=int(data.get("size", 224)),
             mean=tuple(data.get("mean", IMAGENET_MEAN)),
             std=tuple(data.get("std", IMAGENET_STD)),
             grayscale=bool(data.get("grayscale", False)),
             resample=str(data.get("resample", "bilinear")),
+            crop_pct=None if crop_pct is None else float(crop_pct),
+            crop_mode=str(data.get("crop_mode", "center")),
         )
 
     def resize(self, image: Image.Image) -> Image.Image:
         """RGB (or L when grayscale) image of size×size; `image` must already be RGB."""
         if image.mode != "RGB":
             image = to_rgb(image)
-        resample = Image.Resampling.BICUBIC if self.resample == "bicubic" else Image.Resampling.BILINEAR
-        image = image.resize((self.size, self.size), resample, reducing_gap=2.0)
+        resample = RESAMPLING[self.resample]
+        if self.crop_pct is None:
+            image = image.resize((self.size, self.size), resample, reducing_gap=2.0)
+        else:
+            image = self._scale_and_crop(image, resample)
         return image.convert("L") if self.grayscale else image
+
+    def _scale_and_crop(self, image: Image.Image, resample) -> Image.Image:
+        """timm's eval transform: Resize(floor(size / crop_pct)) then CenterCrop(size)."""
+        assert self.crop_pct is not None
+        scale = math.floor(self.size / self.crop_pct)
+        width, height = image.size
+        if self.crop_mode == "squash":
+            new_w = new_h = scale
+        elif width <= height:  # torchvision Resize(int): the shorter side becomes `scale`
+            new_w, new_h = scale, int(scale * height / width)
+        else:
+            new_w, new_h = int(scale * width / height), scale
+        if (new_w, new_h) != (width, height):
+            image = image.resize((new_w, new_h), resample, reducing_gap=None)
+        left = int(round((new_w - self.size) / 2.0))
+        top = int(round((new_h - self.size) / 2.0))
+        return image.crop((left, top, left + self.size, top + self.size))
 
     def to_tensor(self, image: Image.Image) -> torch.Tensor:
         """A float tensor (C, size, size), normalised."""

@@ -12,10 +12,12 @@ Everything is deterministic for a given seed (and epoch); unlabelled items
 
 from __future__ import annotations
 
+import math
 from collections.abc import Hashable, Iterator, Sequence
 
 import numpy as np
-from torch.utils.data import Sampler
+import torch
+from torch.utils.data import DistributedSampler, Sampler
 
 
 def _is_unlabelled(label: Hashable) -> bool:
@@ -140,3 +142,28 @@ def make_augmented_pairs(n: int, seed: int = 0, n_pairs: int | None = None,
         i, j = rng.choice(n, size=2, replace=False)
         pairs.append((int(i), int(j), False))
     return [pairs[i] for i in rng.permutation(len(pairs))]
+
+
+class SameShuffleSampler(DistributedSampler):
+    """A DistributedSampler (num_replicas processes, this one `rank`) whose
+    epoch permutation is exactly the one a single-process
+    DataLoader(dataset, shuffle=True, generator=g) draws after
+    g.manual_seed(seed_for_epoch(epoch)): the DataLoader first draws its base
+    seed (one int64) from g, then RandomSampler draws torch.randperm(n, generator=g).
+    Each process takes every num_replicas-th index of it (padded by repeating
+    the first ones, as DistributedSampler does), so N processes with batches
+    of B/N images see the same global batches as one process with batches of B.
+    (tests/test_distributed_training.py checks the equality end to end.)"""
+
+    def __init__(self, dataset, num_replicas: int, rank: int, seed_for_epoch) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, drop_last=False)
+        self.seed_for_epoch = seed_for_epoch
+
+    def __iter__(self):
+        generator = torch.Generator()
+        generator.manual_seed(self.seed_for_epoch(self.epoch))
+        torch.empty((), dtype=torch.int64).random_(generator=generator)  # the DataLoader's base seed
+        indices = torch.randperm(len(self.dataset), generator=generator).tolist()
+        padding = self.total_size - len(indices)
+        indices += (indices * math.ceil(padding / len(indices)))[:padding] if padding > 0 else []
+        return iter(indices[self.rank:self.total_size:self.num_replicas])

@@ -133,9 +133,13 @@ def _train_job(run: runner.Run) -> str:
                     run.log(f"epoch {h['epoch']}: train loss {h['train_loss']:.4g}, val loss {h['val_loss']:.4g}"
                             f"{' (best)' if h['best'] else ''}, {h['seconds']:.1f} s")
 
+        def on_features(done: int, total: int) -> None:
+            run.progress(done, total, f"caching backbone features: {done}/{total} images", force=done == total)
+            run.check_stop("stopped while caching backbone features; those done are kept in the cache")
+
         try:
             result = train(dataset, config, checkpoint_dir=directory, progress=progress,
-                           should_stop=run.should_stop)
+                           should_stop=run.should_stop, on_features=on_features)
         except TrainingStopped:
             raise runner.JobStopped("stopped; the last finished epoch is kept in its checkpoint") from None
         for warning in result.warnings[:20]:
@@ -143,7 +147,8 @@ def _train_job(run: runner.Run) -> str:
         summary = result.summary()
         version = create_version_from_checkpoint(
             config, result.best_path, dataset, result.history, result.seconds,
-            extra_metrics={k: summary[k] for k in ("stop_reason", "pairs", "n_train", "n_val", "classes", "device")},
+            extra_metrics={k: summary[k] for k in ("stop_reason", "pairs", "n_train", "n_val", "classes", "device",
+                                                     "features")},
             notes=f"trained by job #{job_id}")
         # Recorded at once: a re-run after a crash from here on reuses this version.
         Job.objects.filter(pk=job_id).update(model_version=version,

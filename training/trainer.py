@@ -18,10 +18,9 @@ validation loss that picks the best epoch and stops training early; the
 from __future__ import annotations
 
 import logging
-import math
 import os
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -29,116 +28,29 @@ import torch
 
 from search.models import Dataset
 from training.config import TrainConfig
+from training.distributed import STOP_REASONS, Dist, joint_loss
 from training.inference import resolve_device
-from training.loop import fit, load_checkpoint, mixed_precision
+from training.loop import fit, mixed_precision
 from training.plan import DataPlan
+from training.runs import (  # noqa: F401 - TrainingStopped, TrainResult, best_epoch: this module's API as before
+    Progress,
+    TrainingStopped,
+    TrainResult,
+    _learning_rate,
+    _resume,
+    _stop_reason,
+    best_epoch,
+)
 
 logger = logging.getLogger(__name__)
-
-# progress(epoch, n_epochs, batch, n_batches, history): called after every
-# batch (epoch and batch 1-based, history = finished epochs) and once more
-# after each epoch's validation (batch == n_batches, history including it).
-Progress = Callable[[int, int, int, int, list], None]
-
-
-class TrainingStopped(Exception):
-    """should_stop() said so (the job was cancelled, or another worker took it over)."""
-
-
-
-# --- Results ----------------------------------------------------------------
-
-@dataclass
-class TrainResult:
-    best_path: Path
-    last_path: Path
-    history: list[dict]
-    best_epoch: int
-    best_val_loss: float
-    seconds: float  # training time over all runs (resumed ones included)
-    stop_reason: str  # "completed", "early_stopping", "time_limit"
-    objective: str
-    classes: list[str] | None = None
-    pairs: str | None = None  # contrastive: "labels" or "augmented"
-    n_train: int = 0
-    n_val: int = 0
-    resumed_from_epoch: int = 0
-    device: str = "cpu"
-    warnings: list[str] = field(default_factory=list)
-
-    @property
-    def seconds_per_epoch(self) -> float:
-        return self.seconds / len(self.history) if self.history else 0.0
-
-    def summary(self) -> dict:
-        """JSON-ready numbers for a job's result and a version's metrics."""
-        return {"history": self.history, "best_epoch": self.best_epoch, "best_val_loss": self.best_val_loss,
-                "seconds": round(self.seconds, 3), "seconds_per_epoch": round(self.seconds_per_epoch, 3),
-                "stop_reason": self.stop_reason, "objective": self.objective, "pairs": self.pairs,
-                "n_train": self.n_train, "n_val": self.n_val, "classes": len(self.classes or []),
-                "device": self.device, "resumed_from_epoch": self.resumed_from_epoch, "warnings": self.warnings[:50]}
-
-
-# --- Training -----------------------------------------------------------------
-
-def _learning_rate(config: TrainConfig, epoch: int) -> float:
-    """Learning rate for 0-based `epoch`: constant, or cosine from the base to 0
-    over the planned epochs. A function of the epoch, so resuming needs no scheduler state."""
-    if config.scheduler == "cosine":
-        return config.learning_rate * 0.5 * (1 + math.cos(math.pi * epoch / config.epochs))
-    return config.learning_rate
-
-
-def _stop_reason(config: TrainConfig, history: list[dict]) -> str | None:
-    """Why no further epoch should run, judged from the history alone (so a
-    resumed run reaches the same decision)."""
-    if not history:
-        return None
-    if len(history) >= config.epochs:
-        return "completed"
-    best = best_epoch(history)[0]
-    if config.early_stopping_patience and len(history) - best >= config.early_stopping_patience:
-        return "early_stopping"
-    if config.time_limit_s is not None:
-        spent = sum(h["seconds"] for h in history)
-        # Never start an epoch that is not expected to finish in time (the first always runs).
-        if spent + spent / len(history) > config.time_limit_s:
-            return "time_limit"
-    return None
-
-
-def best_epoch(history: list[dict]) -> tuple[int, float]:
-    """(epoch, val loss) of the lowest finite validation loss, the earliest on ties; (0, inf) when none."""
-    finite = [h for h in history if math.isfinite(h["val_loss"])]
-    if not finite:
-        return 0, math.inf
-    best = min(finite, key=lambda h: (h["val_loss"], h["epoch"]))
-    return best["epoch"], best["val_loss"]
-
 
 def _checkpoint_config(config: TrainConfig, plan: DataPlan) -> dict:
     return {"train": asdict(config), "classes": plan.classes, "pairs": plan.pairs}
 
 
-def _resume(last: Path, config: TrainConfig, plan: DataPlan, model, optimizer) -> tuple[int, list[dict]]:
-    checkpoint = torch.load(last, map_location="cpu", weights_only=True)
-    saved = checkpoint.get("config") or {}
-    saved_train = saved.get("train") or {}
-    mismatched = {k: (saved_train.get(k), v) for k, v in config.model_key().items() if saved_train.get(k) != v}
-    if mismatched:
-        details = ", ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in mismatched.items())
-        raise ValueError(f"{last} was made with other settings ({details}); resume with the same settings, "
-                         f"or start again without resuming")
-    if saved.get("classes") != plan.classes:
-        raise ValueError(f"{last} was trained on other classes than the dataset's train split now holds; "
-                         f"start again without resuming")
-    load_checkpoint(last, model, optimizer, objective=plan.objective)
-    return int(checkpoint["epoch"]), list(checkpoint["history"])
-
-
 def train(dataset: Dataset, config: TrainConfig, *, checkpoint_dir: str | os.PathLike[str],
           progress: Progress | None = None, should_stop: Callable[[], bool] | None = None,
-          resume: bool = True) -> TrainResult:
+          resume: bool = True, on_features: Callable[[int, int], None] | None = None) -> TrainResult:
     """Train `config.architecture` on the dataset's train split, validating on
     its val split after every epoch.
 
@@ -152,22 +64,42 @@ def train(dataset: Dataset, config: TrainConfig, *, checkpoint_dir: str | os.Pat
     validation loss, or before an epoch that would overrun `time_limit_s`.
     should_stop() is asked between batches; when true, TrainingStopped is
     raised (the last finished epoch stays in last.pt).
+
+    Head-only training (config.head_only) first caches the frozen backbone's
+    features (on_features(done, total) reports that) and trains only the
+    head (training/head_training.py); config.processes > 1 trains with
+    DistributedDataParallel over that many processes (training/distributed.py).
     """
     # Seeded, and the caller's random state is given back afterwards.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        return _train(dataset, config, Path(checkpoint_dir), progress, should_stop, resume)
+        if config.head_only:
+            from training.head_training import train_head
+
+            return train_head(dataset, config, Path(checkpoint_dir), progress, should_stop, resume, on_features)
+        if config.processes > 1:
+            from training.distributed import train_distributed
+
+            return train_distributed(dataset, config, Path(checkpoint_dir), progress, should_stop, resume, _train)
+        result = _train(dataset, config, Path(checkpoint_dir), progress, should_stop, resume)
+        assert result is not None
+        return result
 
 
-def _train(dataset: Dataset, config: TrainConfig, checkpoint_dir: Path, progress: Progress | None,
-           should_stop: Callable[[], bool] | None, resume: bool) -> TrainResult:
+def _train(dataset: Dataset | str, config: TrainConfig, checkpoint_dir: Path, progress: Progress | None,
+           should_stop: Callable[[], bool] | None, resume: bool, *, dist_info: Dist | None = None,
+           rows: tuple[list, list] | None = None) -> TrainResult | None:
+    """One process's training; in a distributed run (`dist_info`, training/distributed.py)
+    every rank runs it and only rank 0 returns a result (the others None)."""
     last_path, best_path = checkpoint_dir / "last.pt", checkpoint_dir / "best.pt"
-    if not resume:
+    main = dist_info is None or dist_info.main
+    if not resume and main:
         for path in (last_path, best_path):
             path.unlink(missing_ok=True)
-    device = resolve_device()
+    device = dist_info.device if dist_info is not None else resolve_device()
     model = config.build_model().to(device)
-    plan = DataPlan(dataset, config, model, device)
+    plan = DataPlan(dataset, config, model, device, rows=rows, world=dist_info.world if dist_info else 1,
+                    rank=dist_info.rank if dist_info else 0)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     plan.objective.to(device)
     parameters = list(model.parameters()) + list(plan.objective.parameters())
@@ -181,13 +113,20 @@ def _train(dataset: Dataset, config: TrainConfig, checkpoint_dir: Path, progress
     current: dict[str, Any] = {"epoch": start_epoch, "history": history}
 
     def stop_check() -> None:
-        if should_stop is not None and should_stop():
+        stop = should_stop is not None and should_stop()
+        if dist_info is not None:  # rank 0 decides for all: they stop together
+            stop = bool(dist_info.decide(int(stop)))
+        if stop:
             raise TrainingStopped("training was stopped")
 
     def stop_reason(done: list[dict]) -> str | None:
         stop_check()
         current["history"] = done
-        return _stop_reason(config, done)
+        reason = _stop_reason(config, done)
+        if dist_info is not None:  # the time limit is judged from rank 0's clock
+            code = dist_info.decide(STOP_REASONS.index(reason) + 1 if reason else 0)
+            reason = STOP_REASONS[code - 1] if code else None
+        return reason
 
     def loader_for_epoch(epoch: int):
         current["epoch"] = epoch
@@ -203,12 +142,18 @@ def _train(dataset: Dataset, config: TrainConfig, checkpoint_dir: Path, progress
             # fit's own history list (handed to stop_reason before every epoch) holds the entry now.
             progress(entry["epoch"], config.epochs, n_batches, n_batches, current["history"])
 
-    history = fit(model, plan.objective, optimizer, None, None, device, epochs=config.epochs,
+    trained, loss_fn = (dist_info.wrap(model, plan.objective), joint_loss) if dist_info is not None \
+        else (model, plan.objective)
+    history = fit(trained, loss_fn, optimizer, None, None, device, epochs=config.epochs,
                   checkpoint_dir=checkpoint_dir, config=_checkpoint_config(config, plan), start_epoch=start_epoch,
                   history=history, best_val_loss=best_epoch(history)[1], scaler=scaler, autocast_dtype=autocast_dtype,
                   on_batch=on_batch, on_epoch=on_epoch, loader_for_epoch=loader_for_epoch,
                   validate=lambda: plan.validate(model, device, autocast_dtype),
-                  lr_for_epoch=lambda epoch: _learning_rate(config, epoch), stop_reason=stop_reason)
+                  lr_for_epoch=lambda epoch: _learning_rate(config, epoch), stop_reason=stop_reason,
+                  reduce=dist_info.reduce if dist_info is not None else None, checkpoint_model=model,
+                  checkpoint_objective=plan.objective, write_checkpoints=main)
+    if not main:
+        return None
 
     best, best_val_loss = best_epoch(history)
     if not best or not best_path.exists():

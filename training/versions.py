@@ -112,6 +112,8 @@ def create_version_from_checkpoint(config: TrainConfig, best_path: str | os.Path
     """A new, inactive ModelVersion "<arch>-<dataset>-ft-<n>" holding the best
     checkpoint's embedding network (only: a classification head lives in the
     objective, so it is not in the file), saved under CBIR_WEIGHTS_DIR/trained/.
+    Head-only runs ("<backbone>-head-<dataset>-ft-<n>") save the pretrained
+    backbone and the trained head together.
 
     Its config is the build settings, so training.inference.build_for_version
     rebuilds exactly this network (weights="random", then the saved state)."""
@@ -125,11 +127,21 @@ def create_version_from_checkpoint(config: TrainConfig, best_path: str | os.Path
         "config": asdict(config),
     }
     training.update(extra_metrics or {})
-    return _publish(config, checkpoint["model"], f"{config.architecture}-{dataset.name}"[:90] + "-ft-",
+    state = checkpoint["model"]
+    if config.head_only:  # the checkpoint holds the head; the version holds backbone + head
+        from training.head_training import full_state_dict
+
+        state = full_state_dict(config, state)
+    return _publish(config, state, f"{_run_label(config)}-{dataset.name}"[:90] + "-ft-",
                     ModelVersion.WeightsSource.CHECKPOINT, {"training": training},
                     notes or (f"{config.architecture} trained on {dataset.name} ({config.objective}, "
                               f"{len(history)} epoch(s), from {'pretrained' if config.pretrained else 'random'} "
                               f"weights)"))
+
+
+def _run_label(config: TrainConfig) -> str:
+    """The start of a trained version's name: the architecture, or "<backbone>-head" for head-only training."""
+    return f"{_file_safe(config.backbone or '')}-head" if config.head_only else config.architecture
 
 
 def create_initial_version(config: TrainConfig, dataset: Dataset) -> ModelVersion:
@@ -138,7 +150,7 @@ def create_initial_version(config: TrainConfig, dataset: Dataset) -> ModelVersio
     pretrained or random weights), to measure what training changed."""
     model = config.build_model()
     source = ModelVersion.WeightsSource.CHECKPOINT if config.pretrained else ModelVersion.WeightsSource.RANDOM
-    return _publish(config, model.state_dict(), f"{config.architecture}-{dataset.name}"[:88] + "-init-", source,
+    return _publish(config, model.state_dict(), f"{_run_label(config)}-{dataset.name}"[:88] + "-init-", source,
                     {"baseline": {"config": asdict(config), "pretrained": bool(config.pretrained),
                                   "dataset": dataset.name}},
                     f"the untrained starting point of {config.architecture} runs on {dataset.name} "

@@ -61,7 +61,9 @@ def sha256_of(path: str | Path, _cache: dict = {}) -> str:  # noqa: B006 - delib
     return _cache[key]
 
 
-OBJECTIVES_NEEDING_LABELS = frozenset({"classification", "triplet"})
+OBJECTIVES_NEEDING_LABELS = frozenset({"classification", "triplet", "normalized_softmax", "arcface", "proxy_anchor"})
+# Objectives with one learned weight (or proxy) per class of the train split.
+CLASS_OBJECTIVES = frozenset({"classification", "normalized_softmax", "arcface", "proxy_anchor"})
 
 
 @dataclass(frozen=True)

@@ -1,15 +1,32 @@
 """Name → network builder. Every builder returns an EmbeddingNet whose output
 is an L2-normalised embedding of `model.dimension` (at most 4,000, the most
-pgvector's HNSW indexes on halfvec)."""
+pgvector's HNSW indexes on halfvec).
+
+Besides the names registered here, "timm:<model name>" resolves to an
+Architecture record made on first use (training/networks/timm_backbone.py):
+any timm model, with timm's pretrained weights and preprocessing."""
 
 from __future__ import annotations
 
+from functools import partial
+
 from torchvision.models import ResNet50_Weights, VGG16_Weights
 
-from training.networks import autoencoder, efficientnet_lite0, resnet50, siamese, tiny, torchvision_weights, vgg16
+from training.networks import (
+    autoencoder,
+    efficientnet_lite0,
+    resnet50,
+    siamese,
+    timm_backbone,
+    tiny,
+    torchvision_weights,
+    vgg16,
+)
+from training.networks import head as head_network
 from training.networks.base import Architecture, EmbeddingNet, Pretrained
 
 MAX_DIMENSION = 4000
+MAX_NAME_LENGTH = 50  # ModelVersion.architecture
 
 ARCHITECTURES: dict[str, Architecture] = {}
 
@@ -61,14 +78,66 @@ register(Architecture("autoencoder", autoencoder.build,
                       autoencoder.DIMENSION, settings=frozenset({"dimension", "size", "width"}),
                       default_objective="reconstruction",
                       defaults={"dimension": autoencoder.DIMENSION, "size": 224, "width": 32}))
+def _build_head(weights: str = "pretrained", *, backbone: str = head_network.DEFAULT_BACKBONE, head: str = "linear",
+                dimension: int = head_network.DEFAULT_DIMENSION, hidden: int = head_network.DEFAULT_HIDDEN,
+                **config) -> EmbeddingNet:
+    """backbone → head. `weights` applies to the backbone ("pretrained": its
+    pretrained weights, WeightsUnavailable when they cannot be had; "random":
+    to rebuild a saved version before loading its state)."""
+    if config:
+        raise ValueError(f"the head architecture takes backbone, head, dimension and hidden, not {sorted(config)}")
+    if backbone == "head" or get_architecture(backbone).pretrained is None:
+        raise ValueError(f"{backbone} has no pretrained weights, so a frozen backbone would give random features; "
+                         f"choose a backbone with pretrained weights")
+    return head_network.build(build_network(backbone, weights=weights), backbone, head=head, dimension=dimension,
+                              hidden=hidden)
+
+
+register(Architecture("head", _build_head,
+                      "a trainable projection head (linear or MLP) on a frozen pretrained backbone "
+                      "(efficientnet_lite0 or any timm:<model>), trained on cached features (--head-only)",
+                      head_network.DEFAULT_DIMENSION,
+                      # The weights are the backbone's; TrainConfig checks them through the backbone's record.
+                      pretrained=Pretrained("the backbone's pretrained weights"),
+                      settings=frozenset({"backbone", "head", "dimension", "hidden"}),
+                      default_objective="normalized_softmax",
+                      defaults={"backbone": head_network.DEFAULT_BACKBONE, "head": "linear",
+                                "dimension": head_network.DEFAULT_DIMENSION}))
+
+_TIMM: dict[str, Architecture] = {}
+
+
+def _timm_architecture(name: str) -> Architecture:
+    """The Architecture record of "timm:<model name>", made once per process."""
+    if name not in _TIMM:
+        try:
+            timm_backbone.model_name(name)
+        except ValueError as exc:
+            raise UnknownArchitecture(str(exc)) from None
+        if len(name) > MAX_NAME_LENGTH:
+            raise UnknownArchitecture(f"{name!r} is longer than the {MAX_NAME_LENGTH} characters a model "
+                                      f"version's architecture holds")
+        dimension = timm_backbone.dimension_of(name)
+        if not 1 <= dimension <= MAX_DIMENSION:
+            raise UnknownArchitecture(f"{name} gives {dimension}-d features; the index holds 1..{MAX_DIMENSION}")
+        _TIMM[name] = Architecture(name, partial(timm_backbone.build, name),
+                                   f"timm model {name[len(timm_backbone.PREFIX):]} (pretrained through timm); "
+                                   f"{dimension}-d pooled features", dimension,
+                                   pretrained=Pretrained(f"timm's pretrained weights of {name}",
+                                                         check=timm_backbone.availability_check(name)))
+    return _TIMM[name]
 
 
 def get_architecture(name: str) -> Architecture:
+    """The record of a registered name or of "timm:<model name>"; UnknownArchitecture (a ValueError) otherwise."""
+    if isinstance(name, str) and name.startswith(timm_backbone.PREFIX):
+        return _timm_architecture(name)
     try:
         return ARCHITECTURES[name]
     except KeyError:
         known = ", ".join(sorted(ARCHITECTURES))
-        raise UnknownArchitecture(f"unknown architecture {name!r}; known architectures: {known}") from None
+        raise UnknownArchitecture(f"unknown architecture {name!r}; known architectures: {known}, "
+                                  f"or timm:<model name> for any timm model") from None
 
 
 def pretrained_architectures() -> list[str]:

@@ -1,4 +1,5 @@
-"""python manage.py train --dataset animals --arch autoencoder --epochs 3 --image-size 64"""
+"""python manage.py train --dataset animals --arch autoencoder --epochs 3 --image-size 64
+python manage.py train --dataset animals --head-only --arch efficientnet_lite0 --epochs 30 --lr 1e-3"""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from tqdm import tqdm
 from search.management.progress import progress_bar
 from search.models import Dataset, Job
 from training.config import OBJECTIVES, SCHEDULERS, TrainConfig, check_pretrained_available
+from training.networks import head as head_network
 from training.networks.base import WeightsUnavailable
 from training.networks.registry import ARCHITECTURES
 from training.plan import check_dataset
@@ -32,9 +34,20 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser):
         parser.add_argument("--dataset", required=True)
-        parser.add_argument("--arch", required=True, metavar="ARCH",
-                            help="architecture (the registry's; an unknown name lists them): " + "; ".join(f"{name} ({arch.description})"
-                                                              for name, arch in sorted(ARCHITECTURES.items())))
+        parser.add_argument("--arch", default=None, metavar="ARCH",
+                            help="architecture (the registry's, or timm:<model name> for any timm model; an unknown "
+                                 "name lists them); with --head-only the frozen backbone (default "
+                                 f"{head_network.DEFAULT_BACKBONE}): " + "; ".join(
+                                     f"{name} ({arch.description})" for name, arch in sorted(ARCHITECTURES.items())))
+        parser.add_argument("--head-only", action="store_true",
+                            help="embed the dataset once with the frozen, pretrained --arch (features cached under "
+                                 "CBIR_WEIGHTS_DIR/features/) and train only a projection head on the features")
+        parser.add_argument("--head", choices=head_network.HEADS, default=None,
+                            help="with --head-only: linear (default) or mlp; --embedding-dim sets its output size "
+                                 f"(default {head_network.DEFAULT_DIMENSION})")
+        parser.add_argument("--processes", type=int, default=1,
+                            help="train with DistributedDataParallel over this many processes on this host (one "
+                                 "per GPU; gloo on the CPU); --batch-size is the global batch")
         parser.add_argument("--epochs", type=int, default=10)
         parser.add_argument("--batch-size", type=int, default=32, help="images per batch (pairs for contrastive)")
         parser.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate")
@@ -64,14 +77,22 @@ class Command(BaseCommand):
         if dataset is None:
             known = ", ".join(Dataset.objects.values_list("name", flat=True)) or "none yet"
             raise CommandError(f"unknown dataset {options['dataset']!r} (datasets: {known})")
+        if not options["arch"] and not options["head_only"]:
+            raise CommandError("--arch is required (or --head-only, whose backbone defaults to "
+                               f"{head_network.DEFAULT_BACKBONE})")
+        if options["head"] and not options["head_only"]:
+            raise CommandError("--head applies to --head-only training")
+        head_fields = ({"architecture": "head", "backbone": options["arch"], "head": options["head"]}
+                       if options["head_only"] else {"architecture": options["arch"]})
         try:
             config = TrainConfig(
-                architecture=options["arch"], epochs=options["epochs"], batch_size=options["batch_size"],
+                **head_fields, epochs=options["epochs"], batch_size=options["batch_size"],
                 learning_rate=options["lr"], embedding_dim=options["embedding_dim"],
                 objective=options["objective"], pretrained=False if options["random_weights"] else None,
                 scheduler=options["scheduler"], early_stopping_patience=options["patience"],
-                time_limit_s=options["time_limit"], augment=not options["no_augment"],
-                num_workers=options["num_workers"], image_size=options["image_size"], seed=options["seed"])
+                time_limit_s=options["time_limit"], augment=False if options["no_augment"] else None,
+                num_workers=options["num_workers"], image_size=options["image_size"], seed=options["seed"],
+                processes=options["processes"])
             check_dataset(dataset, config)
             check_pretrained_available(config)
         except (ValueError, WeightsUnavailable) as exc:
@@ -83,17 +104,21 @@ class Command(BaseCommand):
     # --- In this process ------------------------------------------------------
 
     def _in_process(self, dataset: Dataset, config: TrainConfig, options) -> None:
+        label = f"{config.backbone}-head" if config.head_only else config.architecture
         directory = Path(options["checkpoint_dir"]) if options["checkpoint_dir"] else (
             Path(settings.CBIR_WEIGHTS_DIR) / "runs"
-            / f"{config.architecture}-{dataset.pk}-{timezone.now():%Y%m%d-%H%M%S}")
+            / f"{label.replace(':', '-')}-{dataset.pk}-{timezone.now():%Y%m%d-%H%M%S}")
         self.stdout.write(
-            f"training {config.architecture} on {dataset.name}: {config.objective}, {config.epochs} epoch(s), "
+            f"training {label} on {dataset.name}: {config.objective}, {config.epochs} epoch(s), "
             f"batch {config.batch_size}, lr {config.learning_rate:g}, "
             f"{'pretrained' if config.pretrained else 'random'} initial weights"
             f"{f', {config.image_size} px' if config.image_size else ''}; checkpoints in {directory}")
         if options["baseline"]:
             try:
-                baseline = create_initial_version(config, dataset)
+                # A head run starts from its frozen backbone: that is the network to compare with.
+                baseline = create_initial_version(TrainConfig(
+                    config.backbone, epochs=1, image_size=config.image_size, seed=config.seed)
+                    if config.head_only and config.backbone else config, dataset)
             except WeightsUnavailable as exc:
                 raise CommandError(str(exc)) from None
             with progress_bar(f"embedding {dataset.name} with {baseline.name}", disable=options["no_progress"]) as b:
@@ -117,8 +142,17 @@ class Command(BaseCommand):
                 self.stdout.flush()
             printed[0] = len(history)
 
+        feature_bar: list = []
+
+        def on_features(done: int, total: int) -> None:
+            if not feature_bar:
+                feature_bar.append(tqdm(total=total, desc="backbone features", unit="image", file=sys.stderr,
+                                        dynamic_ncols=True, disable=options["no_progress"]))
+            feature_bar[0].n = done
+            feature_bar[0].refresh()
+
         try:
-            result = train(dataset, config, checkpoint_dir=directory, progress=progress)
+            result = train(dataset, config, checkpoint_dir=directory, progress=progress, on_features=on_features)
         except KeyboardInterrupt:
             bar.close()
             raise CommandError(f"interrupted; resume with --checkpoint-dir {directory} and the same settings") \
@@ -127,6 +161,8 @@ class Command(BaseCommand):
             bar.close()
             raise CommandError(str(exc)) from None
         bar.close()
+        for extra in feature_bar:
+            extra.close()
         if result.resumed_from_epoch:
             self.stdout.write(f"(resumed after epoch {result.resumed_from_epoch})")
         for warning in result.warnings:
@@ -134,7 +170,8 @@ class Command(BaseCommand):
         summary = result.summary()
         version = create_version_from_checkpoint(
             config, result.best_path, dataset, result.history, result.seconds,
-            extra_metrics={k: summary[k] for k in ("stop_reason", "pairs", "n_train", "n_val", "classes", "device")},
+            extra_metrics={k: summary[k] for k in ("stop_reason", "pairs", "n_train", "n_val", "classes", "device",
+                                                     "features")},
             notes=f"trained with manage.py train (checkpoints in {directory})")
         with progress_bar(f"embedding {dataset.name} with {version.name}", disable=options["no_progress"]) as bar2:
             report, evaluation = index_and_evaluate(version, dataset, progress=bar2)

@@ -1,0 +1,172 @@
+"""Head-only training: the frozen backbone's features cached on disk (reused,
+re-embedded only for new or changed images), a projection head trained on
+them with pytorch-metric-learning losses, published as one backbone + head
+model version that rebuilds, embeds and evaluates like any other."""
+
+import io
+
+import pytest
+import torch
+from django.core.management import CommandError, call_command
+
+from search.models import Embedding, Image
+from tests.test_training_jobs import make_dataset
+from training.config import TrainConfig
+from training.features import FeatureCache
+from training.forms import TrainForm
+from training.inference import build_for_version
+from training.models import ModelVersion
+from training.objectives import METRIC_LOSSES, MetricLossObjective
+from training.train_job import index_and_evaluate
+from training.trainer import train
+from training.versions import create_version_from_checkpoint
+
+
+@pytest.fixture
+def labelled(db, tmp_path):
+    return make_dataset(tmp_path)
+
+
+def head_config(**overrides) -> TrainConfig:
+    fields = {"architecture": "head", "epochs": 4, "batch_size": 8, "learning_rate": 1e-2, "image_size": 32,
+              "embedding_dim": 16}
+    fields.update(overrides)
+    return TrainConfig(**fields)
+
+
+def test_head_settings_resolve_and_bad_ones_are_refused():
+    config = head_config()
+    assert (config.backbone, config.head, config.objective, config.augment, config.pretrained) == \
+        ("efficientnet_lite0", "linear", "normalized_softmax", False, True)
+    assert config.build_kwargs() == {"dimension": 16, "backbone": "efficientnet_lite0", "head": "linear"}
+    for bad, message in [({"backbone": "tiny"}, "no pretrained weights"), ({"head": "deep"}, "head must be"),
+                         ({"objective": "reconstruction"}, "does not apply to head-only"),
+                         ({"augment": True}, "augment does not apply"), ({"backbone": "nope"}, "unknown architecture"),
+                         ({"processes": 2}, "one process")]:
+        with pytest.raises(ValueError, match=message):
+            head_config(**bad)
+    with pytest.raises(ValueError, match="apply to head-only"):
+        TrainConfig("tiny", backbone="efficientnet_lite0")
+
+
+@pytest.mark.parametrize("name", sorted(METRIC_LOSSES))
+def test_each_metric_loss_objective_learns_separable_classes(name):
+    torch.manual_seed(0)
+    head = torch.nn.Sequential(torch.nn.Linear(8, 4))
+    head.dimension = 4
+    objective = MetricLossObjective(name, num_classes=3, dimension=4)
+    x = torch.randn(48, 8) + torch.arange(3).repeat(16)[:, None] * 3.0
+    labels = torch.arange(3).repeat(16)
+
+    def model(features):
+        return torch.nn.functional.normalize(head(features), dim=1)
+
+    optimizer = torch.optim.Adam(list(head.parameters()) + list(objective.parameters()), lr=0.05)
+    first = float(objective(model, (x, labels), torch.device("cpu")).detach())
+    for _ in range(30):
+        optimizer.zero_grad()
+        objective(model, (x, labels), torch.device("cpu")).backward()
+        optimizer.step()
+    assert float(objective(model, (x, labels), torch.device("cpu")).detach()) < first
+    with pytest.raises(ValueError, match="needs labelled images"):
+        objective(model, (x, -torch.ones(48, dtype=torch.int64)), torch.device("cpu"))
+
+
+def test_head_training_caches_features_and_publishes_backbone_plus_head(labelled, tmp_path, settings):
+    config = head_config()
+    result = train(labelled, config, checkpoint_dir=tmp_path / "run")
+    n = result.n_train + result.n_val
+    assert result.features["embedded"] == n and result.features["cached"] == 0
+    assert str(settings.CBIR_WEIGHTS_DIR) in result.features["path"]
+    assert result.history[-1]["val_loss"] < result.history[0]["val_loss"]
+
+    again = train(labelled, config, checkpoint_dir=tmp_path / "again", resume=False)
+    assert again.features == {**again.features, "cached": n, "embedded": 0}
+    assert [h["train_loss"] for h in again.history] == pytest.approx([h["train_loss"] for h in result.history])
+
+    version = create_version_from_checkpoint(config, result.best_path, labelled, result.history, result.seconds)
+    assert version.name == "efficientnet_lite0-head-colours-ft-1" and version.architecture == "head"
+    assert version.dimension == 16 and version.preprocessing["size"] == 32
+    assert version.config == {"backbone": "efficientnet_lite0", "head": "linear", "dimension": 16}
+    rebuilt = build_for_version(version.architecture, version.weights_source, version.weights_path,
+                                version.config).eval()
+    expected = config.build_model().eval()
+    expected.head.load_state_dict(torch.load(result.best_path, weights_only=True)["model"])
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        out = rebuilt(x)
+        torch.testing.assert_close(out, expected(x))
+    assert out.shape == (3, 16) and torch.allclose(out.norm(dim=1), torch.ones(3))
+
+    report, evaluation = index_and_evaluate(version, labelled)
+    assert Embedding.objects.filter(model_version=version).count() == labelled.images.count() == report.embedded
+    assert evaluation is not None and 0 <= evaluation["precision_at_k"] <= 1
+
+
+def test_the_cache_re_embeds_only_new_or_changed_images(labelled, tmp_path):
+    config = head_config()
+    network = config.build_model()
+    cache = FeatureCache("efficientnet_lite0", network.backbone, network.preprocessing)
+    rows = [(image.pk, image.file.path, image.sha256) for image in Image.objects.filter(dataset=labelled)]
+    first, stats = cache.features_for(rows[:20], torch.device("cpu"))
+    assert stats["embedded"] == 20 and first.shape == (20, 1280)
+    both, stats = cache.features_for(rows, torch.device("cpu"))
+    assert (stats["cached"], stats["embedded"]) == (20, 10)
+    torch.testing.assert_close(both[:20], first)
+
+    # An image whose content changed (other hash) is embedded again: copy another image's file over it.
+    changed, donor = Image.objects.filter(dataset=labelled).order_by("pk")[0], rows[-1]
+    with open(donor[1], "rb") as source, open(changed.file.path, "wb") as target:
+        target.write(source.read())
+    rows[0] = (changed.pk, changed.file.path, "changed-content-hash")
+    after, stats = cache.features_for(rows, torch.device("cpu"))
+    assert (stats["cached"], stats["embedded"]) == (29, 1)
+    torch.testing.assert_close(after[0], both[-1])
+    torch.testing.assert_close(after[1:], both[1:])
+
+    # Another preprocessing is another cache file.
+    other = FeatureCache("efficientnet_lite0", network.backbone, head_config(image_size=40).build_model().preprocessing)
+    assert other.path != cache.path and other.cached_hashes() == {}
+
+
+def test_the_train_command_and_the_form_start_head_only_training(labelled, tmp_path):
+    out = io.StringIO()
+    call_command("train", "--dataset", "colours", "--head-only", "--epochs", "2", "--batch-size", "8",
+                 "--lr", "0.01", "--image-size", "32", "--embedding-dim", "8", "--no-progress",
+                 "--checkpoint-dir", str(tmp_path / "cmd"), "--baseline", stdout=out)
+    text = out.getvalue()
+    assert "before training: model version efficientnet_lite0-colours-init-1" in text  # the frozen backbone
+    assert "model version efficientnet_lite0-head-colours-ft-1" in text
+    assert "backbone features: 0 from the cache" in text
+    version = ModelVersion.objects.get(name="efficientnet_lite0-head-colours-ft-1")
+    assert version.dimension == 8 and version.embeddings.count() == 30
+    assert version.metrics["training"]["features"]["embedded"] > 0
+    with pytest.raises(CommandError, match="--arch is required"):
+        call_command("train", "--dataset", "colours")
+    with pytest.raises(CommandError, match="no pretrained weights"):
+        call_command("train", "--dataset", "colours", "--head-only", "--arch", "autoencoder")
+
+    form = TrainForm({"architecture": "efficientnet_lite0", "head_only": "on", "head": "mlp", "objective": "auto",
+                      "epochs": 5, "batch_size": 64, "learning_rate": 1e-3, "embedding_dim": 128, "augment": "on",
+                      "scheduler": "none", "early_stopping_patience": 3, "processes": 1}, dataset=labelled)
+    assert form.is_valid(), form.errors
+    fields = form.config_fields()
+    assert (fields["architecture"], fields["backbone"], fields["head"], fields["objective"], fields["augment"]) == \
+        ("head", "efficientnet_lite0", "mlp", "normalized_softmax", False)
+
+
+def test_a_head_only_training_job_caches_trains_and_publishes(labelled):
+    from search.jobs import S
+    from search.models import Job
+    from training.train_job import run_training_job
+
+    params = {"architecture": "head", "epochs": 2, "batch_size": 8, "learning_rate": 1e-2, "image_size": 32,
+              "embedding_dim": 8}
+    job = Job.objects.create(kind=Job.Kind.TRAIN, dataset=labelled, params=params)
+    assert run_training_job(job.pk) == "done"
+    job.refresh_from_db()
+    assert job.status == S.SUCCEEDED, job.error
+    assert job.model_version.name == "efficientnet_lite0-head-colours-ft-1"
+    assert job.result["features"]["embedded"] == job.result["n_train"] + job.result["n_val"]
+    assert Embedding.objects.filter(model_version=job.model_version).count() == labelled.images.count()
+    assert 0 <= job.result["evaluation"]["precision_at_k"] <= 1

@@ -1,0 +1,191 @@
+"""Head-only training: a projection head on cached features of a frozen,
+pretrained backbone (TrainConfig(architecture="head", backbone=..., head=...)).
+
+    1. Embed the dataset's train and val images once with the backbone
+       (training/features.py caches them on disk; later runs reuse them).
+    2. Train only the head (training/networks/head.py) on those features with
+       a labelled objective (default normalized_softmax, pytorch-metric-learning),
+       train split for training, val split for early stopping, on the one
+       epoch loop training.loop.fit, with the same checkpoints, stop rules and
+       resuming as training/trainer.py.
+    3. The checkpoints hold the head only; training.versions publishes backbone
+       + head as one network ("head" architecture).
+
+Called by training.trainer.train when config.head_only.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, cast
+
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from search.models import Dataset, Image, Split
+from training.config import TrainConfig
+from training.features import FeatureCache
+from training.inference import resolve_device
+from training.loop import evaluate, fit
+from training.networks.head import HeadNet
+from training.plan import VALIDATION_EVERY, check_train_labels, class_objective, epoch_seed, readable
+from training.runs import TrainingStopped, TrainResult, _learning_rate, _resume, _stop_reason, best_epoch
+from training.samplers import PKSampler, group_by_label
+
+logger = logging.getLogger(__name__)
+FeatureProgress = Callable[[int, int], None]  # (images embedded, images to embed)
+
+
+def _rows(dataset: Dataset, split: str) -> list[tuple[int, str, str | None, str]]:
+    from django.conf import settings
+
+    media = Path(settings.MEDIA_ROOT)
+    rows = Image.objects.filter(dataset=dataset, split=split).order_by("pk").values_list("pk", "file", "label",
+                                                                                          "sha256")
+    return [(pk, str(media / name), label or None, sha) for pk, name, label, sha in rows]
+
+
+class FeaturePlan:
+    """Like training.plan.DataPlan, over cached features: (features (B, D)
+    float32, class index) batches for the head, the objective, the classes."""
+
+    def __init__(self, dataset: Dataset, config: TrainConfig, cache: FeatureCache, head: torch.nn.Module,
+                 device: torch.device, on_features: FeatureProgress | None = None) -> None:
+        self.config = config
+        self.warnings: list[str] = []
+        self.pairs = None
+        train = [row for row in _rows(dataset, Split.TRAIN) if row[2] is not None]
+        val = [row for row in _rows(dataset, Split.VAL) if row[2] is not None]
+        unlabelled = Image.objects.filter(dataset=dataset, split=Split.TRAIN, label__isnull=True).count() \
+            + Image.objects.filter(dataset=dataset, split=Split.TRAIN, label="").count()
+        if unlabelled:
+            self.warnings.append(f"{unlabelled} unlabelled training image(s) left out ({config.objective} needs labels)")
+        # Only images the cache lacks are opened: check those are readable.
+        known = cache.cached_hashes()
+        to_check = [(pk, path, label) for pk, path, label, sha in train + val if known.get(pk) != sha]
+        good = {pk for pk, _, _ in readable(to_check, self.warnings)}
+        bad = {pk for pk, _, _ in to_check} - good
+        train = [row for row in train if row[0] not in bad]
+        val = [row for row in val if row[0] not in bad]
+        check_train_labels(dataset.name, config, [row[2] for row in train])
+        self.classes: list[str] = sorted({row[2] for row in train if row[2] is not None})
+        unseen = [row for row in val if row[2] not in self.classes]
+        if unseen:
+            self.warnings.append(f"{len(unseen)} validation image(s) left out: their label is not in the train split")
+        val = [row for row in val if row[2] in self.classes]
+        if not val:
+            val = train[VALIDATION_EVERY - 1::VALIDATION_EVERY] or train[-1:]
+            held = {row[0] for row in val}
+            train = [row for row in train if row[0] not in held]
+            self.warnings.append(f"the val split has no usable image; {len(val)} training image(s) validate instead")
+            check_train_labels(dataset.name, config, [row[2] for row in train])
+        self.n_train, self.n_val = len(train), len(val)
+        features, self.feature_stats = cache.features_for([(pk, path, sha) for pk, path, _, sha in train + val],
+                                                          device, progress=on_features)
+        mapping = {label: i for i, label in enumerate(self.classes)}
+        labels = torch.tensor([mapping[str(row[2])] for row in train + val], dtype=torch.int64)
+        train_set = TensorDataset(features[:len(train)], labels[:len(train)])
+        val_set = TensorDataset(features[len(train):], labels[len(train):])
+        torch.manual_seed(config.seed)  # the same from here on whether the features were cached or embedded
+        self.objective: torch.nn.Module = class_objective(config.objective, head, len(self.classes))
+        self.generator = torch.Generator()
+        batch = config.batch_size
+        if config.objective == "triplet":
+            k = 4 if batch >= 8 else 2
+            train_labels = labels[:len(train)].tolist()
+            eligible = sum(1 for indices in group_by_label(train_labels).values() if len(indices) >= 2)
+            self.sampler: PKSampler | None = PKSampler(train_labels, p=max(2, min(batch // k, eligible)), k=k,
+                                                       seed=config.seed)
+            self.train_loader = DataLoader(train_set, batch_sampler=self.sampler, generator=self.generator)
+        else:
+            self.sampler = None
+            self.train_loader = DataLoader(train_set, batch_size=batch, shuffle=True, generator=self.generator)
+        self.val_loader = DataLoader(val_set, batch_size=max(batch, 256), shuffle=False, generator=torch.Generator())
+        self.n_batches = len(self.train_loader)
+
+    def train_loader_for(self, epoch: int) -> DataLoader:
+        self.generator.manual_seed(epoch_seed(self.config.seed, epoch))
+        if self.sampler is not None:
+            self.sampler.set_epoch(epoch)
+        return self.train_loader
+
+    def validate(self, model: torch.nn.Module, device: torch.device, autocast_dtype) -> float:
+        return evaluate(model, self.objective, self.val_loader, device, autocast_dtype=autocast_dtype)
+
+
+def train_head(dataset: Dataset, config: TrainConfig, checkpoint_dir: Path, progress, should_stop,
+               resume: bool, on_features: FeatureProgress | None = None):
+    """training.trainer.train for config.head_only; returns a TrainResult
+    whose extra `features` entry says how many features were cached or embedded."""
+    last_path, best_path = checkpoint_dir / "last.pt", checkpoint_dir / "best.pt"
+    if not resume:
+        for path in (last_path, best_path):
+            path.unlink(missing_ok=True)
+    device = resolve_device()
+    network = cast(HeadNet, config.build_model())  # pretrained backbone (frozen) + seeded random head
+    head = network.head.to(device)
+    cache = FeatureCache(config.backbone or "", network.backbone, network.preprocessing)
+    plan = FeaturePlan(dataset, config, cache, head, device, on_features)
+    network.backbone.to("cpu")  # not needed any more while the head trains
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    plan.objective.to(device)
+    optimizer = torch.optim.Adam(list(head.parameters()) + list(plan.objective.parameters()),
+                                 lr=config.learning_rate)
+    start_epoch, history = 0, list[dict]()
+    if resume and last_path.exists():
+        start_epoch, history = _resume(last_path, config, plan, head, optimizer)
+    n_batches = plan.n_batches
+    current: dict[str, Any] = {"epoch": start_epoch, "history": history}
+
+    def stop_check() -> None:
+        if should_stop is not None and should_stop():
+            raise TrainingStopped("training was stopped")
+
+    def stop_reason(done: list[dict]) -> str | None:
+        stop_check()
+        current["history"] = done
+        return _stop_reason(config, done)
+
+    def loader_for_epoch(epoch: int):
+        current["epoch"] = epoch
+        return plan.train_loader_for(epoch)
+
+    def on_batch(index: int, total: int, loss: float) -> None:
+        if progress is not None:
+            progress(current["epoch"] + 1, config.epochs, index + 1, total, current["history"])
+        stop_check()
+
+    def on_epoch(entry: dict) -> None:
+        if progress is not None:
+            progress(entry["epoch"], config.epochs, n_batches, n_batches, current["history"])
+
+    checkpoint_config = {"train": asdict(config), "classes": plan.classes, "pairs": None}
+    history = fit(head, plan.objective, optimizer, None, None, device, epochs=config.epochs,
+                  checkpoint_dir=checkpoint_dir, config=checkpoint_config, start_epoch=start_epoch,
+                  history=history, best_val_loss=best_epoch(history)[1], on_batch=on_batch, on_epoch=on_epoch,
+                  loader_for_epoch=loader_for_epoch, validate=lambda: plan.validate(head, device, None),
+                  lr_for_epoch=lambda epoch: _learning_rate(config, epoch), stop_reason=stop_reason)
+    best, best_val_loss = best_epoch(history)
+    if not best or not best_path.exists() or not math.isfinite(best_val_loss):
+        raise ValueError("no epoch gave a finite validation loss, so there are no weights to keep; "
+                         "try a lower learning rate")
+    warnings = plan.warnings + [
+        f"backbone features: {plan.feature_stats['cached']} from the cache, {plan.feature_stats['embedded']} "
+        f"embedded in {plan.feature_stats['seconds']:.1f} s ({plan.feature_stats['path']})"]
+    return TrainResult(
+        best_path=best_path, last_path=last_path, history=history, best_epoch=best, best_val_loss=best_val_loss,
+        seconds=sum(h["seconds"] for h in history), stop_reason=_stop_reason(config, history) or "completed",
+        objective=config.objective, classes=plan.classes, pairs=None, n_train=plan.n_train, n_val=plan.n_val,
+        resumed_from_epoch=start_epoch, device=str(device), warnings=warnings, features=plan.feature_stats)
+
+
+def full_state_dict(config: TrainConfig, head_state: dict) -> dict:
+    """The state dict of the whole network (pretrained backbone + the trained
+    head), from a head-only checkpoint's head state."""
+    network = cast(HeadNet, config.build_model())
+    network.head.load_state_dict(head_state)
+    return network.state_dict()
