@@ -218,3 +218,26 @@ def test_the_confirmation_pages_state_the_rule_and_name_a_busy_job(admin_client,
     ids = list(dataset.images.values_list("pk", flat=True))
     bulk = admin_client.post(IMAGES, {"action": "delete_selected", "_selected_action": ids, "index": "0"})
     assert bulk.status_code == 200 and 'id="delete-rule"' in bulk.content.decode()
+
+
+def test_a_large_bulk_image_delete_is_a_job_and_says_so_when_no_worker_runs(admin_client, db, settings,
+                                                                            django_capture_on_commit_callbacks):
+    settings.CBIR_DELETE_IN_REQUEST_MAX = 2
+    settings.CELERY_BROKER_URL = "redis+socket:///nonexistent/redis.sock"
+    settings.CBIR_WORKER_PING_TIMEOUT = 0.2
+    dataset = _fill("many", 6)
+    images = list(dataset.images.order_by("pk"))
+    chosen = [im.pk for im in images[:5]]
+    response = admin_client.post(IMAGES, {"action": "delete_selected", "_selected_action": chosen, "post": "yes"},
+                                 follow=True)
+    assert response.status_code == 200
+    assert any(str(m).startswith("Nothing was deleted:") for m in response.context["messages"])
+    assert dataset.images.count() == 6 and not Job.objects.exists()
+
+    job = delete_jobs.start_delete_job(image_ids=chosen, check=False)
+    assert job.kind == "delete" and job.params["total"] == 5 and job.dataset is None
+    with django_capture_on_commit_callbacks(execute=True):
+        assert delete_jobs.run_delete_job(job.pk) == "done"
+    job.refresh_from_db()
+    assert job.status == S.SUCCEEDED and job.message == "deleted 5 image(s)"
+    assert list(dataset.images.values_list("pk", flat=True)) == [images[5].pk]
