@@ -132,9 +132,11 @@ def session_worker(worker_env, tmp_path_factory):
     from tests.workers import Worker
 
     worker = Worker("session", worker_env, tmp_path_factory.mktemp("logs") / "session-worker.log").start()
-    worker.wait_ready(app)
-    yield worker
-    worker.stop()
+    try:
+        worker.wait_ready(app)
+        yield worker
+    finally:
+        worker.stop()  # also when it never became ready: no worker outlives the test run
 
 
 @pytest.fixture
