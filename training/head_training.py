@@ -21,7 +21,7 @@ import math
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, cast
+from typing import cast
 
 import torch
 from torch.utils.data import DataLoader, TensorDataset
@@ -33,7 +33,15 @@ from training.inference import resolve_device
 from training.loop import evaluate, fit
 from training.networks.head import HeadNet
 from training.plan import VALIDATION_EVERY, check_train_labels, class_objective, epoch_seed, readable
-from training.runs import TrainingStopped, TrainResult, _learning_rate, _resume, _stop_reason, best_epoch
+from training.runs import (
+    EpochHooks,
+    TrainingStopped,
+    TrainResult,
+    _learning_rate,
+    _resume,
+    _stop_reason,
+    best_epoch,
+)
 from training.samplers import PKSampler, group_by_label
 
 logger = logging.getLogger(__name__)
@@ -138,37 +146,18 @@ def train_head(dataset: Dataset, config: TrainConfig, checkpoint_dir: Path, prog
     start_epoch, history = 0, list[dict]()
     if resume and last_path.exists():
         start_epoch, history = _resume(last_path, config, plan, head, optimizer)
-    n_batches = plan.n_batches
-    current: dict[str, Any] = {"epoch": start_epoch, "history": history}
-
     def stop_check() -> None:
         if should_stop is not None and should_stop():
             raise TrainingStopped("training was stopped")
 
-    def stop_reason(done: list[dict]) -> str | None:
-        stop_check()
-        current["history"] = done
-        return _stop_reason(config, done)
-
-    def loader_for_epoch(epoch: int):
-        current["epoch"] = epoch
-        return plan.train_loader_for(epoch)
-
-    def on_batch(index: int, total: int, loss: float) -> None:
-        if progress is not None:
-            progress(current["epoch"] + 1, config.epochs, index + 1, total, current["history"])
-        stop_check()
-
-    def on_epoch(entry: dict) -> None:
-        if progress is not None:
-            progress(entry["epoch"], config.epochs, n_batches, n_batches, current["history"])
-
+    hooks = EpochHooks(config, plan, progress, stop_check, lambda done: _stop_reason(config, done), start_epoch,
+                       history)
     checkpoint_config = {"train": asdict(config), "classes": plan.classes, "pairs": None}
     history = fit(head, plan.objective, optimizer, None, None, device, epochs=config.epochs,
                   checkpoint_dir=checkpoint_dir, config=checkpoint_config, start_epoch=start_epoch,
-                  history=history, best_val_loss=best_epoch(history)[1], on_batch=on_batch, on_epoch=on_epoch,
-                  loader_for_epoch=loader_for_epoch, validate=lambda: plan.validate(head, device, None),
-                  lr_for_epoch=lambda epoch: _learning_rate(config, epoch), stop_reason=stop_reason)
+                  history=history, best_val_loss=best_epoch(history)[1], on_batch=hooks.on_batch,
+                  on_epoch=hooks.on_epoch, loader_for_epoch=hooks.loader_for_epoch, validate=lambda: plan.validate(head, device, None),
+                  lr_for_epoch=lambda epoch: _learning_rate(config, epoch), stop_reason=hooks.stop_reason)
     best, best_val_loss = best_epoch(history)
     if not best or not best_path.exists() or not math.isfinite(best_val_loss):
         raise ValueError("no epoch gave a finite validation loss, so there are no weights to keep; "

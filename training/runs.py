@@ -59,6 +59,38 @@ class TrainResult:
                 "features": self.features}
 
 
+class EpochHooks:
+    """training.loop.fit's hooks for a run: `loader_for_epoch` asks the plan for
+    the epoch's loader, `on_batch` / `on_epoch` turn fit's calls into Progress
+    calls, and `stop_reason` asks `stop_check` (which raises TrainingStopped)
+    and then `decide(history)`. Shared by whole-network and head-only runs."""
+
+    def __init__(self, config: TrainConfig, plan, progress: Progress | None, stop_check: Callable[[], None],
+                 decide: Callable[[list[dict]], str | None], start_epoch: int, history: list[dict]) -> None:
+        self.config, self.plan, self.progress = config, plan, progress
+        self.stop_check, self.decide = stop_check, decide
+        self.epoch, self.history = start_epoch, history
+        self.n_batches = plan.n_batches
+
+    def stop_reason(self, done: list[dict]) -> str | None:
+        self.stop_check()
+        self.history = done  # fit's own list: it holds each new entry before on_epoch is called
+        return self.decide(done)
+
+    def loader_for_epoch(self, epoch: int):
+        self.epoch = epoch
+        return self.plan.train_loader_for(epoch)
+
+    def on_batch(self, index: int, total: int, loss: float) -> None:
+        if self.progress is not None:
+            self.progress(self.epoch + 1, self.config.epochs, index + 1, total, self.history)
+        self.stop_check()
+
+    def on_epoch(self, entry: dict) -> None:
+        if self.progress is not None:
+            self.progress(entry["epoch"], self.config.epochs, self.n_batches, self.n_batches, self.history)
+
+
 def _learning_rate(config: TrainConfig, epoch: int) -> float:
     """Learning rate for 0-based `epoch`: constant, or cosine from the base to 0
     over the planned epochs. A function of the epoch, so resuming needs no scheduler state."""

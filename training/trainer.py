@@ -22,7 +22,6 @@ import os
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -33,6 +32,7 @@ from training.inference import resolve_device
 from training.loop import fit, mixed_precision
 from training.plan import DataPlan
 from training.runs import (  # noqa: F401 - TrainingStopped, TrainResult, best_epoch: this module's API as before
+    EpochHooks,
     Progress,
     TrainingStopped,
     TrainResult,
@@ -109,9 +109,6 @@ def _train(dataset: Dataset | str, config: TrainConfig, checkpoint_dir: Path, pr
     if resume and last_path.exists():
         start_epoch, history = _resume(last_path, config, plan, model, optimizer)
         logger.info("resuming %s from epoch %d", checkpoint_dir, start_epoch)
-    n_batches = plan.n_batches
-    current: dict[str, Any] = {"epoch": start_epoch, "history": history}
-
     def stop_check() -> None:
         stop = should_stop is not None and should_stop()
         if dist_info is not None:  # rank 0 decides for all: they stop together
@@ -119,37 +116,22 @@ def _train(dataset: Dataset | str, config: TrainConfig, checkpoint_dir: Path, pr
         if stop:
             raise TrainingStopped("training was stopped")
 
-    def stop_reason(done: list[dict]) -> str | None:
-        stop_check()
-        current["history"] = done
+    def decide(done: list[dict]) -> str | None:
         reason = _stop_reason(config, done)
         if dist_info is not None:  # the time limit is judged from rank 0's clock
             code = dist_info.decide(STOP_REASONS.index(reason) + 1 if reason else 0)
             reason = STOP_REASONS[code - 1] if code else None
         return reason
 
-    def loader_for_epoch(epoch: int):
-        current["epoch"] = epoch
-        return plan.train_loader_for(epoch)
-
-    def on_batch(index: int, total: int, loss: float) -> None:
-        if progress is not None:
-            progress(current["epoch"] + 1, config.epochs, index + 1, total, current["history"])
-        stop_check()
-
-    def on_epoch(entry: dict) -> None:
-        if progress is not None:
-            # fit's own history list (handed to stop_reason before every epoch) holds the entry now.
-            progress(entry["epoch"], config.epochs, n_batches, n_batches, current["history"])
-
+    hooks = EpochHooks(config, plan, progress, stop_check, decide, start_epoch, history)
     trained, loss_fn = (dist_info.wrap(model, plan.objective), joint_loss) if dist_info is not None \
         else (model, plan.objective)
     history = fit(trained, loss_fn, optimizer, None, None, device, epochs=config.epochs,
                   checkpoint_dir=checkpoint_dir, config=_checkpoint_config(config, plan), start_epoch=start_epoch,
                   history=history, best_val_loss=best_epoch(history)[1], scaler=scaler, autocast_dtype=autocast_dtype,
-                  on_batch=on_batch, on_epoch=on_epoch, loader_for_epoch=loader_for_epoch,
+                  on_batch=hooks.on_batch, on_epoch=hooks.on_epoch, loader_for_epoch=hooks.loader_for_epoch,
                   validate=lambda: plan.validate(model, device, autocast_dtype),
-                  lr_for_epoch=lambda epoch: _learning_rate(config, epoch), stop_reason=stop_reason,
+                  lr_for_epoch=lambda epoch: _learning_rate(config, epoch), stop_reason=hooks.stop_reason,
                   reduce=dist_info.reduce if dist_info is not None else None, checkpoint_model=model,
                   checkpoint_objective=plan.objective, write_checkpoints=main)
     if not main:
