@@ -98,6 +98,14 @@ def redis_server(tmp_path_factory):
     server.stop()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _test_broker(redis_server):
+    """Every test talks to this run's private Redis from the first test on: the
+    Celery app caches producer pools per broker (its control mailbox too), so a
+    first send or ping against another broker misdirected later ones."""
+    return redis_server
+
+
 @pytest.fixture(scope="session")
 def shared_media(tmp_path_factory):
     return tmp_path_factory.mktemp("shared-media")

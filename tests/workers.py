@@ -108,15 +108,18 @@ class Worker:
             if marker in self.log.read_text(errors="replace"):
                 break
             time.sleep(0.2)
+        # A Celery app of its own on the worker's broker, so what earlier tests did
+        # to the project app's connections cannot misdirect the ping.
+        from celery import Celery
+
+        probe = Celery("cbir-test-probe", broker=self.env["REDIS_URL"])
         while time.monotonic() < deadline:
             try:
-                with app.connection_for_write() as conn:
-                    replies = app.control.inspect(timeout=2.0, connection=conn,
-                                                  destination=[f"{self.name}@{socket.gethostname()}"]).ping()
+                with probe.connection_for_write() as conn:
+                    replies = probe.control.inspect(timeout=2.0, connection=conn,
+                                                    destination=[f"{self.name}@{socket.gethostname()}"]).ping()
             except Exception:  # noqa: BLE001 - e.g. connections broken by a Redis restart
-                from search.broker import reset_broker_connections
-
-                reset_broker_connections()
+                probe.pool.force_close_all()
                 replies = None
             if replies:
                 return
