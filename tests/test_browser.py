@@ -71,7 +71,22 @@ def _upload(browser, site, path):
 
     browser.get(site["url"] + "/")
     browser.find_element(By.ID, "image").send_keys(str(path))
-    browser.find_element(By.ID, "submit").click()
+    _click_and_wait_for_next_page(browser, browser.find_element(By.ID, "submit"))
+
+
+def _click_and_wait_for_next_page(browser, element):
+    """Click and wait until the next page has replaced this one: a click that
+    submits a form or follows a link may return before the new page loads, and
+    reading the old page then found 0 hits on a loaded CPU (the failure
+    screenshot showed the 10 hits once the page had arrived)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    old_page = browser.find_element(By.TAG_NAME, "html")
+    element.click()
+    WebDriverWait(browser, 60).until(expected_conditions.staleness_of(old_page))
+    WebDriverWait(browser, 60).until(lambda b: b.execute_script("return document.readyState") == "complete")
 
 
 def test_upload_shows_ten_results_with_scores_and_more_like_this(browser, site):
@@ -84,7 +99,7 @@ def test_upload_shows_ten_results_with_scores_and_more_like_this(browser, site):
     assert scores == sorted(scores, reverse=True) and all(-1 <= s <= 1 for s in scores)
     assert all(h.find_element(By.TAG_NAME, "img").get_attribute("naturalWidth") != "0" for h in hits)
     first_id = hits[0].get_attribute("data-image-id")
-    hits[0].find_element(By.LINK_TEXT, "More like this →").click()
+    _click_and_wait_for_next_page(browser, hits[0].find_element(By.LINK_TEXT, "More like this →"))
     assert f"More like image #{first_id}" in browser.page_source
     again = browser.find_elements(By.CSS_SELECTOR, "#results .hit")
     assert len(again) == 10 and first_id not in [h.get_attribute("data-image-id") for h in again]
@@ -114,11 +129,11 @@ def test_staff_starts_an_index_build_and_watches_the_progress_bar_reach_done(bro
     browser.get(site["url"] + "/admin/login/")
     browser.find_element(By.NAME, "username").send_keys("admin")
     browser.find_element(By.NAME, "password").send_keys("password")
-    browser.find_element(By.CSS_SELECTOR, "input[type=submit]").click()
+    _click_and_wait_for_next_page(browser, browser.find_element(By.CSS_SELECTOR, "input[type=submit]"))
     browser.get(site["url"] + "/admin/search/dataset/")
     browser.find_element(By.CSS_SELECTOR, f"input[name=_selected_action][value='{fresh.pk}']").click()
     Select(browser.find_element(By.NAME, "action")).select_by_value("build_index")
-    browser.find_element(By.NAME, "index").click()
+    _click_and_wait_for_next_page(browser, browser.find_element(By.NAME, "index"))
     Select(browser.find_element(By.NAME, "model")).select_by_value(f"version:{tiny_version.pk}")
     browser.find_element(By.NAME, "apply").click()
     # Redirected to the job page, whose bar fills without reloading.
