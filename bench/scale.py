@@ -62,20 +62,44 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def clustered_vectors(n: int, dim: int, clusters: int, rng: np.random.Generator) -> np.ndarray:
-    """(n, dim) float32 unit vectors around `clusters` random unit centres."""
-    centres = rng.normal(size=(clusters, dim)).astype(np.float32)
+def clustered_vectors(n: int, dim: int, clusters: int, rng: np.random.Generator,
+                      chunk: int = 50_000) -> np.ndarray:
+    """(n, dim) float32 unit vectors around `clusters` random unit centres,
+    made `chunk` rows at a time in float32 so that 1M x 1,280-d needs its
+    5.1 GB and not three times that in temporaries."""
+    centres = rng.standard_normal(size=(clusters, dim), dtype=np.float32)
     centres /= np.linalg.norm(centres, axis=1, keepdims=True)
-    which = rng.integers(0, clusters, size=n)
-    points = centres[which] + rng.normal(size=(n, dim)).astype(np.float32) / np.sqrt(dim)
-    return points / np.linalg.norm(points, axis=1, keepdims=True)
+    points = np.empty((n, dim), dtype=np.float32)
+    for lo in range(0, n, chunk):
+        hi = min(n, lo + chunk)
+        block = points[lo:hi]
+        rng.standard_normal(size=block.shape, dtype=np.float32, out=block)
+        block /= np.float32(np.sqrt(dim))
+        block += centres[rng.integers(0, clusters, size=hi - lo)]
+        block /= np.linalg.norm(block, axis=1, keepdims=True)
+    return points
 
 
-def data(args) -> tuple[np.ndarray, np.ndarray]:
-    """(the N stored vectors, the query vectors), the same for the same arguments."""
-    rng = np.random.default_rng(SEED)
-    both = clustered_vectors(args.n + 2 * args.queries, args.dim, args.clusters, rng)
-    return both[:args.n], both[args.n:]
+def round_to_halfvec_(vectors: np.ndarray, chunk: int = 50_000) -> np.ndarray:
+    """The stored halfvec values, as PostgreSQL compares them: round each row to
+    float16 and renormalise, in place, `chunk` rows at a time (no 5 GB copy at 1M)."""
+    for lo in range(0, len(vectors), chunk):
+        block = vectors[lo:lo + chunk]
+        block[:] = block.astype(np.float16)
+        block /= np.linalg.norm(block, axis=1, keepdims=True)
+    return vectors
+
+
+def exact_scores(vectors16: np.ndarray, queries: np.ndarray, chunk: int = 100_000) -> np.ndarray:
+    """(queries, N) float32 cosine similarities of each (halfvec-rounded) query
+    to every stored row, `chunk` rows at a time: one pass over the vectors
+    serves the unfiltered truth and every dataset's."""
+    q = queries.astype(np.float16).astype(np.float32)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    scores = np.empty((len(q), len(vectors16)), dtype=np.float32)
+    for lo in range(0, len(vectors16), chunk):
+        scores[:, lo:lo + chunk] = q @ vectors16[lo:lo + chunk].T
+    return scores
 
 
 def dataset_sizes(n: int) -> list[tuple[str, int]]:
@@ -136,11 +160,13 @@ def load(version, datasets, vectors, args) -> dict:
     start = time.perf_counter()
     ids = np.zeros(args.n, dtype=np.int64)
     for i, (label, _) in enumerate(sizes):
-        rows = np.flatnonzero(owner == i)
-        made = Image.objects.bulk_create([
-            Image(dataset=datasets[label], file=f"bench/{r}.png", thumbnail=f"bench/{r}.jpg", sha256=f"{r:064x}",
-                  split="train", width=1, height=1, original_filename=str(r)) for r in rows], batch_size=5000)
-        ids[rows] = [im.pk for im in made]
+        members = np.flatnonzero(owner == i)
+        for rows in np.array_split(members, max(1, len(members) // 20_000)):  # 20k Image objects at a time
+            made = Image.objects.bulk_create([
+                Image(dataset=datasets[label], file=f"bench/{r}.png", thumbnail=f"bench/{r}.jpg",
+                      sha256=f"{r:064x}", split="train", width=1, height=1, original_filename=str(r))
+                for r in rows], batch_size=5000)
+            ids[rows] = [im.pk for im in made]
     images_seconds = time.perf_counter() - start
     start = time.perf_counter()
     step = 10_000
@@ -181,12 +207,13 @@ def build(version) -> dict:
             "last_phase": last.phase if last else None, **size}
 
 
-def exact_top(vectors16: np.ndarray, ids: np.ndarray, rows: np.ndarray | None, query: np.ndarray, k: int) -> list[int]:
-    pool = vectors16 if rows is None else vectors16[rows]
+def exact_top(scores: np.ndarray, ids: np.ndarray, rows: np.ndarray | None, k: int) -> list[int]:
+    """Image ids of the k best rows for one query's row of exact_scores, among
+    `rows` (None: all), ties broken by row order."""
+    pool = scores if rows is None else scores[rows]
     pool_ids = ids if rows is None else ids[rows]
-    q = query.astype(np.float16).astype(np.float32)
-    scores = pool @ (q / np.linalg.norm(q))
-    top = np.argsort(-scores, kind="stable")[:k]
+    top = np.argpartition(-pool, min(k, len(pool) - 1))[:k] if len(pool) > k else np.arange(len(pool))
+    top = top[np.lexsort((top, -pool[top]))]
     return [int(pool_ids[i]) for i in top]
 
 
@@ -211,13 +238,13 @@ def search(version, datasets, vectors, ids, queries, args) -> dict:
 
     from search.neighbours import plan_for
 
-    # Stored halfvec values, as PostgreSQL compares them.
-    vectors16 = vectors.astype(np.float16).astype(np.float32)
-    vectors16 /= np.linalg.norm(vectors16, axis=1, keepdims=True)
+    vectors16 = round_to_halfvec_(vectors)  # in place: the float32 originals are not needed after the load
     k = args.k
     warm, timed = queries[:args.queries], queries[args.queries:]
-    measure(version, warm[:5], [exact_top(vectors16, ids, None, q, k) for q in warm[:5]], k)  # warm the cache
-    truth = [exact_top(vectors16, ids, None, q, k) for q in timed]
+    scores = exact_scores(vectors16, np.concatenate([warm[:5], timed]))
+    warm_scores, scores = scores[:5], scores[5:]
+    measure(version, warm[:5], [exact_top(s, ids, None, k) for s in warm_scores], k)  # warm the cache
+    truth = [exact_top(s, ids, None, k) for s in scores]
     curve = []
     for ef in [int(x) for x in args.ef_search.split(",")]:
         with override_settings(CBIR_HNSW_EF_SEARCH=ef):
@@ -229,7 +256,7 @@ def search(version, datasets, vectors, ids, queries, args) -> dict:
     filtered = []
     for label, dataset in datasets.items():
         rows = np.flatnonzero(image_dataset == dataset.pk)
-        dtruth = [exact_top(vectors16, ids, rows, q, k) for q in timed]
+        dtruth = [exact_top(s, ids, rows, k) for s in scores]
         entry = {"dataset": label, "rows": sizes[label], "selectivity_pct": round(100 * sizes[label] / args.n, 3),
                  "plan": plan_for(dataset), "chosen": measure(version, timed, dtruth, k, dataset=dataset)}
         c = args.compare_queries

@@ -385,3 +385,24 @@ def test_an_evaluation_job_runs_on_a_worker_and_stores_metrics(live_worker, labe
     assert evaluation["precision_at_k"] == pytest.approx(
         _brute_force(tiny_version, labelled, k=5, against="trainval")["precision_at_k"])
     assert tiny_version.metrics["copy_detection"][labelled.name]["summary"]["all"]["n_queries"] == 2 * 8
+
+
+def test_the_exact_search_runs_for_a_spread_sample_of_the_queries(labelled, tiny_version, settings):
+    settings.CBIR_EVAL_EXACT_QUERIES = 2
+    sampled = evaluate_version(tiny_version, labelled, k=3)
+    assert sampled["n_queries"] == 4 and sampled["n_ann_queries"] == 2 and sampled["exact_queries"] == 2
+    assert sampled["ann_recall_at_k"] == 1.0
+    every = evaluate_version(tiny_version, labelled, k=3, exact_queries=0)
+    assert every["n_ann_queries"] == 4 and every["exact_queries"] == 4
+    # The metrics come from every query whatever the sample.
+    assert every["precision_at_k"] == sampled["precision_at_k"]
+
+
+def test_the_exact_sample_is_spread_over_the_split():
+    from training.evaluation.retrieval import EvaluationError, exact_sample
+
+    assert exact_sample(10, 0) == set(range(10)) == exact_sample(10, 10) == exact_sample(10, 50)
+    assert exact_sample(10, 5) == {0, 2, 4, 6, 8}
+    assert exact_sample(14_000, 500) == {28 * i for i in range(500)}
+    with pytest.raises(EvaluationError, match="exact_queries"):
+        exact_sample(10, -1)

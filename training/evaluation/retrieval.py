@@ -103,14 +103,20 @@ def check_evaluable(version: ModelVersion, dataset: Dataset, *, against: str = "
 # --- Category retrieval -------------------------------------------------------
 
 def evaluate_version(version: ModelVersion, dataset: Dataset, *, k: int = 10, against: str = "trainval",
-                     exact: bool = True, curve_max_k: int = 50, progress: Progress | None = None) -> dict[str, Any]:
+                     exact: bool = True, curve_max_k: int = 50, progress: Progress | None = None,
+                     exact_queries: int | None = None) -> dict[str, Any]:
     """Category retrieval of `version` on `dataset`'s labelled test images.
 
     Each query's results come from the version's HNSW index with the same
     search options as the site (search.neighbours); ground truth is "same label".
     `n_relevant_total` of a query is the number of searched images with its
-    label. With exact=True each query is also answered by a sequential scan
-    and `ann_recall_at_k` says how much of that exact top k the index found.
+    label. With exact=True queries are also answered by a sequential scan
+    and `ann_recall_at_k` says how much of that exact top k the index found:
+    at most `exact_queries` of them (None: CBIR_EVAL_EXACT_QUERIES, default
+    500; 0: every query), spread evenly over the test split. An exact scan reads every
+    searched row, about 0.1-0.4 s a query at 50k rows, so on a large test
+    split (14,000 Fashion-MNIST queries) the ground truth for all of them
+    would take an hour while a sample of 500 takes minutes.
     Fields: see summarize() and docs/evaluation.md.
     """
     if not isinstance(k, int) or k < 1 or not isinstance(curve_max_k, int) or curve_max_k < 1:
@@ -126,6 +132,9 @@ def evaluate_version(version: ModelVersion, dataset: Dataset, *, k: int = 10, ag
     queries = [(pk, label) for pk, label, split, _ in rows if split == Split.TEST and label]
     thumbnails = {pk: thumb for pk, _, _, thumb in rows}
     depth = max(k, curve_max_k, EXAMPLE_DEPTH)
+    if exact_queries is None:
+        exact_queries = settings.CBIR_EVAL_EXACT_QUERIES
+    exact_at = exact_sample(len(queries), exact_queries) if exact else set()
 
     results: list[QueryResult] = []
     latencies: list[float] = []
@@ -135,7 +144,7 @@ def evaluate_version(version: ModelVersion, dataset: Dataset, *, k: int = 10, ag
         hits, seconds = fetch(neighbours_queryset(version, **query), depth)
         latencies.append(seconds)
         exact_ids = None
-        if exact:
+        if done - 1 in exact_at:
             exact_ids = [hit.image_id for hit in fetch(neighbours_queryset(version, **query, exact=True), depth,
                                                        exact=True)[0]]
         # With against="all" the query is in the collection but never a result.
@@ -163,12 +172,25 @@ def evaluate_version(version: ModelVersion, dataset: Dataset, *, k: int = 10, ag
         "n_labels": len({labels[pk] for pk, _ in queries}),
         "n_unlabelled_test_images": sum(1 for pk, label, split, _ in rows if split == Split.TEST and not label),
         "exact": exact,
+        "exact_queries": len(exact_at),
         "curve_max_k": curve_max_k,
         "precision_curve": [round(p, 6) for p in precision_curve(results, range(1, curve_max_k + 1))],
         "median_latency_ms": round(statistics.median(latencies) * 1000, 3),
         "ef_search": ef_search_for(k),
         "examples": examples,
     }
+
+
+def exact_sample(n: int, limit: int) -> set[int]:
+    """Indices of the queries (of n) that also get an exact search: all of them
+    when `limit` is 0 or at least n, else `limit` spread evenly (the first,
+    then every n/limit-th), so the sample covers the whole test split.
+    Raises EvaluationError for a negative limit."""
+    if not isinstance(limit, int) or limit < 0:
+        raise EvaluationError(f"exact_queries must be 0 (every query) or a positive whole number, not {limit!r}")
+    if limit == 0 or limit >= n:
+        return set(range(n))
+    return {int(i * n / limit) for i in range(limit)}
 
 
 def _example(query_id: int, label: str, thumbnail: str, n_relevant: int, hits: list[Hit]) -> dict:
