@@ -102,6 +102,13 @@ def exact_scores(vectors16: np.ndarray, queries: np.ndarray, chunk: int = 100_00
     return scores
 
 
+def data(args) -> tuple[np.ndarray, np.ndarray]:
+    """(the N stored vectors, the query vectors), the same for the same arguments."""
+    rng = np.random.default_rng(SEED)
+    both = clustered_vectors(args.n + 2 * args.queries, args.dim, args.clusters, rng)
+    return both[:args.n], both[args.n:]
+
+
 def dataset_sizes(n: int) -> list[tuple[str, int]]:
     sizes = [(name, max(1, round(n * share))) for name, share in SHARES]
     return sizes + [("rest", n - sum(size for _, size in sizes))]
