@@ -153,7 +153,8 @@ def live_worker(session_worker, transactional_db, settings, shared_media, redis_
     settings.MEDIA_ROOT = shared_media
     settings.CELERY_BROKER_URL = redis_server.url
     settings.CBIR_WORKER_PING_TIMEOUT = 2.0
-    return session_worker
+    yield session_worker
+    session_worker.wait_idle()  # before the flush: see Worker.wait_idle
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)

@@ -41,7 +41,9 @@ def slow_worker(live_worker, session_worker, worker_env, tmp_path):
     try:
         yield worker
     finally:
+        worker.wait_idle()
         worker.stop()
+        worker.purge()
         session_worker.start()
         session_worker.wait_ready(app)
 

@@ -106,7 +106,9 @@ def test_a_worker_killed_mid_job_is_replaced_and_the_job_finishes(many_images, t
     finally:
         doomed.kill()
         if replacement:
+            replacement.wait_idle()
             replacement.stop()
+        doomed.purge()
         session_worker.start()
         session_worker.wait_ready(app)
 
@@ -129,7 +131,9 @@ def test_redis_restarted_mid_job_the_job_still_finishes(many_images, tiny_versio
         assert job.status == S.SUCCEEDED, (job.error, job.log, (tmp_path / "survivor.log").read_text()[-2000:])
         _assert_each_image_embedded_once(tiny_version, many_images)
     finally:
+        worker.wait_idle()
         worker.stop()
+        worker.purge()
         session_worker.start()
         session_worker.wait_ready(app)
 
@@ -157,6 +161,8 @@ def test_cancel_from_the_job_page_stops_a_running_job(many_images, tiny_version,
         status = admin_client.get(f"/jobs/{job.pk}/status").json()
         assert status["status"] == "cancelled" and status["finished"]
     finally:
+        worker.wait_idle()
         worker.stop()
+        worker.purge()
         session_worker.start()
         session_worker.wait_ready(app)

@@ -125,6 +125,44 @@ class Worker:
                 return
         raise RuntimeError(f"worker {self.name} not ready; log:\n{self.log.read_text()[-3000:]}")
 
+    def _probe(self):
+        from celery import Celery
+
+        return Celery("cbir-test-probe", broker=self.env["REDIS_URL"])
+
+    def wait_idle(self, timeout: float = 60) -> None:
+        """Until the worker runs no task. A job's row says "succeeded" before
+        its near-duplicate pass ends, so a test can finish while the worker
+        still reads the tables; the test database's flush (TRUNCATE) then
+        deadlocks with it. Returns quietly when the worker does not answer
+        (stopped or killed by the test)."""
+        if not self.process or self.process.poll() is not None:
+            return
+        probe = self._probe()
+        name = f"{self.name}@{socket.gethostname()}"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                with probe.connection_for_write() as conn:
+                    active = probe.control.inspect(timeout=2.0, connection=conn, destination=[name]).active()
+            except Exception:  # noqa: BLE001 - a broker restarted by the test
+                probe.pool.force_close_all()
+                active = None
+            if not active or not active.get(name):
+                return
+            time.sleep(0.2)
+
+    def purge(self, queues: str | None = None) -> int:
+        """Drop every message waiting in `queues` (default this worker's) on its
+        broker: a stopped worker hands its unacknowledged tasks back, and the
+        next worker would run them against the next test's tables."""
+        count = 0
+        with self._probe().connection_for_write() as conn:
+            channel = conn.default_channel
+            for queue in (queues or self.queues).split(","):
+                count += channel.queue_purge(queue) or 0
+        return count
+
     def kill(self) -> None:
         """SIGKILL the whole worker (main process and its pool children)."""
         if self.process and self.process.poll() is None:
