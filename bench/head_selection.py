@@ -6,9 +6,10 @@
 An offline probe on a head-only run's feature cache (training/features.py:
 ids, content hashes, (N, D) float32 backbone features). For each head
 configuration (kind:dimension:learning rate, optionally :weight decay) it
-trains a ProjectionHead (training/networks/head.py) with pytorch-metric-
-learning's NormalizedSoftmaxLoss, the head-only default, on the train
-split's cached features (Adam, batches of 256, seed 0), and after every
+trains a ProjectionHead (training/networks/head.py) with the objective
+head-only training uses by default (training.plan.class_objective
+"normalized_softmax": pytorch-metric-learning's NormalizedSoftmaxLoss) on
+the train split's cached features (Adam, batches of 256, seed 0), and after every
 epoch prints the validation loss and the validation P@10 (each validation
 image a query against the train images, exact cosine in torch). It answers
 one question: does the epoch with the lowest validation loss (what `train`
@@ -50,10 +51,10 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     setup_django()
     import torch
-    from pytorch_metric_learning import losses
 
     from search.models import Image
     from training.networks.head import ProjectionHead
+    from training.plan import class_objective
 
     torch.set_num_threads(args.threads)
     data = torch.load(args.cache, map_location="cpu", weights_only=True)
@@ -75,9 +76,10 @@ def main(argv=None) -> int:
         weight_decay = float(rest[0]) if rest else 0.0
         torch.manual_seed(0)
         head = ProjectionHead(x.shape[1], int(dimension), kind)
-        loss = losses.NormalizedSoftmaxLoss(len(classes), int(dimension))
-        optimizer = torch.optim.Adam(list(head.parameters()) + list(loss.parameters()), lr=float(lr),
+        objective = class_objective("normalized_softmax", head, len(classes))
+        optimizer = torch.optim.Adam(list(head.parameters()) + list(objective.parameters()), lr=float(lr),
                                      weight_decay=weight_decay)
+        cpu = torch.device("cpu")
         curve, started = [], time.perf_counter()
         for epoch in range(1, args.epochs + 1):
             head.train()
@@ -85,12 +87,12 @@ def main(argv=None) -> int:
             for lo in range(0, len(order), 256):
                 batch = order[lo:lo + 256]
                 optimizer.zero_grad()
-                loss(head(x_train[batch]), y_train[batch]).backward()
+                objective(head, (x_train[batch], y_train[batch]), cpu).backward()
                 optimizer.step()
             head.eval()
             with torch.no_grad():
-                val_loss = sum(loss(head(x_val[lo:lo + 256]), y_val[lo:lo + 256]).item() * len(y_val[lo:lo + 256])
-                               for lo in range(0, len(y_val), 256)) / len(y_val)
+                val_loss = sum(objective(head, (x_val[lo:lo + 256], y_val[lo:lo + 256]), cpu).item()
+                               * len(y_val[lo:lo + 256]) for lo in range(0, len(y_val), 256)) / len(y_val)
                 p10 = precision_at_10(head(x_val), y_val, head(x_train), y_train)
             curve.append((epoch, val_loss, p10))
         by_loss = min(curve, key=lambda c: c[1])

@@ -230,7 +230,7 @@ CBIR_INDEX_BUILD_MEMORY = env_bytes("CBIR_INDEX_BUILD_MEMORY", 0, minimum=0)
 CBIR_INDEX_BUILD_WORKERS = env_int("CBIR_INDEX_BUILD_WORKERS", -1, minimum=-1, maximum=64)
 CBIR_INDEX_PROGRESS_INTERVAL = env_float("CBIR_INDEX_PROGRESS_INTERVAL", 2.0, minimum=0.01)
 # Evaluation: how many test queries (spread over the split) also get an exact
-# scan for ANN recall; 0 = all. An exact scan of 56k rows costs ~0.1-0.4 s.
+# scan for ANN recall; 0 = all. An exact scan of 56k rows took ~0.3 s (docs/evaluation.md).
 CBIR_EVAL_EXACT_QUERIES = env_int("CBIR_EVAL_EXACT_QUERIES", 500, minimum=0)
 CBIR_SPLIT_SEED = env_str("CBIR_SPLIT_SEED", "cbir-split-v1")
 # Newly embedded images at least this similar (cosine) to an image already in

@@ -31,21 +31,11 @@ IMAGES = reverse("admin:search_image_changelist")
 def slow_worker(live_worker, session_worker, worker_env, tmp_path):
     """The only worker while the test runs: 0.3 s between batches, 2 images per
     embedding batch, 2 rows per delete batch."""
-    from cbirsite.celery import app
-    from tests.workers import Worker
+    from tests.workers import worker_in_place_of
 
-    session_worker.stop()
     env = dict(worker_env, CBIR_EMBED_THROTTLE_SECONDS="0.3", CBIR_EMBED_BATCH_SIZE="2", CBIR_DELETE_BATCH_SIZE="2")
-    worker = Worker("slow", env, tmp_path / "slow.log").start()
-    worker.wait_ready(app)
-    try:
+    with worker_in_place_of(session_worker, "slow", env, tmp_path / "slow.log") as worker:
         yield worker
-    finally:
-        worker.wait_idle()
-        worker.stop()
-        worker.purge()
-        session_worker.start()
-        session_worker.wait_ready(app)
 
 
 @pytest.fixture

@@ -115,14 +115,10 @@ def test_a_worker_killed_mid_job_is_replaced_and_the_job_finishes(many_images, t
 
 def test_redis_restarted_mid_job_the_job_still_finishes(many_images, tiny_version, redis_server, worker_env,
                                                        tmp_path, session_worker):
-    from cbirsite.celery import app
-    from tests.workers import Worker
+    from tests.workers import worker_in_place_of
 
-    session_worker.stop()
     slow_env = dict(worker_env, CBIR_EMBED_THROTTLE_SECONDS="0.3", CBIR_EMBED_BATCH_SIZE="2")
-    worker = Worker("survivor", slow_env, tmp_path / "survivor.log").start()
-    worker.wait_ready(app)
-    try:
+    with worker_in_place_of(session_worker, "survivor", slow_env, tmp_path / "survivor.log"):
         job = embed_jobs.start_embed_job(tiny_version, many_images, chunk_size=10)
         wait_for(lambda: JobChunk.objects.filter(job=job, status=S.RUNNING, done__gt=0).exists(),
                  message="a chunk to be under way")
@@ -130,24 +126,14 @@ def test_redis_restarted_mid_job_the_job_still_finishes(many_images, tiny_versio
         job = wait_for(lambda: _finished(job.pk), timeout=150, message="the job to finish after the restart")
         assert job.status == S.SUCCEEDED, (job.error, job.log, (tmp_path / "survivor.log").read_text()[-2000:])
         _assert_each_image_embedded_once(tiny_version, many_images)
-    finally:
-        worker.wait_idle()
-        worker.stop()
-        worker.purge()
-        session_worker.start()
-        session_worker.wait_ready(app)
 
 
 def test_cancel_from_the_job_page_stops_a_running_job(many_images, tiny_version, admin_client, worker_env, tmp_path,
                                                      session_worker):
-    from cbirsite.celery import app
-    from tests.workers import Worker
+    from tests.workers import worker_in_place_of
 
-    session_worker.stop()
-    worker = Worker("slow", dict(worker_env, CBIR_EMBED_THROTTLE_SECONDS="0.5", CBIR_EMBED_BATCH_SIZE="2"),
-                    tmp_path / "slow.log").start()
-    worker.wait_ready(app)
-    try:
+    env = dict(worker_env, CBIR_EMBED_THROTTLE_SECONDS="0.5", CBIR_EMBED_BATCH_SIZE="2")
+    with worker_in_place_of(session_worker, "slow", env, tmp_path / "slow.log"):
         job = embed_jobs.start_embed_job(tiny_version, many_images, chunk_size=40)
         wait_for(lambda: Job.objects.filter(pk=job.pk, status=S.RUNNING).exists(), message="the job to run")
         page = admin_client.get(f"/jobs/{job.pk}/")
@@ -160,9 +146,3 @@ def test_cancel_from_the_job_page_stops_a_running_job(many_images, tiny_version,
         assert Embedding.objects.filter(model_version=tiny_version).count() < 40
         status = admin_client.get(f"/jobs/{job.pk}/status").json()
         assert status["status"] == "cancelled" and status["finished"]
-    finally:
-        worker.wait_idle()
-        worker.stop()
-        worker.purge()
-        session_worker.start()
-        session_worker.wait_ready(app)

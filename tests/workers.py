@@ -8,6 +8,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from cbirsite import embedded
@@ -110,9 +112,7 @@ class Worker:
             time.sleep(0.2)
         # A Celery app of its own on the worker's broker, so what earlier tests did
         # to the project app's connections cannot misdirect the ping.
-        from celery import Celery
-
-        probe = Celery("cbir-test-probe", broker=self.env["REDIS_URL"])
+        probe = self._probe()
         while time.monotonic() < deadline:
             try:
                 with probe.connection_for_write() as conn:
@@ -126,6 +126,7 @@ class Worker:
         raise RuntimeError(f"worker {self.name} not ready; log:\n{self.log.read_text()[-3000:]}")
 
     def _probe(self):
+        """A Celery app of its own on this worker's broker (see wait_ready)."""
         from celery import Celery
 
         return Celery("cbir-test-probe", broker=self.env["REDIS_URL"])
@@ -176,3 +177,23 @@ class Worker:
                 self.process.wait(20)
             except subprocess.TimeoutExpired:
                 self.kill()
+
+
+@contextmanager
+def worker_in_place_of(session_worker: Worker, name: str, env: dict, log: Path) -> Iterator[Worker]:
+    """A worker of its own (say with a throttle) while the session worker is
+    stopped, so only it takes this test's tasks. Afterwards: wait until it
+    is idle, stop it, purge what it hands back, and restart the session worker."""
+    from cbirsite.celery import app
+
+    session_worker.stop()
+    worker = Worker(name, env, log).start()
+    try:
+        worker.wait_ready(app)
+        yield worker
+    finally:
+        worker.wait_idle()
+        worker.stop()
+        worker.purge()
+        session_worker.start()
+        session_worker.wait_ready(app)
