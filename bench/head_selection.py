@@ -11,7 +11,8 @@ head-only training uses by default (training.plan.class_objective
 "normalized_softmax": pytorch-metric-learning's NormalizedSoftmaxLoss) on
 the train split's cached features (Adam, batches of 256, seed 0), and after every
 epoch prints the validation loss and the validation P@10 (each validation
-image a query against the train images, exact cosine in torch). It answers
+image a query against the train images, exact cosine in torch, training.head_training.precision_at_k, what
+`train --select-by val_precision_at_10` computes). It answers
 one question: does the epoch with the lowest validation loss (what `train`
 keeps, the study's protocol) have the best retrieval? The test split is not
 read. Nothing is written.
@@ -36,23 +37,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def precision_at_10(queries, query_labels, database, database_labels) -> float:
-    import torch.nn.functional as F
-
-    queries, database = F.normalize(queries, dim=1), F.normalize(database, dim=1)
-    hits = 0.0
-    for lo in range(0, len(queries), 2000):
-        top = (queries[lo:lo + 2000] @ database.T).topk(10, dim=1).indices
-        hits += (database_labels[top] == query_labels[lo:lo + 2000, None]).float().sum().item()
-    return hits / (10 * len(queries))
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     setup_django()
     import torch
 
     from search.models import Image
+    from training.head_training import precision_at_k
     from training.networks.head import ProjectionHead
     from training.plan import class_objective
 
@@ -70,7 +61,7 @@ def main(argv=None) -> int:
     x = features[keep]
     x_train, y_train, x_val, y_val = x[is_train], labels[is_train], x[~is_train], labels[~is_train]
     print(f"{args.dataset}: {len(x_train):,} train and {len(x_val):,} validation features of {x.shape[1]} dimensions, "
-          f"{len(classes)} classes; frozen validation P@10 {precision_at_10(x_val, y_val, x_train, y_train):.4f}")
+          f"{len(classes)} classes; frozen validation P@10 {precision_at_k(x_val, y_val, x_train, y_train):.4f}")
     for spec in args.configs.split(","):
         kind, dimension, lr, *rest = spec.split(":")
         weight_decay = float(rest[0]) if rest else 0.0
@@ -93,7 +84,7 @@ def main(argv=None) -> int:
             with torch.no_grad():
                 val_loss = sum(objective(head, (x_val[lo:lo + 256], y_val[lo:lo + 256]), cpu).item()
                                * len(y_val[lo:lo + 256]) for lo in range(0, len(y_val), 256)) / len(y_val)
-                p10 = precision_at_10(head(x_val), y_val, head(x_train), y_train)
+                p10 = precision_at_k(head(x_val), y_val, head(x_train), y_train)
             curve.append((epoch, val_loss, p10))
         by_loss = min(curve, key=lambda c: c[1])
         by_p10 = max(curve, key=lambda c: c[2])

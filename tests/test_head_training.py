@@ -42,11 +42,35 @@ def test_head_settings_resolve_and_bad_ones_are_refused():
     for bad, message in [({"backbone": "tiny"}, "no pretrained weights"), ({"head": "deep"}, "head must be"),
                          ({"objective": "reconstruction"}, "does not apply to head-only"),
                          ({"augment": True}, "augment does not apply"), ({"backbone": "nope"}, "unknown architecture"),
-                         ({"processes": 2}, "one process")]:
+                         ({"processes": 2}, "one process"), ({"select_by": "val_p10"}, "select_by must be one of")]:
         with pytest.raises(ValueError, match=message):
             head_config(**bad)
     with pytest.raises(ValueError, match="apply to head-only"):
         TrainConfig("tiny", backbone="efficientnet_lite0")
+    with pytest.raises(ValueError, match="select_by val_precision_at_10 applies to head-only"):
+        TrainConfig("tiny", select_by="val_precision_at_10")
+
+
+def test_feature_precision_at_k_matches_the_retrieval_metric_on_ranked_lists():
+    from training.evaluation.metrics import precision_at_k as ranked_precision
+    from training.evaluation.metrics import rank_with_ties
+    from training.head_training import precision_at_k
+
+    generator = torch.Generator().manual_seed(0)
+    database_labels, query_labels = torch.randint(0, 3, (40,), generator=generator), torch.tensor([0, 1, 2, 1, 0])
+    database = torch.randn(40, 6, generator=generator) + database_labels[:, None] * 1.5
+    queries = torch.randn(5, 6, generator=generator) + query_labels[:, None] * 1.5
+    expected = []
+    for query, label in zip(queries, query_labels):
+        scores = torch.nn.functional.cosine_similarity(query[None], database).tolist()
+        ranking = rank_with_ties(scores, list(range(40)))
+        expected.append(ranked_precision([int(database_labels[i]) == int(label) for i in ranking], 10))
+    value = precision_at_k(queries, query_labels, database, database_labels, k=10, chunk=2)
+    assert value == pytest.approx(sum(expected) / 5) and 0 < value < 1
+    # Scaling a feature does not change cosine ranks.
+    assert precision_at_k(queries * 3, query_labels, database, database_labels) == pytest.approx(value)
+    with pytest.raises(ValueError, match="at least one query and 10 database rows"):
+        precision_at_k(queries, query_labels, database[:9], database_labels[:9])
 
 
 @pytest.mark.parametrize("name", sorted(METRIC_LOSSES))
@@ -103,6 +127,30 @@ def test_head_training_caches_features_and_publishes_backbone_plus_head(labelled
     assert evaluation is not None and 0 <= evaluation["precision_at_k"] <= 1
 
 
+def test_head_training_can_keep_the_epoch_with_the_best_validation_precision(labelled, tmp_path):
+    from training.head_training import precision_at_k
+    from training.loop import VAL_PRECISION
+
+    result = train(labelled, head_config(epochs=3, select_by="val_precision_at_10", early_stopping_patience=0),
+                   checkpoint_dir=tmp_path / "p10")
+    precisions = [h[VAL_PRECISION] for h in result.history]
+    assert len(precisions) == 3 and all(0 <= p <= 1 for p in precisions)
+    assert result.best_epoch == 1 + precisions.index(max(precisions))
+    kept = torch.load(result.best_path, weights_only=True)
+    assert kept["epoch"] == result.best_epoch
+    # The recorded figure is the kept head's own: recompute it from the cached features.
+    network = head_config(select_by="val_precision_at_10").build_model()
+    network.head.load_state_dict(kept["model"])
+    cache = FeatureCache("efficientnet_lite0", network.backbone, network.preprocessing)
+    rows = {split: list(Image.objects.filter(dataset=labelled, split=split).order_by("pk")) for split in ("train", "val")}
+    classes = sorted({image.label for image in rows["train"]})
+    features = {}
+    for split, images in rows.items():
+        x, _ = cache.features_for([(i.pk, i.file.path, i.sha256) for i in images], torch.device("cpu"))
+        features[split] = (network.head.eval()(x).detach(), torch.tensor([classes.index(i.label) for i in images]))
+    assert precision_at_k(*features["val"], *features["train"]) == pytest.approx(max(precisions))
+
+
 def test_the_cache_re_embeds_only_new_or_changed_images(labelled, tmp_path):
     config = head_config()
     network = config.build_model()
@@ -141,6 +189,13 @@ def test_the_train_command_and_the_form_start_head_only_training(labelled, tmp_p
     version = ModelVersion.objects.get(name="efficientnet_lite0-head-colours-ft-1")
     assert version.dimension == 8 and version.embeddings.count() == 30
     assert version.metrics["training"]["features"]["embedded"] > 0
+    out = io.StringIO()
+    call_command("train", "--dataset", "colours", "--head-only", "--epochs", "2", "--batch-size", "8",
+                 "--lr", "0.01", "--image-size", "32", "--embedding-dim", "8", "--no-progress",
+                 "--select-by", "val_precision_at_10", "--checkpoint-dir", str(tmp_path / "p10"), stdout=out)
+    assert "val P@10" in out.getvalue() and "by val_precision_at_10" in out.getvalue()
+    with pytest.raises(CommandError, match="applies to head-only"):
+        call_command("train", "--dataset", "colours", "--arch", "tiny", "--select-by", "val_precision_at_10")
     with pytest.raises(CommandError, match="--arch is required"):
         call_command("train", "--dataset", "colours")
     with pytest.raises(CommandError, match="no pretrained weights"):
@@ -148,11 +203,17 @@ def test_the_train_command_and_the_form_start_head_only_training(labelled, tmp_p
 
     form = TrainForm({"architecture": "efficientnet_lite0", "head_only": "on", "head": "mlp", "objective": "auto",
                       "epochs": 5, "batch_size": 64, "learning_rate": 1e-3, "embedding_dim": 128, "augment": "on",
-                      "scheduler": "none", "early_stopping_patience": 3, "processes": 1}, dataset=labelled)
+                      "scheduler": "none", "early_stopping_patience": 3, "processes": 1,
+                      "select_by": "val_precision_at_10"}, dataset=labelled)
     assert form.is_valid(), form.errors
     fields = form.config_fields()
-    assert (fields["architecture"], fields["backbone"], fields["head"], fields["objective"], fields["augment"]) == \
-        ("head", "efficientnet_lite0", "mlp", "normalized_softmax", False)
+    assert (fields["architecture"], fields["backbone"], fields["head"], fields["objective"], fields["augment"],
+            fields["select_by"]) == ("head", "efficientnet_lite0", "mlp", "normalized_softmax", False,
+                                     "val_precision_at_10")
+    refused = TrainForm({"architecture": "tiny", "objective": "auto", "epochs": 5, "batch_size": 8,
+                         "learning_rate": 1e-3, "scheduler": "none", "early_stopping_patience": 3, "processes": 1,
+                         "select_by": "val_precision_at_10"}, dataset=labelled)
+    assert not refused.is_valid() and "applies to head-only" in str(refused.errors["select_by"])
 
 
 def test_a_head_only_training_job_caches_trains_and_publishes(labelled):

@@ -200,3 +200,47 @@ def test_a_non_finite_loss_stops_training():
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(NonFiniteLoss, match="batch 1 of 1"):
         train_one_epoch(model, lambda m, b, d: m(b).sum() * float("nan"), optimizer, [torch.randn(2, 3, 32, 32)], CPU)
+
+
+def _scripted_fit(tmp_path, name, losses, precisions=None):
+    """fit() on a one-weight model whose validation loss (and P@10) are scripted per epoch."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(2, 1)
+    x = torch.randn(8, 2)
+
+    def loss_fn(m, batch, device):
+        return m(batch[0]).pow(2).mean()
+
+    loader = DataLoader(torch.utils.data.TensorDataset(x), batch_size=4)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    epoch_losses, epoch_precisions = iter(losses), iter(precisions or [])
+    return fit(model, loss_fn, optimizer, loader, None, CPU, epochs=len(losses), checkpoint_dir=tmp_path / name,
+               config={}, validate=lambda: next(epoch_losses),
+               val_precision=(lambda: next(epoch_precisions)) if precisions else None)
+
+
+def test_fit_keeps_the_lowest_validation_loss_or_with_val_precision_the_best_retrieval(tmp_path):
+    from training.loop import VAL_PRECISION, best_epoch
+
+    losses = [1.0, 0.5, 0.7, 0.6]
+    by_loss = _scripted_fit(tmp_path, "loss", losses)
+    assert [h["best"] for h in by_loss] == [True, True, False, False]
+    assert VAL_PRECISION not in by_loss[0] and best_epoch(by_loss) == (2, 0.5)
+    assert torch.load(tmp_path / "loss" / "best.pt", weights_only=True)["epoch"] == 2
+
+    # The loss's epoch (2) is not the one that retrieves best (3): with val_precision, 3 is kept.
+    by_p10 = _scripted_fit(tmp_path, "p10", losses, precisions=[0.2, 0.3, 0.9, 0.9])
+    assert [h[VAL_PRECISION] for h in by_p10] == [0.2, 0.3, 0.9, 0.9]
+    assert [h["best"] for h in by_p10] == [True, True, True, False]  # ties keep the earlier epoch
+    assert best_epoch(by_p10) == (3, 0.7)
+    checkpoint = torch.load(tmp_path / "p10" / "best.pt", weights_only=True)
+    assert checkpoint["epoch"] == 3 and checkpoint["best_val_loss"] == 0.7
+    last = torch.load(tmp_path / "p10" / "last.pt", weights_only=True)
+    assert last["epoch"] == 4 and last["best_val_loss"] == 0.7
+
+    # An epoch whose P@10 or loss is not finite is never kept.
+    nan = float("nan")
+    assert best_epoch([{"epoch": 1, "val_loss": 0.4, VAL_PRECISION: nan},
+                       {"epoch": 2, "val_loss": nan, VAL_PRECISION: 0.9},
+                       {"epoch": 3, "val_loss": 0.8, VAL_PRECISION: 0.1}]) == (3, 0.8)
+    assert best_epoch([{"epoch": 1, "val_loss": nan, VAL_PRECISION: 0.5}])[0] == 0

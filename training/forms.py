@@ -17,6 +17,7 @@ from training.config import (
     MIN_IMAGE_SIZE,
     OBJECTIVES,
     SCHEDULERS,
+    SELECT_BY,
     TrainConfig,
     check_pretrained_available,
 )
@@ -40,6 +41,10 @@ OBJECTIVE_LABELS = {
     "arcface": "ArcFace, additive angular margin (pytorch-metric-learning; labels)",
     "proxy_anchor": "Proxy Anchor (pytorch-metric-learning; labels)",
 }
+
+
+SELECT_BY_LABELS = {"val_loss": "lowest validation loss (the study's protocol)",
+                    "val_precision_at_10": "highest validation P@10 (head only)"}
 
 
 def _architecture_choices() -> list[tuple[str, str]]:
@@ -83,6 +88,11 @@ class TrainForm(forms.Form):
     early_stopping_patience = forms.IntegerField(min_value=0, initial=3,
                                                  help_text="stop after this many epochs without a better "
                                                            "validation loss (0: never)")
+    select_by = forms.ChoiceField(
+        choices=[(s, SELECT_BY_LABELS[s]) for s in SELECT_BY],
+        initial="val_loss", required=False, label="Keep the epoch with",
+        help_text="head-only training can rank the cached validation features against the train features after "
+                  "every epoch (about a second) and keep the epoch that retrieves best")
     augment = forms.BooleanField(required=False, initial=True, label="Augment training images")
     processes = forms.IntegerField(min_value=1, max_value=MAX_PROCESSES, initial=1, required=False,
                                    help_text="training processes on the worker's host (DistributedDataParallel, one "
@@ -101,8 +111,9 @@ class TrainForm(forms.Form):
         timm_model = (cleaned.get("timm_model") or "").strip()
         fields = {name: cleaned.get(name) for name in (
             "architecture", "objective", "epochs", "batch_size", "learning_rate", "embedding_dim", "image_size",
-            "scheduler", "early_stopping_patience", "augment")}
+            "scheduler", "early_stopping_patience", "augment", "select_by")}
         fields["processes"] = cleaned.get("processes") or 1
+        fields["select_by"] = cleaned.get("select_by") or "val_loss"
         try:
             if timm_model:
                 architecture = timm_model if timm_model.startswith("timm:") else f"timm:{timm_model}"
@@ -130,7 +141,7 @@ class TrainForm(forms.Form):
             self.add_error("timm_model", message)
             return
         for name in ("embedding_dim", "image_size", "batch_size", "learning_rate", "epochs", "objective",
-                     "scheduler", "early_stopping_patience", "pretrained", "processes", "augment", "head"):
+                     "scheduler", "early_stopping_patience", "pretrained", "processes", "augment", "head", "select_by"):
             if message.startswith(name) or f" {name} " in message:
                 self.add_error(name, message)
                 return

@@ -30,7 +30,7 @@ from search.models import Dataset, Image, Split
 from training.config import TrainConfig
 from training.features import FeatureCache
 from training.inference import resolve_device
-from training.loop import evaluate, fit
+from training.loop import VAL_PRECISION, evaluate, fit
 from training.networks.head import HeadNet
 from training.plan import VALIDATION_EVERY, check_train_labels, class_objective, epoch_seed, readable
 from training.runs import (
@@ -55,6 +55,28 @@ def _rows(dataset: Dataset, split: str) -> list[tuple[int, str, str | None, str]
     rows = Image.objects.filter(dataset=dataset, split=split).order_by("pk").values_list("pk", "file", "label",
                                                                                           "sha256")
     return [(pk, str(media / name), label or None, sha) for pk, name, label, sha in rows]
+
+
+@torch.no_grad()
+def precision_at_k(queries: torch.Tensor, query_labels: torch.Tensor, database: torch.Tensor,
+                   database_labels: torch.Tensor, k: int = 10, chunk: int = 2048) -> float:
+    """Mean P@k of exact cosine search: each row of `queries` (Q, D) a query
+    against the rows of `database` (N, D), any float dtype; a result is
+    relevant when its label (`database_labels`, (N,) int64) equals the
+    query's (`query_labels`, (Q,) int64). The denominator is k
+    (training.evaluation.metrics.precision_at_k's convention). Ties in score
+    follow torch.topk. Memory: a (chunk, N) float32 score block at a time.
+    Raises ValueError when there is no query or fewer than k database rows."""
+    if len(queries) == 0 or len(database) < k:
+        raise ValueError(f"P@{k} needs at least one query and {k} database rows, got {len(queries)} and "
+                         f"{len(database)}")
+    queries = torch.nn.functional.normalize(queries.float(), dim=1)
+    database = torch.nn.functional.normalize(database.float(), dim=1)
+    hits = 0
+    for lo in range(0, len(queries), chunk):
+        top = (queries[lo:lo + chunk] @ database.T).topk(k, dim=1).indices
+        hits += int((database_labels[top] == query_labels[lo:lo + chunk, None]).sum())
+    return hits / (k * len(queries))
 
 
 class FeaturePlan:
@@ -96,8 +118,8 @@ class FeaturePlan:
                                                           device, progress=on_features)
         mapping = {label: i for i, label in enumerate(self.classes)}
         labels = torch.tensor([mapping[str(row[2])] for row in train + val], dtype=torch.int64)
-        train_set = TensorDataset(features[:len(train)], labels[:len(train)])
-        val_set = TensorDataset(features[len(train):], labels[len(train):])
+        self.train_set = train_set = TensorDataset(features[:len(train)], labels[:len(train)])
+        self.val_set = TensorDataset(features[len(train):], labels[len(train):])
         torch.manual_seed(config.seed)  # the same from here on whether the features were cached or embedded
         self.objective: torch.nn.Module = class_objective(config.objective, head, len(self.classes))
         self.generator = torch.Generator()
@@ -112,7 +134,7 @@ class FeaturePlan:
         else:
             self.sampler = None
             self.train_loader = DataLoader(train_set, batch_size=batch, shuffle=True, generator=self.generator)
-        self.val_loader = DataLoader(val_set, batch_size=max(batch, 256), shuffle=False, generator=torch.Generator())
+        self.val_loader = DataLoader(self.val_set, batch_size=max(batch, 256), shuffle=False, generator=torch.Generator())
         self.n_batches = len(self.train_loader)
 
     def train_loader_for(self, epoch: int) -> DataLoader:
@@ -123,6 +145,19 @@ class FeaturePlan:
 
     def validate(self, model: torch.nn.Module, device: torch.device, autocast_dtype) -> float:
         return evaluate(model, self.objective, self.val_loader, device, autocast_dtype=autocast_dtype)
+
+    @torch.no_grad()
+    def val_precision(self, head: torch.nn.Module, device: torch.device) -> float:
+        """Validation P@10 of `head`: each validation feature, through the head,
+        a query against the train features through the head (exact cosine)."""
+        head.eval()
+        train_x, train_y = self.train_set.tensors
+        val_x, val_y = self.val_set.tensors
+
+        def embed(x: torch.Tensor) -> torch.Tensor:
+            return torch.cat([head(x[lo:lo + 4096].to(device)).float().cpu() for lo in range(0, len(x), 4096)])
+
+        return precision_at_k(embed(val_x), val_y, embed(train_x), train_y, k=min(10, len(train_x)))
 
 
 def train_head(dataset: Dataset, config: TrainConfig, checkpoint_dir: Path, progress, should_stop,
@@ -157,6 +192,8 @@ def train_head(dataset: Dataset, config: TrainConfig, checkpoint_dir: Path, prog
                   checkpoint_dir=checkpoint_dir, config=checkpoint_config, start_epoch=start_epoch,
                   history=history, best_val_loss=best_epoch(history)[1], on_batch=hooks.on_batch,
                   on_epoch=hooks.on_epoch, loader_for_epoch=hooks.loader_for_epoch, validate=lambda: plan.validate(head, device, None),
+                  val_precision=(lambda: plan.val_precision(head, device)) if config.select_by == VAL_PRECISION
+                  else None,
                   lr_for_epoch=lambda epoch: _learning_rate(config, epoch), stop_reason=hooks.stop_reason)
     best, best_val_loss = best_epoch(history)
     if not best or not best_path.exists() or not math.isfinite(best_val_loss):

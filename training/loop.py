@@ -28,6 +28,29 @@ from torch import nn
 LossFn = Callable[[nn.Module, Any, torch.device], torch.Tensor]
 Reduce = Callable[[float, int], tuple[float, int]]  # (loss total, images) of this process → of all processes
 CHECKPOINT_FORMAT = 1
+# The history key of the validation P@10 when a run keeps the epoch that retrieves best (fit's `val_precision`).
+VAL_PRECISION = "val_precision_at_10"
+
+
+def best_epoch(history: list[dict]) -> tuple[int, float]:
+    """(epoch, val loss) of the epoch to keep, the earliest on ties; (0, inf) when none qualifies.
+
+    The epoch with the lowest finite validation loss (the study's protocol),
+    or, when the history records a validation P@10 (key VAL_PRECISION: fit
+    was given `val_precision`), the epoch with the highest one. The one rule:
+    fit's best.pt, early stopping's patience, resuming and the published
+    version's "best_epoch" all read it."""
+    if any(VAL_PRECISION in h for h in history):
+        scored = [h for h in history if math.isfinite(h.get(VAL_PRECISION, math.nan)) and math.isfinite(h["val_loss"])]
+        if not scored:
+            return 0, math.inf
+        best = max(scored, key=lambda h: (h[VAL_PRECISION], -h["epoch"]))
+        return best["epoch"], best["val_loss"]
+    finite = [h for h in history if math.isfinite(h["val_loss"])]
+    if not finite:
+        return 0, math.inf
+    best = min(finite, key=lambda h: (h["val_loss"], h["epoch"]))
+    return best["epoch"], best["val_loss"]
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -212,6 +235,7 @@ def fit(model: nn.Module, loss_fn: LossFn, optimizer: torch.optim.Optimizer, tra
         on_epoch: Callable[[dict], None] | None = None,
         loader_for_epoch: Callable[[int], Iterable] | None = None,
         validate: Callable[[], float] | None = None,
+        val_precision: Callable[[], float] | None = None,
         lr_for_epoch: Callable[[int], float] | None = None,
         stop_reason: Callable[[list[dict]], str | None] | None = None,
         reduce: Reduce | None = None, checkpoint_model: nn.Module | None = None,
@@ -220,10 +244,11 @@ def fit(model: nn.Module, loss_fn: LossFn, optimizer: torch.optim.Optimizer, tra
     epochs, validating after each.
 
     After every epoch writes checkpoint_dir/last.pt (to resume from) and, when
-    the validation loss is the lowest so far, checkpoint_dir/best.pt (the
-    weights to publish). Returns the history: one dict per epoch with
+    the epoch is the best so far by best_epoch's rule, checkpoint_dir/best.pt
+    (the weights to publish). Returns the history: one dict per epoch with
     "epoch" (1-based), "train_loss", "val_loss" (mean per image), "seconds"
-    (wall time of the epoch, validation included), "lr" and "best" (bool).
+    (wall time of the epoch, validation included), "lr" and "best" (bool);
+    with `val_precision`, also VAL_PRECISION.
 
     Hooks, all optional: `loader_for_epoch(epoch)` gives the training loader of
     a 0-based epoch (else `train_loader`, whose epoch-aware sampler is told the
@@ -266,12 +291,14 @@ def fit(model: nn.Module, loss_fn: LossFn, optimizer: torch.optim.Optimizer, tra
             if val_loader is None:
                 raise ValueError("fit needs val_loader or validate")
             val_loss = evaluate(model, loss_fn, val_loader, device, autocast_dtype=autocast_dtype)
-        seconds = time.perf_counter() - started
-        is_best = math.isfinite(val_loss) and val_loss < best_val_loss
+        entry = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss}
+        if val_precision is not None:
+            entry[VAL_PRECISION] = float(val_precision())
+        entry.update(seconds=round(time.perf_counter() - started, 3), lr=lr)
+        kept, kept_loss = best_epoch(history + [entry])
+        entry["best"] = is_best = kept == epoch + 1
         if is_best:
-            best_val_loss = val_loss
-        entry = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss, "seconds": round(seconds, 3),
-                 "lr": lr, "best": is_best}
+            best_val_loss = kept_loss
         history.append(entry)
         if is_best and write_checkpoints:
             save_checkpoint(checkpoint_dir / "best.pt", saved, optimizer, epoch + 1, config, best_val_loss, history,

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from training.config import TrainConfig
-from training.loop import load_checkpoint
+from training.loop import VAL_PRECISION, best_epoch, load_checkpoint
 
 # progress(epoch, n_epochs, batch, n_batches, history): called after every
 # batch (epoch and batch 1-based, history = finished epochs) and once more
@@ -91,6 +91,14 @@ class EpochHooks:
             self.progress(entry["epoch"], self.config.epochs, self.n_batches, self.n_batches, self.history)
 
 
+def epoch_summary(entry: dict) -> str:
+    """One epoch of a history as text: "train loss 0.41, val loss 0.52[, val P@10 0.894]"."""
+    text = f"train loss {entry['train_loss']:.4f}, val loss {entry['val_loss']:.4f}"
+    if VAL_PRECISION in entry:
+        text += f", val P@10 {entry[VAL_PRECISION]:.4f}"
+    return text
+
+
 def _learning_rate(config: TrainConfig, epoch: int) -> float:
     """Learning rate for 0-based `epoch`: constant, or cosine from the base to 0
     over the planned epochs. A function of the epoch, so resuming needs no scheduler state."""
@@ -116,14 +124,6 @@ def _stop_reason(config: TrainConfig, history: list[dict]) -> str | None:
             return "time_limit"
     return None
 
-
-def best_epoch(history: list[dict]) -> tuple[int, float]:
-    """(epoch, val loss) of the lowest finite validation loss, the earliest on ties; (0, inf) when none."""
-    finite = [h for h in history if math.isfinite(h["val_loss"])]
-    if not finite:
-        return 0, math.inf
-    best = min(finite, key=lambda h: (h["val_loss"], h["epoch"]))
-    return best["epoch"], best["val_loss"]
 
 
 def _resume(last: Path, config: TrainConfig, plan, model, optimizer) -> tuple[int, list[dict]]:

@@ -21,6 +21,7 @@ from search.models import Dataset, Job
 from training.config import TrainConfig, check_pretrained_available
 from training.models import ModelVersion
 from training.plan import check_dataset
+from training.runs import epoch_summary
 from training.trainer import TrainingStopped, train
 from training.versions import create_version_from_checkpoint, json_safe
 
@@ -130,8 +131,8 @@ def _train_job(run: runner.Run) -> str:
                 Job.objects.filter(pk=job_id).update(result=json_safe({"phase": "training", "history": history}))
                 if history and history[-1]["epoch"] == epoch:
                     h = history[-1]
-                    run.log(f"epoch {h['epoch']}: train loss {h['train_loss']:.4g}, val loss {h['val_loss']:.4g}"
-                            f"{' (best)' if h['best'] else ''}, {h['seconds']:.1f} s")
+                    run.log(f"epoch {h['epoch']}: {epoch_summary(h)}{' (best)' if h['best'] else ''}, "
+                            f"{h['seconds']:.1f} s")
 
         def on_features(done: int, total: int) -> None:
             run.progress(done, total, f"caching backbone features: {done}/{total} images", force=done == total)

@@ -15,11 +15,12 @@ from tqdm import tqdm
 
 from search.management.progress import progress_bar
 from search.models import Dataset, Job
-from training.config import OBJECTIVES, SCHEDULERS, TrainConfig, check_pretrained_available
+from training.config import OBJECTIVES, SCHEDULERS, SELECT_BY, TrainConfig, check_pretrained_available
 from training.networks import head as head_network
 from training.networks.base import WeightsUnavailable
 from training.networks.registry import ARCHITECTURES
 from training.plan import check_dataset
+from training.runs import epoch_summary
 from training.train_job import index_and_evaluate
 from training.trainer import TrainingStopped, train
 from training.versions import create_initial_version, create_version_from_checkpoint
@@ -58,6 +59,10 @@ class Command(BaseCommand):
         parser.add_argument("--objective", choices=OBJECTIVES, default="auto")
         parser.add_argument("--scheduler", choices=SCHEDULERS, default="none")
         parser.add_argument("--patience", type=int, default=3, help="early stopping patience in epochs (0: off)")
+        parser.add_argument("--select-by", choices=SELECT_BY, default="val_loss",
+                            help="which epoch is kept: the lowest validation loss (the study's protocol), or with "
+                                 "--head-only the highest validation P@10 (validation images as queries against the "
+                                 "train images, on the cached features)")
         parser.add_argument("--time-limit", type=float, default=None, help="seconds of training at most")
         parser.add_argument("--no-augment", action="store_true")
         parser.add_argument("--num-workers", type=int, default=None)
@@ -92,7 +97,7 @@ class Command(BaseCommand):
                 scheduler=options["scheduler"], early_stopping_patience=options["patience"],
                 time_limit_s=options["time_limit"], augment=False if options["no_augment"] else None,
                 num_workers=options["num_workers"], image_size=options["image_size"], seed=options["seed"],
-                processes=options["processes"])
+                processes=options["processes"], select_by=options["select_by"])
             check_dataset(dataset, config)
             check_pretrained_available(config)
         except (ValueError, WeightsUnavailable) as exc:
@@ -136,8 +141,7 @@ class Command(BaseCommand):
             bar.refresh()
             for h in history[printed[0]:]:
                 bar.clear()
-                self.stdout.write(f"epoch {h['epoch']:>3}: train loss {h['train_loss']:.4f}  "
-                                  f"val loss {h['val_loss']:.4f}  {h['seconds']:.1f} s"
+                self.stdout.write(f"epoch {h['epoch']:>3}: {epoch_summary(h)}, {h['seconds']:.1f} s"
                                   f"{'  best' if h['best'] else ''}")
                 self.stdout.flush()
             printed[0] = len(history)
@@ -176,8 +180,8 @@ class Command(BaseCommand):
         with progress_bar(f"embedding {dataset.name} with {version.name}", disable=options["no_progress"]) as bar2:
             report, evaluation = index_and_evaluate(version, dataset, progress=bar2)
         self.stdout.write(
-            f"best epoch {result.best_epoch} of {len(result.history)} ({result.stop_reason}): val loss "
-            f"{result.best_val_loss:.4f}; {result.seconds_per_epoch:.1f} s per epoch on {result.device} "
+            f"best epoch {result.best_epoch} of {len(result.history)} ({result.stop_reason}, by "
+            f"{config.select_by}): {epoch_summary(result.history[result.best_epoch - 1])}; {result.seconds_per_epoch:.1f} s per epoch on {result.device} "
             f"({result.n_train} training, {result.n_val} validation images"
             f"{PAIRS.get(result.pairs or '', '')})")
         failed = f", {len(report.failed)} failed" if report.failed else ""
@@ -219,8 +223,7 @@ class Command(BaseCommand):
                 history = (job.result or {}).get("history") or []
                 for h in history[printed:]:
                     bar.clear()
-                    self.stdout.write(f"epoch {h['epoch']:>3}: train loss {h['train_loss']:.4f}  "
-                                      f"val loss {h['val_loss']:.4f}  {h['seconds']:.1f} s")
+                    self.stdout.write(f"epoch {h['epoch']:>3}: {epoch_summary(h)}, {h['seconds']:.1f} s")
                 printed = len(history)
                 if job.is_finished:
                     break
