@@ -11,7 +11,7 @@ head-only training uses by default (training.plan.class_objective
 "normalized_softmax": pytorch-metric-learning's NormalizedSoftmaxLoss) on
 the train split's cached features (Adam, batches of 256, seed 0), and after every
 epoch prints the validation loss and the validation P@10 (each validation
-image a query against the train images, exact cosine in torch, training.head_training.precision_at_k, what
+image a query against the train images, exact cosine in torch, training.head_training.feature_precision_at_k, what
 `train --select-by val_precision_at_10` computes). It answers
 one question: does the epoch with the lowest validation loss (what `train`
 keeps, the study's protocol) have the best retrieval? The test split is not
@@ -43,7 +43,7 @@ def main(argv=None) -> int:
     import torch
 
     from search.models import Image
-    from training.head_training import precision_at_k
+    from training.head_training import feature_precision_at_k
     from training.networks.head import ProjectionHead
     from training.plan import class_objective
 
@@ -61,7 +61,7 @@ def main(argv=None) -> int:
     x = features[keep]
     x_train, y_train, x_val, y_val = x[is_train], labels[is_train], x[~is_train], labels[~is_train]
     print(f"{args.dataset}: {len(x_train):,} train and {len(x_val):,} validation features of {x.shape[1]} dimensions, "
-          f"{len(classes)} classes; frozen validation P@10 {precision_at_k(x_val, y_val, x_train, y_train):.4f}")
+          f"{len(classes)} classes; frozen validation P@10 {feature_precision_at_k(x_val, y_val, x_train, y_train):.4f}")
     for spec in args.configs.split(","):
         kind, dimension, lr, *rest = spec.split(":")
         weight_decay = float(rest[0]) if rest else 0.0
@@ -84,7 +84,7 @@ def main(argv=None) -> int:
             with torch.no_grad():
                 val_loss = sum(objective(head, (x_val[lo:lo + 256], y_val[lo:lo + 256]), cpu).item()
                                * len(y_val[lo:lo + 256]) for lo in range(0, len(y_val), 256)) / len(y_val)
-                p10 = precision_at_k(head(x_val), y_val, head(x_train), y_train)
+                p10 = feature_precision_at_k(head(x_val), y_val, head(x_train), y_train)
             curve.append((epoch, val_loss, p10))
         by_loss = min(curve, key=lambda c: c[1])
         by_p10 = max(curve, key=lambda c: c[2])

@@ -54,7 +54,7 @@ def test_head_settings_resolve_and_bad_ones_are_refused():
 def test_feature_precision_at_k_matches_the_retrieval_metric_on_ranked_lists():
     from training.evaluation.metrics import precision_at_k as ranked_precision
     from training.evaluation.metrics import rank_with_ties
-    from training.head_training import precision_at_k
+    from training.head_training import feature_precision_at_k
 
     generator = torch.Generator().manual_seed(0)
     database_labels, query_labels = torch.randint(0, 3, (40,), generator=generator), torch.tensor([0, 1, 2, 1, 0])
@@ -65,12 +65,12 @@ def test_feature_precision_at_k_matches_the_retrieval_metric_on_ranked_lists():
         scores = torch.nn.functional.cosine_similarity(query[None], database).tolist()
         ranking = rank_with_ties(scores, list(range(40)))
         expected.append(ranked_precision([int(database_labels[i]) == int(label) for i in ranking], 10))
-    value = precision_at_k(queries, query_labels, database, database_labels, k=10, chunk=2)
+    value = feature_precision_at_k(queries, query_labels, database, database_labels, k=10, chunk=2)
     assert value == pytest.approx(sum(expected) / 5) and 0 < value < 1
     # Scaling a feature does not change cosine ranks.
-    assert precision_at_k(queries * 3, query_labels, database, database_labels) == pytest.approx(value)
+    assert feature_precision_at_k(queries * 3, query_labels, database, database_labels) == pytest.approx(value)
     with pytest.raises(ValueError, match="at least one query and 10 database rows"):
-        precision_at_k(queries, query_labels, database[:9], database_labels[:9])
+        feature_precision_at_k(queries, query_labels, database[:9], database_labels[:9])
 
 
 @pytest.mark.parametrize("name", sorted(METRIC_LOSSES))
@@ -128,7 +128,7 @@ def test_head_training_caches_features_and_publishes_backbone_plus_head(labelled
 
 
 def test_head_training_can_keep_the_epoch_with_the_best_validation_precision(labelled, tmp_path):
-    from training.head_training import precision_at_k
+    from training.head_training import feature_precision_at_k
     from training.loop import VAL_PRECISION
 
     result = train(labelled, head_config(epochs=3, select_by="val_precision_at_10", early_stopping_patience=0),
@@ -148,7 +148,7 @@ def test_head_training_can_keep_the_epoch_with_the_best_validation_precision(lab
     for split, images in rows.items():
         x, _ = cache.features_for([(i.pk, i.file.path, i.sha256) for i in images], torch.device("cpu"))
         features[split] = (network.head.eval()(x).detach(), torch.tensor([classes.index(i.label) for i in images]))
-    assert precision_at_k(*features["val"], *features["train"]) == pytest.approx(max(precisions))
+    assert feature_precision_at_k(*features["val"], *features["train"]) == pytest.approx(max(precisions))
 
 
 def test_the_cache_re_embeds_only_new_or_changed_images(labelled, tmp_path):

@@ -58,7 +58,7 @@ def _rows(dataset: Dataset, split: str) -> list[tuple[int, str, str | None, str]
 
 
 @torch.no_grad()
-def precision_at_k(queries: torch.Tensor, query_labels: torch.Tensor, database: torch.Tensor,
+def feature_precision_at_k(queries: torch.Tensor, query_labels: torch.Tensor, database: torch.Tensor,
                    database_labels: torch.Tensor, k: int = 10, chunk: int = 2048) -> float:
     """Mean P@k of exact cosine search: each row of `queries` (Q, D) a query
     against the rows of `database` (N, D), any float dtype; a result is
@@ -157,7 +157,7 @@ class FeaturePlan:
         def embed(x: torch.Tensor) -> torch.Tensor:
             return torch.cat([head(x[lo:lo + 4096].to(device)).float().cpu() for lo in range(0, len(x), 4096)])
 
-        return precision_at_k(embed(val_x), val_y, embed(train_x), train_y, k=min(10, len(train_x)))
+        return feature_precision_at_k(embed(val_x), val_y, embed(train_x), train_y, k=min(10, len(train_x)))
 
 
 def train_head(dataset: Dataset, config: TrainConfig, checkpoint_dir: Path, progress, should_stop,
