@@ -1,7 +1,8 @@
 """A million images on one machine: load, index build and search at N rows.
 
     .venv/bin/python bench/scale.py --n 100000 [--dim 1280] [--clusters 256] [--like VERSION] [--queries 60]
-        [--k 10] [--ef-search 40,100,200,400] [--compare-queries 20] [--reuse] [--keep] [--unfiltered-only] [--json]
+        [--k 10] [--ef-search 40,100,200,400] [--compare-queries 20] [--reuse] [--keep] [--unfiltered-only]
+        [--lid-only] [--json]
 
 Loads N unit vectors into the project's own tables. Two kinds of data:
 
@@ -17,10 +18,11 @@ How hard a set is for nearest-neighbour search is measured by its local
 intrinsic dimensionality (LID, the maximum-likelihood estimate of Levina &
 Bickel 2004 in the form of Amsaleg et al., KDD 2015, over each query's 100
 nearest rows; Aumüller & Ceccarello 2019 show ANN recall falls as LID rises),
-printed for every run. Measured at 55,887 rows (docs/scaling.md): the real
-EfficientNet-Lite0 embeddings of Fashion-MNIST have a median LID of 18.8, the
-per-label Gaussian fit 34.0, the isotropic clusters 78.8: the clusters are far
-harder than real embeddings, the fit still harder.
+printed for every run (--lid-only: only that, nothing written). Measured
+at 55,887 rows (docs/scaling.md): the real EfficientNet-Lite0 embeddings of
+Fashion-MNIST have a median LID of 18.2, their per-label Gaussian fit 33.9,
+the isotropic clusters 77.9: both synthetic sets are harder than the real
+embeddings, the clusters far harder.
 
 The vectors go in through the project's own code
 through its own code: images with bulk_create, embeddings with
@@ -79,6 +81,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--keep", action="store_true", help="leave the scratch data in the database")
     parser.add_argument("--unfiltered-only", action="store_true",
                         help="skip the filtered cases (for tuning m and ef_construction with --reuse)")
+    parser.add_argument("--lid-only", action="store_true",
+                        help="only make the data and print the queries' LID (and, with --like, the real "
+                             "embeddings'): nothing is written to the database")
     parser.add_argument("--json", action="store_true")
     return parser.parse_args(argv)
 
@@ -101,33 +106,62 @@ def clustered_vectors(n: int, dim: int, clusters: int, rng: np.random.Generator,
     return points
 
 
-def fit_per_label(version_name: str) -> list[tuple[str, int, np.ndarray, np.ndarray, np.ndarray]]:
-    """(label, rows, mean (D,), singular values / sqrt(rows) (r,), right
-    singular vectors (r, D)) for each label of a stored model version's
-    embeddings, all float32; unlabelled images form one group, and a group of
-    one row is left out. Raises SystemExit when the version is unknown or no
-    group is left."""
+def stored_vectors(version_name: str) -> tuple[np.ndarray, list[str], list[str]]:
+    """(vectors (M, D) float32, L2-normalised; label of each, "" when none;
+    split of each) of a stored model version's embeddings. Raises SystemExit
+    when the version is unknown or has no embedding."""
     from search.models import Embedding
     from training.models import ModelVersion
 
     version = ModelVersion.objects.filter(name=version_name).first()
     if version is None:
         raise SystemExit(f"--like: no model version named {version_name!r}")
-    groups: dict[str, list[np.ndarray]] = {}
-    rows = Embedding.objects.filter(model_version=version).values_list("vector", "image__label")
-    for vector, label in rows.iterator(chunk_size=5000):
-        groups.setdefault(label or "", []).append(np.asarray(vector, dtype=np.float32))
-    groups = {label: members for label, members in groups.items() if len(members) >= 2}
+    vectors, labels, splits = [], [], []
+    rows = Embedding.objects.filter(model_version=version).values_list("vector", "image__label", "image__split")
+    for vector, label, split in rows.iterator(chunk_size=5000):
+        vectors.append(np.asarray(vector, dtype=np.float32))
+        labels.append(label or "")
+        splits.append(split)
+    if not vectors:
+        raise SystemExit(f"--like: {version_name} has no embeddings")
+    x = np.stack(vectors)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x, labels, splits
+
+
+def fit_per_label(vectors: np.ndarray, labels: list[str]) -> list[tuple[str, int, np.ndarray, np.ndarray, np.ndarray]]:
+    """(label, rows, mean (D,), singular values / sqrt(rows) (r,), right
+    singular vectors (r, D)) for each label of `vectors` (stored_vectors'),
+    all float32; unlabelled rows form one group, and a group of one row is
+    left out. Raises SystemExit when no group is left."""
+    groups: dict[str, list[int]] = {}
+    for row, label in enumerate(labels):
+        groups.setdefault(label, []).append(row)
+    groups = {label: rows for label, rows in groups.items() if len(rows) >= 2}
     if not groups:
-        raise SystemExit(f"--like: {version_name} has no label with 2 or more embeddings to fit")
+        raise SystemExit("--like: no label with 2 or more embeddings to fit")
     fits = []
-    for label, members in sorted(groups.items()):
-        x = np.stack(members)
-        x /= np.linalg.norm(x, axis=1, keepdims=True)
+    for label, rows in sorted(groups.items()):
+        x = vectors[rows]
         mean = x.mean(axis=0)
         _, singular, basis = np.linalg.svd(x - mean, full_matrices=False)
         fits.append((label, len(x), mean, (singular / np.sqrt(len(x))).astype(np.float32), basis.astype(np.float32)))
     return fits
+
+
+def real_lid(vectors: np.ndarray, splits: list[str], queries: int = 500) -> tuple[float, int]:
+    """(median LID@100, rows searched) of a stored version's own embeddings:
+    up to `queries` test-split rows (spread over the split; the last rows when
+    there is no test split) as queries against every other row."""
+    is_test = np.array([split == "test" for split in splits])
+    if is_test.any():
+        pool, base = np.flatnonzero(is_test), ~is_test
+    else:
+        pool = np.arange(max(0, len(vectors) - queries), len(vectors))
+        base = np.ones(len(vectors), dtype=bool)
+        base[pool] = False
+    chosen = pool[np.linspace(0, len(pool) - 1, min(queries, len(pool))).astype(int)]
+    return local_intrinsic_dimension(vectors[chosen] @ vectors[base].T), int(base.sum())
 
 
 def fitted_vectors(n: int, fits, rng: np.random.Generator, chunk: int = 50_000) -> np.ndarray:
@@ -186,7 +220,9 @@ def data(args) -> tuple[np.ndarray, np.ndarray]:
     """(the N stored vectors, the query vectors), the same for the same arguments."""
     rng = np.random.default_rng(SEED)
     if args.like:
-        fits = fit_per_label(args.like)
+        vectors, labels, splits = stored_vectors(args.like)
+        fits = fit_per_label(vectors, labels)
+        args.real_lid = real_lid(vectors, splits)
         args.dim = len(fits[0][2])
         both = fitted_vectors(args.n + 2 * args.queries, fits, rng)
     else:
@@ -382,6 +418,8 @@ def run(args) -> dict:
                     "ef_construction": settings.CBIR_HNSW_EF_CONSTRUCTION,
                     "max_scan_tuples": settings.CBIR_HNSW_MAX_SCAN_TUPLES,
                     "exact_search_max_rows": settings.CBIR_EXACT_SEARCH_MAX_ROWS}
+    if args.like:
+        report["real_lid"], report["real_rows"] = round(args.real_lid[0], 1), args.real_lid[1]
     report["load"] = load(version, datasets, vectors, args) if fresh else {"reused": True}
     ids = image_ids(version, args)
     report["build"] = build(version)
@@ -399,6 +437,9 @@ def print_report(r: dict) -> None:
     print(f"N = {r['n']:,} unit vectors, {r['dim']}-d, {r['data']} (median LID@100 of the queries "
           f"{r['search']['lid']}); k = {r['k']}, {r['queries']} queries; m = {r['m']}, "
           f"ef_construction = {r['ef_construction']}")
+    if "real_lid" in r:
+        print(f"(the real embeddings of {r['data'][5:]}: median LID@100 {r['real_lid']}, test-split queries against "
+              f"{r['real_rows']:,} other rows)")
     load = r["load"]
     if load.get("reused"):
         print("load: reused rows from an earlier run")
@@ -440,9 +481,30 @@ def print_report(r: dict) -> None:
         print("WARNING:", warning)
 
 
+def lid_only(args) -> dict:
+    """The data's hardness without the database: the queries' LID against the
+    N generated rows (float32, not rounded to halfvec), and with --like the
+    real embeddings' own."""
+    vectors, queries = data(args)
+    report = {"n": args.n, "data": f"like {args.like}" if args.like else f"{args.clusters} clusters",
+              "lid": round(local_intrinsic_dimension(exact_scores(vectors, queries[args.queries:])), 1)}
+    if args.like:
+        report["real_lid"], report["real_rows"] = round(args.real_lid[0], 1), args.real_lid[1]
+    return report
+
+
+def print_lid(r: dict) -> None:
+    print(f"N = {r['n']:,} rows, {r['data']}: median LID@100 of the queries {r['lid']}")
+    if "real_lid" in r:
+        print(f"the real embeddings: median LID@100 {r['real_lid']} (test-split queries against "
+              f"{r['real_rows']:,} other rows)")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     setup_django()
+    if args.lid_only:
+        return emit(lid_only(args), args.json, print_lid)
     return emit(run(args), args.json, print_report)
 
 
