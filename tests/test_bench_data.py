@@ -41,7 +41,8 @@ def test_the_isotropic_clusters_are_high_dimensional_and_a_label_fit_keeps_the_l
     centres = np.eye(256, dtype=np.float32)[:2]
     spread = np.linalg.qr(rng.standard_normal((256, 3)))[0].T.astype(np.float32)
     real = [centres[i] + 0.2 * rng.standard_normal((400, 3)).astype(np.float32) @ spread for i in (0, 1)]
-    fits = [(label, len(x), x.mean(0), *scale_and_basis(x)) for label, x in zip("ab", real)]
+    fits = scale.fit_per_label(np.vstack(real), ["a"] * 400 + ["b"] * 400 + [])
+    assert [(label, rows) for label, rows, *_ in fits] == [("a", 400), ("b", 400)]
     drawn = scale.fitted_vectors(2_000, fits, np.random.default_rng(2))
     assert drawn.shape == (2_000, 256) and np.allclose(np.linalg.norm(drawn, axis=1), 1, atol=1e-5)
     nearer_a = (drawn @ centres[0] > drawn @ centres[1]).mean()
@@ -51,8 +52,7 @@ def test_the_isotropic_clusters_are_high_dimensional_and_a_label_fit_keeps_the_l
     residual = drawn - (drawn @ span) @ span.T
     assert np.abs(residual).max() < 1e-4
 
-
-def scale_and_basis(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """As fit_per_label computes them for one label (without the L2 normalisation of stored rows)."""
-    _, singular, basis = np.linalg.svd(x - x.mean(0), full_matrices=False)
-    return (singular / np.sqrt(len(x))).astype(np.float32), basis.astype(np.float32)
+    # The real set's own LID: its test rows against the others.
+    unit = np.vstack(real) / np.linalg.norm(np.vstack(real), axis=1, keepdims=True)
+    lid, searched = scale.real_lid(unit, ["train"] * 700 + ["test"] * 100, queries=50)
+    assert searched == 700 and 1.5 < lid < 5
