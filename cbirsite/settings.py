@@ -215,8 +215,10 @@ CBIR_LOADER_WORKERS = env_int("CBIR_LOADER_WORKERS", -1, minimum=-1, maximum=64)
 # at 100k rows for under a millisecond more than 100 (docs/scaling.md).
 CBIR_HNSW_EF_SEARCH = env_int("CBIR_HNSW_EF_SEARCH", 200, minimum=1, maximum=1000)
 # HNSW build parameters of new indexes (docs/scaling.md has the recall-latency curve).
+# ef_construction 128, not pgvector's 64: at 1M rows shaped like real embeddings,
+# recall@10 at ef_search 200 went from 0.968 to 0.987 for a 1.65x longer build.
 CBIR_HNSW_M = env_int("CBIR_HNSW_M", 16, minimum=2, maximum=100)
-CBIR_HNSW_EF_CONSTRUCTION = env_int("CBIR_HNSW_EF_CONSTRUCTION", 64, minimum=4, maximum=1000)
+CBIR_HNSW_EF_CONSTRUCTION = env_int("CBIR_HNSW_EF_CONSTRUCTION", 128, minimum=4, maximum=1000)
 # A filtered search walks the index until k rows match or it has visited this
 # many tuples (pgvector's hnsw.max_scan_tuples; its default is 20,000).
 CBIR_HNSW_MAX_SCAN_TUPLES = env_int("CBIR_HNSW_MAX_SCAN_TUPLES", 100_000, minimum=1)
