@@ -15,8 +15,8 @@ Loads N unit vectors into the project's own tables. Two kinds of data:
                        are kept.
 
 How hard a set is for nearest-neighbour search is measured by its local
-intrinsic dimensionality (LID, the maximum-likelihood estimate of Levina &
-Bickel 2004 in the form of Amsaleg et al., KDD 2015, over each query's 100
+intrinsic dimensionality (LID: the maximum-likelihood estimate of Levina &
+Bickel 2004, as Amsaleg et al., KDD 2015, use it, over each query's 100
 nearest rows; Aumüller & Ceccarello 2019 show ANN recall falls as LID rises),
 printed for every run (--lid-only: only that, nothing written). Measured
 at 55,887 rows (docs/scaling.md): the real EfficientNet-Lite0 embeddings of
@@ -24,8 +24,7 @@ Fashion-MNIST have a median LID of 18.2, their per-label Gaussian fit 33.9,
 the isotropic clusters 77.9: both synthetic sets are harder than the real
 embeddings, the clusters far harder.
 
-The vectors go in through the project's own code
-through its own code: images with bulk_create, embeddings with
+The vectors go in through the project's own code: images with bulk_create, embeddings with
 search.indexing.copy_embeddings (binary COPY), under a scratch model version
 "bench-scale-<dim>" of the tiny network made by training/versions.py. The
 images are split into datasets holding 0.01 %, 0.1 %, 1 % and 10 % of the
@@ -34,7 +33,7 @@ rows and the rest (88.89 %), so a dataset filter has those selectivities.
 Then builds the version's HNSW index through the code path jobs use
 (search.indexing.build_hnsw_index: CONCURRENTLY, memory sized from the rows,
 progress read from pg_stat_progress_create_index) and queries it with
-`--queries` fresh points from the same clusters, against numpy's exact top k
+`--queries` fresh points drawn like the rows (not stored), against numpy's exact top k
 over the same halfvec-rounded vectors:
 
   unfiltered       p50/p95 latency and recall@k for each ef_search of --ef-search
@@ -117,7 +116,8 @@ def stored_vectors(version_name: str) -> tuple[np.ndarray, list[str], list[str]]
     if version is None:
         raise SystemExit(f"--like: no model version named {version_name!r}")
     vectors, labels, splits = [], [], []
-    rows = Embedding.objects.filter(model_version=version).values_list("vector", "image__label", "image__split")
+    rows = (Embedding.objects.filter(model_version=version).order_by("pk")
+            .values_list("vector", "image__label", "image__split"))
     for vector, label, split in rows.iterator(chunk_size=5000):
         vectors.append(np.asarray(vector, dtype=np.float32))
         labels.append(label or "")
@@ -152,7 +152,9 @@ def fit_per_label(vectors: np.ndarray, labels: list[str]) -> list[tuple[str, int
 def real_lid(vectors: np.ndarray, splits: list[str], queries: int = 500) -> tuple[float, int]:
     """(median LID@100, rows searched) of a stored version's own embeddings:
     up to `queries` test-split rows (spread over the split; the last rows when
-    there is no test split) as queries against every other row."""
+    there is no test split) as queries against every row outside the test
+    split (every other row when there is none). Raises SystemExit when fewer
+    than 101 rows would be searched."""
     is_test = np.array([split == "test" for split in splits])
     if is_test.any():
         pool, base = np.flatnonzero(is_test), ~is_test
@@ -160,6 +162,9 @@ def real_lid(vectors: np.ndarray, splits: list[str], queries: int = 500) -> tupl
         pool = np.arange(max(0, len(vectors) - queries), len(vectors))
         base = np.ones(len(vectors), dtype=bool)
         base[pool] = False
+    if base.sum() <= 100 or len(pool) == 0:
+        raise SystemExit(f"--like: the real embeddings' LID needs test rows and over 100 others; there are "
+                         f"{len(pool)} and {int(base.sum())}")
     chosen = pool[np.linspace(0, len(pool) - 1, min(queries, len(pool))).astype(int)]
     return local_intrinsic_dimension(vectors[chosen] @ vectors[base].T), int(base.sum())
 
@@ -184,14 +189,22 @@ def fitted_vectors(n: int, fits, rng: np.random.Generator, chunk: int = 50_000) 
 
 
 def local_intrinsic_dimension(scores: np.ndarray, k: int = 100) -> float:
-    """Median over queries of the maximum-likelihood LID (Amsaleg et al. 2015:
-    -1 / mean_i log(d_i / d_k)) from each query's k nearest rows; `scores` is
-    exact_scores' (queries, N) cosine block, distances are Euclidean between
-    unit vectors, sqrt(2 - 2 cos)."""
+    """Median over queries of the maximum-likelihood LID from each query's k
+    nearest rows: -(k - 1) / sum_i log(d_i / d_k) over i < k (Levina & Bickel,
+    NIPS 2004; the estimator Amsaleg et al., KDD 2015, study for LID). `scores`
+    is a (queries, N) block of cosine similarities (exact_scores'); distances
+    are Euclidean between unit vectors, sqrt(2 - 2 cos). The queries must not
+    be among the N rows. Rows at distance 0 (copies of the query) carry no
+    information on dimension and are left out of that query's sum; a query
+    whose k-th neighbour is a copy is left out."""
     k = min(k, scores.shape[1])
     top = -np.sort(-np.partition(scores, -k, axis=1)[:, -k:], axis=1)
-    distances = np.sqrt(np.maximum(2 - 2 * top.astype(np.float64), 1e-12))
-    return float(np.median(-1 / np.mean(np.log(distances[:, :-1] / distances[:, -1:]), axis=1)))
+    distances = np.sqrt(np.maximum(2 - 2 * top.astype(np.float64), 0.0))
+    ratios = distances[:, :-1] / np.where(distances[:, -1:] > 0, distances[:, -1:], np.nan)
+    logs = np.where(ratios > 0, np.log(np.where(ratios > 0, ratios, 1.0)), np.nan)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        estimates = -np.sum(~np.isnan(logs), axis=1) / np.nansum(logs, axis=1)
+    return float(np.nanmedian(np.where(np.isfinite(estimates), estimates, np.nan)))
 
 
 def round_to_halfvec_(vectors: np.ndarray, chunk: int = 50_000) -> np.ndarray:
@@ -223,6 +236,7 @@ def data(args) -> tuple[np.ndarray, np.ndarray]:
         vectors, labels, splits = stored_vectors(args.like)
         fits = fit_per_label(vectors, labels)
         args.real_lid = real_lid(vectors, splits)
+        args.like_rows = len(vectors)
         args.dim = len(fits[0][2])
         both = fitted_vectors(args.n + 2 * args.queries, fits, rng)
     else:
@@ -246,7 +260,8 @@ def scratch(args):
         raise SystemExit(f"{name} is the active model version; activate another before benchmarking")
     datasets = {label: f"bench-scale-{label}" for label, _ in dataset_sizes(args.n)}
     expected = sum(size for _, size in dataset_sizes(args.n))
-    kind = f"bench/scale.py data: {args.like and f'like {args.like}' or f'{args.clusters} clusters'}, seed {SEED}"
+    source = f"like {args.like} ({args.like_rows} rows)" if args.like else f"{args.clusters} clusters"
+    kind = f"bench/scale.py data: {source}, seed {SEED}"  # --reuse only reuses rows made the same way
     if args.reuse and version is not None and version.notes == kind and version.embeddings.count() == expected and all(
             Dataset.objects.filter(name=d).exists() for d in datasets.values()):
         return version, {label: Dataset.objects.get(name=d) for label, d in datasets.items()}, False

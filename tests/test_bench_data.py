@@ -28,8 +28,12 @@ def scores_in_subspace(intrinsic: int, n: int = 20_000, queries: int = 50, ambie
 
 @pytest.mark.parametrize("intrinsic", [4, 12])
 def test_lid_recovers_the_dimension_of_the_data(intrinsic):
-    lid = scale.local_intrinsic_dimension(scores_in_subspace(intrinsic), k=100)
+    scores = scores_in_subspace(intrinsic)
+    lid = scale.local_intrinsic_dimension(scores, k=100)
     assert intrinsic * 0.7 < lid < intrinsic * 1.4
+    # Copies of a query (distance 0) are left out, not turned into an infinite or negative estimate.
+    with_copies = np.hstack([scores, np.ones((len(scores), 3), dtype=np.float32)])
+    assert scale.local_intrinsic_dimension(with_copies, k=103) == pytest.approx(lid, rel=0.05)
 
 
 def test_the_isotropic_clusters_are_high_dimensional_and_a_label_fit_keeps_the_labels_apart():

@@ -231,3 +231,12 @@ def test_a_head_only_training_job_caches_trains_and_publishes(labelled):
     assert job.result["features"]["embedded"] == job.result["n_train"] + job.result["n_val"]
     assert Embedding.objects.filter(model_version=job.model_version).count() == labelled.images.count()
     assert 0 <= job.result["evaluation"]["precision_at_k"] <= 1
+
+
+def test_a_run_does_not_resume_under_the_other_selection_rule(labelled, tmp_path):
+    train(labelled, head_config(epochs=1), checkpoint_dir=tmp_path / "run")
+    with pytest.raises(ValueError, match="select_by: checkpoint 'val_loss', now 'val_precision_at_10'"):
+        train(labelled, head_config(epochs=2, select_by="val_precision_at_10"), checkpoint_dir=tmp_path / "run",
+              resume=True)
+    resumed = train(labelled, head_config(epochs=2), checkpoint_dir=tmp_path / "run", resume=True)
+    assert resumed.resumed_from_epoch == 1 and len(resumed.history) == 2

@@ -227,9 +227,10 @@ class TrainConfig:
         return apply_image_size(model, self.image_size)
 
     def model_key(self) -> dict:
-        """What a checkpoint must agree on to be resumed with this config."""
+        """What a checkpoint must agree on to be resumed with this config
+        (select_by too: a history scored by one rule cannot be continued by the other)."""
         return {k: getattr(self, k) for k in ("architecture", "embedding_dim", "image_size", "objective", "backbone",
-                                              "head")}
+                                              "head", "select_by")}
 
 
 def apply_image_size(model: EmbeddingNet, image_size: int | None) -> EmbeddingNet:

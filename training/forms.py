@@ -86,8 +86,8 @@ class TrainForm(forms.Form):
     scheduler = forms.ChoiceField(choices=[(s, s) for s in SCHEDULERS], initial="none",
                                   help_text="cosine: the learning rate decays to 0 over the epochs")
     early_stopping_patience = forms.IntegerField(min_value=0, initial=3,
-                                                 help_text="stop after this many epochs without a better "
-                                                           "validation loss (0: never)")
+                                                 help_text="stop after this many epochs without a better one "
+                                                           "by the rule below (0: never)")
     select_by = forms.ChoiceField(
         choices=[(s, SELECT_BY_LABELS[s]) for s in SELECT_BY],
         initial="val_loss", required=False, label="Keep the epoch with",

@@ -59,7 +59,7 @@ def _rows(dataset: Dataset, split: str) -> list[tuple[int, str, str | None, str]
 
 @torch.no_grad()
 def feature_precision_at_k(queries: torch.Tensor, query_labels: torch.Tensor, database: torch.Tensor,
-                   database_labels: torch.Tensor, k: int = 10, chunk: int = 2048) -> float:
+                           database_labels: torch.Tensor, k: int = 10, chunk: int = 2048) -> float:
     """Mean P@k of exact cosine search: each row of `queries` (Q, D) a query
     against the rows of `database` (N, D), any float dtype; a result is
     relevant when its label (`database_labels`, (N,) int64) equals the
@@ -148,8 +148,10 @@ class FeaturePlan:
 
     @torch.no_grad()
     def val_precision(self, head: torch.nn.Module, device: torch.device) -> float:
-        """Validation P@10 of `head`: each validation feature, through the head,
-        a query against the train features through the head (exact cosine)."""
+        """Validation P@10 of `head`, in [0, 1]: each validation feature (N_val, D),
+        through the head, a query against the train features through the head
+        (exact cosine; P@k with k = the train rows when there are fewer than 10).
+        Scores are ranked in blocks of at most 2^27 floats (512 MB)."""
         head.eval()
         train_x, train_y = self.train_set.tensors
         val_x, val_y = self.val_set.tensors
@@ -157,7 +159,9 @@ class FeaturePlan:
         def embed(x: torch.Tensor) -> torch.Tensor:
             return torch.cat([head(x[lo:lo + 4096].to(device)).float().cpu() for lo in range(0, len(x), 4096)])
 
-        return feature_precision_at_k(embed(val_x), val_y, embed(train_x), train_y, k=min(10, len(train_x)))
+        chunk = max(1, min(4096, 2**27 // max(1, len(train_x))))
+        return feature_precision_at_k(embed(val_x), val_y, embed(train_x), train_y, k=min(10, len(train_x)),
+                                      chunk=chunk)
 
 
 def train_head(dataset: Dataset, config: TrainConfig, checkpoint_dir: Path, progress, should_stop,

@@ -125,11 +125,10 @@ def _stop_reason(config: TrainConfig, history: list[dict]) -> str | None:
     return None
 
 
-
 def _resume(last: Path, config: TrainConfig, plan, model, optimizer) -> tuple[int, list[dict]]:
     checkpoint = torch.load(last, map_location="cpu", weights_only=True)
     saved = checkpoint.get("config") or {}
-    saved_train = saved.get("train") or {}
+    saved_train = {"select_by": "val_loss", **(saved.get("train") or {})}  # checkpoints older than select_by
     mismatched = {k: (saved_train.get(k), v) for k, v in config.model_key().items() if saved_train.get(k) != v}
     if mismatched:
         details = ", ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in mismatched.items())

@@ -155,7 +155,8 @@ def _train_job(run: runner.Run) -> str:
         Job.objects.filter(pk=job_id).update(model_version=version,
                                              result=json_safe({**summary, "phase": "embedding",
                                                                "version": version.name, "version_id": version.pk}))
-        run.log(f"best epoch {result.best_epoch} (val loss {result.best_val_loss:.4g}, {result.stop_reason}); "
+        run.log(f"best epoch {result.best_epoch} by {config.select_by} "
+                f"({epoch_summary(result.history[result.best_epoch - 1])}, {result.stop_reason}); "
                 f"saved as model version {version.name}")
     else:
         previous = Job.objects.get(pk=job_id).result or {}
