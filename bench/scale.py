@@ -200,9 +200,9 @@ def local_intrinsic_dimension(scores: np.ndarray, k: int = 100) -> float:
     k = min(k, scores.shape[1])
     top = -np.sort(-np.partition(scores, -k, axis=1)[:, -k:], axis=1)
     distances = np.sqrt(np.maximum(2 - 2 * top.astype(np.float64), 0.0))
-    ratios = distances[:, :-1] / np.where(distances[:, -1:] > 0, distances[:, -1:], np.nan)
-    logs = np.where(ratios > 0, np.log(np.where(ratios > 0, ratios, 1.0)), np.nan)
     with np.errstate(divide="ignore", invalid="ignore"):
+        logs = np.log(distances[:, :-1] / distances[:, -1:])  # -inf for a copy, nan when d_k is 0
+        logs[~np.isfinite(logs)] = np.nan
         estimates = -np.sum(~np.isnan(logs), axis=1) / np.nansum(logs, axis=1)
     return float(np.nanmedian(np.where(np.isfinite(estimates), estimates, np.nan)))
 
@@ -227,6 +227,17 @@ def exact_scores(vectors16: np.ndarray, queries: np.ndarray, chunk: int = 100_00
     for lo in range(0, len(vectors16), chunk):
         scores[:, lo:lo + chunk] = q @ vectors16[lo:lo + chunk].T
     return scores
+
+
+def data_label(args) -> str:
+    """What the rows are, for reports and the scratch version's notes."""
+    return f"like {args.like}" if args.like else f"{args.clusters} clusters"
+
+
+def real_fields(args) -> dict:
+    """The real embeddings' LID (set by data() with --like) for a report; {} without --like."""
+    return {"like": args.like, "real_lid": round(args.real_lid[0], 1), "real_rows": args.real_lid[1]} \
+        if args.like else {}
 
 
 def data(args) -> tuple[np.ndarray, np.ndarray]:
@@ -260,8 +271,8 @@ def scratch(args):
         raise SystemExit(f"{name} is the active model version; activate another before benchmarking")
     datasets = {label: f"bench-scale-{label}" for label, _ in dataset_sizes(args.n)}
     expected = sum(size for _, size in dataset_sizes(args.n))
-    source = f"like {args.like} ({args.like_rows} rows)" if args.like else f"{args.clusters} clusters"
-    kind = f"bench/scale.py data: {source}, seed {SEED}"  # --reuse only reuses rows made the same way
+    rows = f" ({args.like_rows} rows)" if args.like else ""
+    kind = f"bench/scale.py data: {data_label(args)}{rows}, seed {SEED}"  # --reuse only reuses rows made the same way
     if args.reuse and version is not None and version.notes == kind and version.embeddings.count() == expected and all(
             Dataset.objects.filter(name=d).exists() for d in datasets.values()):
         return version, {label: Dataset.objects.get(name=d) for label, d in datasets.items()}, False
@@ -427,14 +438,12 @@ def run(args) -> dict:
     started = time.perf_counter()
     vectors, queries = data(args)
     version, datasets, fresh = scratch(args)
-    report: dict = {"n": args.n, "dim": args.dim, "data": f"like {args.like}" if args.like else
-                    f"{args.clusters} clusters", "k": args.k,
+    report: dict = {"n": args.n, "dim": args.dim, "data": data_label(args), "k": args.k,
                     "queries": args.queries, "m": settings.CBIR_HNSW_M,
                     "ef_construction": settings.CBIR_HNSW_EF_CONSTRUCTION,
                     "max_scan_tuples": settings.CBIR_HNSW_MAX_SCAN_TUPLES,
                     "exact_search_max_rows": settings.CBIR_EXACT_SEARCH_MAX_ROWS}
-    if args.like:
-        report["real_lid"], report["real_rows"] = round(args.real_lid[0], 1), args.real_lid[1]
+    report.update(real_fields(args))
     report["load"] = load(version, datasets, vectors, args) if fresh else {"reused": True}
     ids = image_ids(version, args)
     report["build"] = build(version)
@@ -453,7 +462,7 @@ def print_report(r: dict) -> None:
           f"{r['search']['lid']}); k = {r['k']}, {r['queries']} queries; m = {r['m']}, "
           f"ef_construction = {r['ef_construction']}")
     if "real_lid" in r:
-        print(f"(the real embeddings of {r['data'][5:]}: median LID@100 {r['real_lid']}, test-split queries against "
+        print(f"(the real embeddings of {r['like']}: median LID@100 {r['real_lid']}, test-split queries against "
               f"{r['real_rows']:,} other rows)")
     load = r["load"]
     if load.get("reused"):
@@ -501,11 +510,9 @@ def lid_only(args) -> dict:
     N generated rows (float32, not rounded to halfvec), and with --like the
     real embeddings' own."""
     vectors, queries = data(args)
-    report = {"n": args.n, "data": f"like {args.like}" if args.like else f"{args.clusters} clusters",
-              "lid": round(local_intrinsic_dimension(exact_scores(vectors, queries[args.queries:])), 1)}
-    if args.like:
-        report["real_lid"], report["real_rows"] = round(args.real_lid[0], 1), args.real_lid[1]
-    return report
+    return {"n": args.n, "data": data_label(args),
+            "lid": round(local_intrinsic_dimension(exact_scores(vectors, queries[args.queries:])), 1),
+            **real_fields(args)}
 
 
 def print_lid(r: dict) -> None:

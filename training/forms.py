@@ -92,7 +92,8 @@ class TrainForm(forms.Form):
         choices=[(s, SELECT_BY_LABELS[s]) for s in SELECT_BY],
         initial="val_loss", required=False, label="Keep the epoch with",
         help_text="head-only training can rank the cached validation features against the train features after "
-                  "every epoch (about a second) and keep the epoch that retrieves best")
+                  "every epoch (a few seconds for 14,000 against 42,000 images on 2 CPU cores) and keep the epoch "
+                  "that retrieves best")
     augment = forms.BooleanField(required=False, initial=True, label="Augment training images")
     processes = forms.IntegerField(min_value=1, max_value=MAX_PROCESSES, initial=1, required=False,
                                    help_text="training processes on the worker's host (DistributedDataParallel, one "
@@ -111,7 +112,7 @@ class TrainForm(forms.Form):
         timm_model = (cleaned.get("timm_model") or "").strip()
         fields = {name: cleaned.get(name) for name in (
             "architecture", "objective", "epochs", "batch_size", "learning_rate", "embedding_dim", "image_size",
-            "scheduler", "early_stopping_patience", "augment", "select_by")}
+            "scheduler", "early_stopping_patience", "augment")}
         fields["processes"] = cleaned.get("processes") or 1
         fields["select_by"] = cleaned.get("select_by") or "val_loss"
         try:

@@ -194,7 +194,7 @@ def train_head(dataset: Dataset, config: TrainConfig, checkpoint_dir: Path, prog
     checkpoint_config = {"train": asdict(config), "classes": plan.classes, "pairs": None}
     history = fit(head, plan.objective, optimizer, None, None, device, epochs=config.epochs,
                   checkpoint_dir=checkpoint_dir, config=checkpoint_config, start_epoch=start_epoch,
-                  history=history, best_val_loss=best_epoch(history)[1], on_batch=hooks.on_batch,
+                  history=history, on_batch=hooks.on_batch,
                   on_epoch=hooks.on_epoch, loader_for_epoch=hooks.loader_for_epoch, validate=lambda: plan.validate(head, device, None),
                   val_precision=(lambda: plan.val_precision(head, device)) if config.select_by == VAL_PRECISION
                   else None,

@@ -229,7 +229,7 @@ def _set_epoch(loader: Any, epoch: int) -> None:
 
 def fit(model: nn.Module, loss_fn: LossFn, optimizer: torch.optim.Optimizer, train_loader: Iterable | None,
         val_loader: Iterable | None, device: torch.device, *, epochs: int, checkpoint_dir: str | os.PathLike[str],
-        config: dict, start_epoch: int = 0, history: list[dict] | None = None, best_val_loss: float = math.inf,
+        config: dict, start_epoch: int = 0, history: list[dict] | None = None,
         scaler: torch.amp.GradScaler | None = None, autocast_dtype: torch.dtype | None = None,
         on_batch: Callable[[int, int, float], None] | None = None,
         on_epoch: Callable[[dict], None] | None = None,
@@ -257,7 +257,7 @@ def fit(model: nn.Module, loss_fn: LossFn, optimizer: torch.optim.Optimizer, tra
     is asked before each epoch and ends the loop when it returns a reason (it
     may raise to abort); `on_epoch(entry)` runs after the checkpoints are written.
     To resume: c = load_checkpoint(last.pt, model, optimizer, objective=...),
-    then fit(..., start_epoch=c["epoch"], history=c["history"], best_val_loss=c["best_val_loss"]).
+    then fit(..., start_epoch=c["epoch"], history=c["history"]); the best epoch so far comes from the history.
 
     Distributed runs (training/distributed.py) pass the DistributedDataParallel
     wrapper as `model`, the plain network and objective as `checkpoint_model`
@@ -266,6 +266,7 @@ def fit(model: nn.Module, loss_fn: LossFn, optimizer: torch.optim.Optimizer, tra
     """
     checkpoint_dir = Path(checkpoint_dir)
     history = list(history or [])
+    best_val_loss = best_epoch(history)[1]  # what the checkpoints record as "best_val_loss"
     objective = checkpoint_objective if checkpoint_objective is not None else (
         loss_fn if isinstance(loss_fn, nn.Module) else None)
     saved = checkpoint_model if checkpoint_model is not None else model

@@ -128,7 +128,7 @@ def _train(dataset: Dataset | str, config: TrainConfig, checkpoint_dir: Path, pr
         else (model, plan.objective)
     history = fit(trained, loss_fn, optimizer, None, None, device, epochs=config.epochs,
                   checkpoint_dir=checkpoint_dir, config=_checkpoint_config(config, plan), start_epoch=start_epoch,
-                  history=history, best_val_loss=best_epoch(history)[1], scaler=scaler, autocast_dtype=autocast_dtype,
+                  history=history, scaler=scaler, autocast_dtype=autocast_dtype,
                   on_batch=hooks.on_batch, on_epoch=hooks.on_epoch, loader_for_epoch=hooks.loader_for_epoch,
                   validate=lambda: plan.validate(model, device, autocast_dtype),
                   lr_for_epoch=lambda epoch: _learning_rate(config, epoch), stop_reason=hooks.stop_reason,
