@@ -77,7 +77,7 @@ def fill(name: str, n: int, version: ModelVersion, media: Path, *, files: bool =
                               width=1, height=1, original_filename=f"{i}.png"))
         images = Image.objects.bulk_create(rows)
         vectors = rng.standard_normal((count, DIM)).astype(np.float32)
-        Embedding.objects.bulk_create([Embedding(image=im, model_version=version, vector=v)
+        Embedding.objects.bulk_create([Embedding(image=im, dataset=dataset, model_version=version, vector=v)
                                        for im, v in zip(images, vectors)])
         if pairs:
             NearDuplicate.objects.bulk_create([

@@ -30,16 +30,20 @@ search.indexing.copy_embeddings (binary COPY), under a scratch model version
 images are split into datasets holding 0.01 %, 0.1 %, 1 % and 10 % of the
 rows and the rest (88.89 %), so a dataset filter has those selectivities.
 
-Then builds the version's HNSW index through the code path jobs use
-(search.indexing.build_hnsw_index: CONCURRENTLY, memory sized from the rows,
-progress read from pg_stat_progress_create_index) and queries it with
+Then builds the version's HNSW indexes through the code path jobs use
+(search.indexing.build_hnsw_indexes: CONCURRENTLY, memory sized from the
+rows, progress read from pg_stat_progress_create_index; the version's index,
+then one per dataset of more than CBIR_EXACT_SEARCH_MAX_ROWS rows and at most
+CBIR_DATASET_INDEX_MAX_SHARE of them) and queries them with
 `--queries` fresh points drawn like the rows (not stored), against numpy's exact top k
 over the same halfvec-rounded vectors:
 
   unfiltered       p50/p95 latency and recall@k for each ef_search of --ef-search
   filtered         for each dataset: the plan search.neighbours chooses, and
                    both plans forced ("exact", "hnsw") on --compare-queries
-                   queries: the crossover between them
+                   queries: the crossover between them. "hnsw" walks the
+                   dataset's own index where it has one ("plan" says
+                   "hnsw, own index"), else the version's
 
 Latency is the wall time of search.neighbours.nearest's work (plan choice,
 statement, rows) in milliseconds. Prints load time, build time and rows/s,
@@ -349,19 +353,31 @@ def image_ids(version, args) -> np.ndarray:
 
 
 def build(version) -> dict:
-    from search.hnsw import drop_index, sizes
-    from search.indexing import build_hnsw_index
+    """The version's index (its figures are the build rate) and then each
+    dataset's own index, through build_hnsw_indexes; sizes in bytes."""
+    from django.db import connection
 
-    drop_index(version)
+    from search.hnsw import drop_index, sizes
+    from search.indexing import build_hnsw_indexes
+
+    drop_index(version)  # and the datasets' indexes
     start = time.perf_counter()
-    report = build_hnsw_index(version, progress=lambda done, total, message: None)
+    reports = build_hnsw_indexes(version, progress=lambda done, total, message: None)
     seconds = time.perf_counter() - start
+    report = reports[0]
     size = sizes(version)
     last = report.samples[-1] if report.samples else None
-    return {"rows": report.rows, "seconds": round(seconds, 1), "rows_per_s": round(report.rows / seconds),
-            "maintenance_work_mem_mb": report.memory // 2**20, "workers": report.workers,
-            "concurrently": report.concurrently, "progress_samples": len(report.samples),
-            "last_phase": last.phase if last else None, **size}
+    own = []
+    with connection.cursor() as cursor:
+        for r in reports[1:]:
+            cursor.execute("SELECT coalesce(pg_relation_size(to_regclass(%s)), 0)", [r.name])
+            own.append({"name": r.name, "rows": r.rows, "seconds": round(r.seconds, 1), "error": r.error,
+                        "index_bytes": int(cursor.fetchone()[0])})
+    return {"rows": report.rows, "seconds": round(report.seconds, 1), "rows_per_s": round(report.rows / report.seconds),
+            "all_seconds": round(seconds, 1), "maintenance_work_mem_mb": report.memory // 2**20,
+            "workers": report.workers, "concurrently": report.concurrently,
+            "progress_samples": len(report.samples), "last_phase": last.phase if last else None,
+            "dataset_indexes": own, **size}
 
 
 def exact_top(scores: np.ndarray, ids: np.ndarray, rows: np.ndarray | None, k: int) -> list[int]:
@@ -393,6 +409,7 @@ def measure(version, queries, truth, k, **query) -> dict:
 def search(version, datasets, vectors, ids, queries, args) -> dict:
     from django.test import override_settings
 
+    from search.hnsw import VALID, index_state
     from search.neighbours import plan_for
 
     vectors16 = round_to_halfvec_(vectors)  # in place: the float32 originals are not needed after the load
@@ -415,8 +432,11 @@ def search(version, datasets, vectors, ids, queries, args) -> dict:
     for label, dataset in datasets.items():
         rows = np.flatnonzero(image_dataset == dataset.pk)
         dtruth = [exact_top(s, ids, rows, k) for s in scores]
+        plan = plan_for(version, dataset)
+        if plan == "hnsw" and index_state(version, dataset) == VALID:
+            plan = "hnsw, own index"
         entry = {"dataset": label, "rows": sizes[label], "selectivity_pct": round(100 * sizes[label] / args.n, 3),
-                 "plan": plan_for(dataset), "chosen": measure(version, timed, dtruth, k, dataset=dataset)}
+                 "plan": plan, "chosen": measure(version, timed, dtruth, k, dataset=dataset)}
         c = args.compare_queries
         for plan in ("exact", "hnsw"):
             entry[plan] = measure(version, timed[:c], dtruth[:c], k, dataset=dataset, plan=plan)
@@ -442,7 +462,8 @@ def run(args) -> dict:
                     "queries": args.queries, "m": settings.CBIR_HNSW_M,
                     "ef_construction": settings.CBIR_HNSW_EF_CONSTRUCTION,
                     "max_scan_tuples": settings.CBIR_HNSW_MAX_SCAN_TUPLES,
-                    "exact_search_max_rows": settings.CBIR_EXACT_SEARCH_MAX_ROWS}
+                    "exact_search_max_rows": settings.CBIR_EXACT_SEARCH_MAX_ROWS,
+                    "dataset_index_max_share": settings.CBIR_DATASET_INDEX_MAX_SHARE}
     report.update(real_fields(args))
     report["load"] = load(version, datasets, vectors, args) if fresh else {"reused": True}
     ids = image_ids(version, args)
@@ -475,6 +496,11 @@ def print_report(r: dict) -> None:
     print(f"build: {b['rows']:,} rows in {b['seconds']} s = {b['rows_per_s']:,} rows/s "
           f"(maintenance_work_mem {b['maintenance_work_mem_mb']} MB, {b['workers']} parallel worker(s), "
           f"CONCURRENTLY={b['concurrently']}, {b['progress_samples']} progress readings, last: {b['last_phase']})")
+    for own in b["dataset_indexes"]:
+        print(f"  then {own['name']}: {own['rows']:,} rows in {own['seconds']} s, {own['index_bytes'] / 2**20:.1f} MiB"
+              + (f" NOT BUILT: {own['error']}" if own["error"] else ""))
+    if b["dataset_indexes"]:
+        print(f"  all indexes: {b['all_seconds']} s")
     per = r["bytes_per_row"]
     print(f"sizes: index {b['index_bytes'] / mb:.1f} MiB = {per['index']:,} B/row = "
           f"{per['index'] * 1e6 / 2**30:.2f} GiB per million rows; table (heap+TOAST, whole search_embedding) "
@@ -489,6 +515,7 @@ def print_report(r: dict) -> None:
         print(f"\n{r['seconds']} s in all; machine load: {r['machine_load']}")
         return
     print(f"filtered to one dataset (CBIR_EXACT_SEARCH_MAX_ROWS={r['exact_search_max_rows']}, "
+          f"CBIR_DATASET_INDEX_MAX_SHARE={r['dataset_index_max_share']}, "
           f"hnsw.max_scan_tuples={r['max_scan_tuples']}):")
     rows = []
     for f in r["search"]["filtered"]:

@@ -225,6 +225,10 @@ CBIR_HNSW_MAX_SCAN_TUPLES = env_int("CBIR_HNSW_MAX_SCAN_TUPLES", 100_000, minimu
 # A filter (dataset) matching at most this many rows is answered by an exact
 # scan of those rows instead of the HNSW index (the crossover: docs/scaling.md).
 CBIR_EXACT_SEARCH_MAX_ROWS = env_int("CBIR_EXACT_SEARCH_MAX_ROWS", 2_000, minimum=0)
+# A larger dataset gets an HNSW index of its own (built with the version's)
+# while it holds at most this share of the version's rows; a larger share is
+# searched through the version's index with the filter (docs/scaling.md).
+CBIR_DATASET_INDEX_MAX_SHARE = env_float("CBIR_DATASET_INDEX_MAX_SHARE", 0.5, minimum=0.0, maximum=1.0)
 # Index builds: maintenance_work_mem in bytes (0: sized from the rows, at most a
 # quarter of this machine's memory), parallel workers (-1: cores - 1), and how
 # often the build's progress is read (seconds).

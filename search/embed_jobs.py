@@ -12,7 +12,7 @@ from django.db import transaction
 from search import jobs, runner
 from search.duplicates import flag_new_near_duplicates, flags_with
 from search.hnsw import IndexBuildError
-from search.indexing import build_hnsw_index, embed_images, missing_image_ids
+from search.indexing import build_hnsw_indexes, embed_images, missing_image_ids
 from search.models import Dataset, Image, Job, JobChunk
 from training.models import ModelVersion
 
@@ -125,15 +125,15 @@ def finish_embed_job(job_id: int) -> bool:
     images_total = job.progress_total
     jobs.set_progress(job_id, 0, 0, "building the HNSW index")
     try:
-        build = build_hnsw_index(version, progress=lambda d, t, msg: jobs.set_progress(job_id, d, t, msg))
+        builds = build_hnsw_indexes(version, progress=lambda d, t, msg: jobs.set_progress(job_id, d, t, msg))
     except IndexBuildError as exc:
         if jobs.transition(job_id, S.FAILED, expect=jobs.ACTIVE, error=str(exc)):
             jobs.add_log(job_id, str(exc))
         return False
-    if build.created:
-        jobs.add_log(job_id, f"index built: {build.rows:,} rows in {build.seconds:.1f} s "
-                             f"(maintenance_work_mem {build.memory // 2**20} MB, {build.workers} parallel worker(s)"
-                             f"{', an invalid index from a failed build dropped first' if build.dropped_invalid else ''})")
+    for report in builds:
+        if report.created or report.error:
+            jobs.add_log(job_id, f"index {report.describe()}")
+    build = builds[0]
     with transaction.atomic():
         job = Job.objects.select_for_update().filter(pk=job_id).first()
         if job is None or job.status not in jobs.ACTIVE or job.chunks.exclude(status=S.SUCCEEDED).exists():

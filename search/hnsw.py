@@ -1,6 +1,8 @@
-"""Building a model version's HNSW index at scale.
+"""Building a model version's HNSW indexes at scale.
 
-One partial expression index per version (search/indexing.py says which):
+One partial expression index per version, and one more for each of its large
+datasets (`WHERE model_version_id = V AND dataset_id = D`: a filtered search
+then walks a graph of its own rows only; search/indexing.py says which):
 `CREATE INDEX CONCURRENTLY` when the caller is not inside a transaction, so
 embedding writes to search_embedding go on during the build (PostgreSQL refuses
 CONCURRENTLY inside a transaction block; there the plain statement is used).
@@ -25,7 +27,7 @@ from django.conf import settings
 from django.db import connection
 
 from cbirsite import machine
-from search.models import Embedding
+from search.models import Dataset, Embedding
 from training.models import ModelVersion
 
 Progress = Callable[[int, int, str], None]
@@ -81,12 +83,19 @@ def build_workers() -> int:
 MISSING, VALID, INVALID = "missing", "valid", "invalid"
 
 
-def index_state(version: ModelVersion) -> str:
+def index_name(version: ModelVersion, dataset: Dataset | None = None) -> str:
+    """The version's index ("search_embedding_hnsw_v7"), or its index of one
+    dataset ("search_embedding_hnsw_v7_d3")."""
+    return version.index_name if dataset is None else f"{version.index_name}_d{int(dataset.pk)}"
+
+
+def index_state(version: ModelVersion, dataset: Dataset | None = None) -> str:
     """"valid", "missing", or "invalid" (left by a failed or interrupted
-    CREATE INDEX CONCURRENTLY: PostgreSQL keeps it, unused by queries)."""
+    CREATE INDEX CONCURRENTLY: PostgreSQL keeps it, unused by queries), for
+    the version's index or, with `dataset`, its index of that dataset."""
     with connection.cursor() as cursor:
         cursor.execute("SELECT i.indisvalid FROM pg_index i WHERE i.indexrelid = to_regclass(%s)",
-                       [version.index_name])
+                       [index_name(version, dataset)])
         row = cursor.fetchone()
     if row is None:
         return MISSING
@@ -128,18 +137,18 @@ class BuildProgress:
     tuples_done: int
     tuples_total: int
 
-    def as_progress(self, rows: int = 0) -> tuple[int, int, str]:
+    def as_progress(self, rows: int = 0, what: str = "the HNSW index") -> tuple[int, int, str]:
         """(done, total, message) for a job's progress bar. pgvector counts the
-        tuples it loads but leaves tuples_total at 0, so `rows` (the version's
-        row count, what the partial index will hold) is the total when given;
-        else tuples_total when known, else the table's blocks."""
+        tuples it loads but leaves tuples_total at 0, so `rows` (the rows the
+        partial index will hold) is the total when given; else tuples_total
+        when known, else the table's blocks. `what` names the index in the message."""
         if rows:
             done, total = min(self.tuples_done, rows), rows
         elif self.tuples_total:
             done, total = self.tuples_done, self.tuples_total
         else:
             done, total = self.blocks_done, self.blocks_total
-        return done, total, (f"building the HNSW index: {self.phase} ({self.tuples_done:,}/{total:,} rows, "
+        return done, total, (f"building {what}: {self.phase} ({self.tuples_done:,}/{total:,} rows, "
                              f"{self.blocks_done:,}/{self.blocks_total:,} blocks of the table)")
 
 
@@ -156,9 +165,9 @@ class _Poller(threading.Thread):
     """Reads the build's progress every `interval` seconds on its own database
     connection and hands each reading to `progress`."""
 
-    def __init__(self, pid: int, progress: Progress, interval: float, rows: int) -> None:
+    def __init__(self, pid: int, progress: Progress, interval: float, rows: int, what: str) -> None:
         super().__init__(name=f"cbir-index-progress-{pid}", daemon=True)
-        self.pid, self.progress, self.interval, self.rows = pid, progress, interval, rows
+        self.pid, self.progress, self.interval, self.rows, self.what = pid, progress, interval, rows, what
         self.stopped = threading.Event()
         self.samples: list[BuildProgress] = []
 
@@ -169,7 +178,7 @@ class _Poller(threading.Thread):
                 if sample is not None:
                     self.samples.append(sample)
                     try:
-                        self.progress(*sample.as_progress(self.rows))
+                        self.progress(*sample.as_progress(self.rows, self.what))
                     except Exception:  # noqa: BLE001 - a lost progress write never stops the build
                         logger.warning("could not record index build progress", exc_info=True)
                 self.stopped.wait(self.interval)
@@ -181,10 +190,13 @@ class _Poller(threading.Thread):
 
 @dataclass
 class BuildReport:
-    """What ensure_index did: created (False: a valid index was there), rows
-    of the version, the maintenance_work_mem (bytes) and workers it used,
-    whether it ran CONCURRENTLY, seconds, and the progress samples it read."""
+    """What ensure_index did for the index `name`: created (False: a valid
+    index was there), rows it holds, the maintenance_work_mem (bytes) and
+    workers it used, whether it ran CONCURRENTLY, seconds, and the progress
+    samples it read; `error`: why the build failed, when its caller carried on
+    (search/indexing.build_hnsw_indexes, for a dataset's index)."""
 
+    name: str = ""
     created: bool = False
     rows: int = 0
     memory: int = 0
@@ -193,20 +205,32 @@ class BuildReport:
     dropped_invalid: bool = False
     seconds: float = 0.0
     samples: list[BuildProgress] = field(default_factory=list)
+    error: str = ""
+
+    def describe(self) -> str:
+        """One line for a job's log."""
+        if self.error:
+            return f"{self.name} not built: {self.error}"
+        return (f"{self.name} built: {self.rows:,} rows in {self.seconds:.1f} s (maintenance_work_mem "
+                f"{self.memory // 2**20} MB, {self.workers} parallel worker(s)"
+                f"{', an invalid index from a failed build dropped first' if self.dropped_invalid else ''})")
 
 
 def create_index_sql(version: ModelVersion, expression: str, m: int, ef_construction: int, *,
-                     concurrently: bool) -> str:
-    return (f"CREATE INDEX {'CONCURRENTLY ' if concurrently else ''}IF NOT EXISTS {version.index_name} "
+                     concurrently: bool, dataset: Dataset | None = None) -> str:
+    where = f"model_version_id = {int(version.pk)}"
+    if dataset is not None:
+        where += f" AND dataset_id = {int(dataset.pk)}"
+    return (f"CREATE INDEX {'CONCURRENTLY ' if concurrently else ''}IF NOT EXISTS {index_name(version, dataset)} "
             f"ON search_embedding USING hnsw ({expression} halfvec_cosine_ops) "
-            f"WITH (m = {int(m)}, ef_construction = {int(ef_construction)}) "
-            f"WHERE model_version_id = {int(version.pk)}")
+            f"WITH (m = {int(m)}, ef_construction = {int(ef_construction)}) WHERE {where}")
 
 
 def ensure_index(version: ModelVersion, expression: str, *, m: int, ef_construction: int,
-                 progress: Progress | None = None) -> BuildReport:
-    """Build the version's HNSW index unless a valid one exists; an INVALID one
-    (a failed concurrent build) is dropped and built again.
+                 progress: Progress | None = None, dataset: Dataset | None = None) -> BuildReport:
+    """Build the version's HNSW index (with `dataset`: its index of that
+    dataset's rows) unless a valid one exists; an INVALID one (a failed
+    concurrent build) is dropped and built again.
 
     `expression`: the indexed SQL expression, e.g. "(vector::halfvec(1280))".
     Outside a transaction the build is CONCURRENTLY (writes go on); inside one
@@ -214,16 +238,18 @@ def ensure_index(version: ModelVersion, expression: str, *, m: int, ef_construct
     a thread every CBIR_INDEX_PROGRESS_INTERVAL seconds during the build.
     Raises IndexBuildError when PostgreSQL refuses the build."""
     in_transaction = connection.in_atomic_block
-    report = BuildReport(concurrently=not in_transaction)
+    name = index_name(version, dataset)
+    report = BuildReport(name=name, concurrently=not in_transaction)
     with _build_lock(version, in_transaction=in_transaction):
-        state = index_state(version)
+        state = index_state(version, dataset)
         if state == VALID:
             return report
         with connection.cursor() as cursor:
             if state == INVALID:
-                cursor.execute(f"DROP INDEX {'' if in_transaction else 'CONCURRENTLY '}IF EXISTS {version.index_name}")
+                cursor.execute(f"DROP INDEX {'' if in_transaction else 'CONCURRENTLY '}IF EXISTS {name}")
                 report.dropped_invalid = True
-            report.rows = Embedding.objects.filter(model_version=version).count()
+            rows = Embedding.objects.filter(model_version=version)
+            report.rows = (rows if dataset is None else rows.filter(dataset=dataset)).count()
             report.memory = build_memory(report.rows, int(version.dimension), m)
             report.workers = build_workers()
             scope = "LOCAL " if in_transaction else ""
@@ -235,16 +261,17 @@ def ensure_index(version: ModelVersion, expression: str, *, m: int, ef_construct
                 cursor.execute("SET CONSTRAINTS ALL IMMEDIATE")
             cursor.execute("SELECT pg_backend_pid()")
             pid = int(cursor.fetchone()[0])
-            poller = (_Poller(pid, progress, settings.CBIR_INDEX_PROGRESS_INTERVAL, report.rows)
+            what = "the HNSW index" if dataset is None else f"the HNSW index of dataset {dataset.name!r}"
+            poller = (_Poller(pid, progress, settings.CBIR_INDEX_PROGRESS_INTERVAL, report.rows, what)
                       if progress else None)
             start = time.perf_counter()
             try:
                 if poller:
                     poller.start()
                 cursor.execute(create_index_sql(version, expression, m, ef_construction,
-                                                concurrently=not in_transaction))
+                                                concurrently=not in_transaction, dataset=dataset))
             except Exception as exc:
-                raise IndexBuildError(f"building {version.index_name} failed: {exc}") from exc
+                raise IndexBuildError(f"building {name} failed: {exc}") from exc
             finally:
                 if poller:
                     poller.stopped.set()
@@ -258,10 +285,30 @@ def ensure_index(version: ModelVersion, expression: str, *, m: int, ef_construct
     return report
 
 
-def drop_index(version: ModelVersion) -> None:
-    """Drop the version's index (valid or not); nothing when there is none."""
+def dataset_indexes(*, version: ModelVersion | None = None, dataset: Dataset | None = None) -> list[str]:
+    """Names of the per-dataset indexes (valid or not) of `version`, of
+    `dataset`, or of both, read from the catalogue."""
+    pattern = (rf"^search_embedding_hnsw_v{int(version.pk) if version else '[0-9]+'}"
+               rf"_d{int(dataset.pk) if dataset else '[0-9]+'}$")
     with connection.cursor() as cursor:
-        cursor.execute(f"DROP INDEX IF EXISTS {version.index_name}")
+        cursor.execute("SELECT indexname FROM pg_indexes WHERE tablename = 'search_embedding' "
+                       "AND indexname ~ %s ORDER BY indexname", [pattern])
+        return [row[0] for row in cursor.fetchall()]
+
+
+def drop_index(version: ModelVersion) -> None:
+    """Drop the version's index and its per-dataset indexes (valid or not);
+    nothing when there are none."""
+    with connection.cursor() as cursor:
+        for name in [version.index_name, *dataset_indexes(version=version)]:
+            cursor.execute(f"DROP INDEX IF EXISTS {name}")
+
+
+def drop_dataset_indexes(dataset: Dataset) -> None:
+    """Drop every version's index of `dataset` (its rows are going)."""
+    with connection.cursor() as cursor:
+        for name in dataset_indexes(dataset=dataset):
+            cursor.execute(f"DROP INDEX IF EXISTS {name}")
 
 
 def sizes(version: ModelVersion) -> dict[str, Any]:

@@ -38,18 +38,55 @@ def vector_expression(version: ModelVersion) -> str:
     return f"(vector::halfvec({int(version.dimension)}))"
 
 
-def build_hnsw_index(version: ModelVersion, *, progress: Progress | None = None) -> hnsw.BuildReport:
-    """Create the version's partial HNSW cosine index if there is no valid one
-    (m = CBIR_HNSW_M, ef_construction = CBIR_HNSW_EF_CONSTRUCTION), sized and
-    run as search/hnsw.py says: CONCURRENTLY outside a transaction, memory from
-    the rows, progress(done, total, message) from pg_stat_progress_create_index."""
+def build_hnsw_index(version: ModelVersion, *, progress: Progress | None = None,
+                     dataset: Dataset | None = None) -> hnsw.BuildReport:
+    """Create the version's partial HNSW cosine index (with `dataset`: its
+    index of that dataset's rows) if there is no valid one (m = CBIR_HNSW_M,
+    ef_construction = CBIR_HNSW_EF_CONSTRUCTION), sized and run as
+    search/hnsw.py says: CONCURRENTLY outside a transaction, memory from the
+    rows, progress(done, total, message) from pg_stat_progress_create_index."""
     return hnsw.ensure_index(version, vector_expression(version), m=settings.CBIR_HNSW_M,
-                             ef_construction=settings.CBIR_HNSW_EF_CONSTRUCTION, progress=progress)
+                             ef_construction=settings.CBIR_HNSW_EF_CONSTRUCTION, progress=progress,
+                             dataset=dataset)
+
+
+def datasets_to_index(version: ModelVersion) -> list[tuple[Dataset, int]]:
+    """(dataset, rows) for each dataset of `version` that gets an HNSW index of
+    its own: more rows than CBIR_EXACT_SEARCH_MAX_ROWS (smaller subsets are
+    scanned exactly) and at most CBIR_DATASET_INDEX_MAX_SHARE of the version's
+    rows (a larger share is found by the version's walk with the filter about
+    as well as unfiltered: measured in docs/scaling.md). Largest first."""
+    from django.db.models import Count
+
+    counts = dict(Embedding.objects.filter(model_version=version).order_by().values_list("dataset")
+                  .annotate(n=Count("pk")).values_list("dataset", "n"))
+    total = sum(counts.values())
+    wanted = {pk: n for pk, n in counts.items()
+              if n > settings.CBIR_EXACT_SEARCH_MAX_ROWS and n <= settings.CBIR_DATASET_INDEX_MAX_SHARE * total}
+    datasets = Dataset.objects.in_bulk(list(wanted))
+    return sorted(((datasets[pk], n) for pk, n in wanted.items() if pk in datasets), key=lambda p: (-p[1], p[0].pk))
+
+
+def build_hnsw_indexes(version: ModelVersion, *, progress: Progress | None = None) -> list[hnsw.BuildReport]:
+    """The version's index, then the index of each dataset datasets_to_index
+    names, each built only when missing; one report each, in that order.
+
+    Raises hnsw.IndexBuildError when the version's index fails. A dataset's
+    index failing is only reported (its report's `error`, and a warning):
+    that dataset's searches then walk the version's index, as before."""
+    reports = [build_hnsw_index(version, progress=progress)]
+    for dataset, _ in datasets_to_index(version):
+        try:
+            reports.append(build_hnsw_index(version, progress=progress, dataset=dataset))
+        except hnsw.IndexBuildError as exc:
+            logger.warning("%s", exc)
+            reports.append(hnsw.BuildReport(name=hnsw.index_name(version, dataset), error=str(exc)))
+    return reports
 
 
 def ensure_hnsw_index(version: ModelVersion, *, progress: Progress | None = None) -> bool:
-    """build_hnsw_index; True if it created the index."""
-    return build_hnsw_index(version, progress=progress).created
+    """build_hnsw_indexes; True if it created the version's index."""
+    return build_hnsw_indexes(version, progress=progress)[0].created
 
 
 def drop_hnsw_index(version: ModelVersion) -> None:
@@ -98,8 +135,9 @@ class EmbedReport:
 def write_embeddings(version: ModelVersion, image_ids: Sequence[int], vectors: np.ndarray) -> int:
     """Upsert keyed on (image, model version): writing the same chunk twice is harmless.
     Images deleted meanwhile are skipped."""
-    live = set(Image.objects.filter(pk__in=list(image_ids)).values_list("pk", flat=True))
-    rows = [Embedding(image_id=i, model_version=version, vector=v) for i, v in zip(image_ids, vectors) if i in live]
+    live = dict(Image.objects.filter(pk__in=list(image_ids)).values_list("pk", "dataset_id"))
+    rows = [Embedding(image_id=i, model_version=version, dataset_id=live[i], vector=v)
+            for i, v in zip(image_ids, vectors) if i in live]
     Embedding.objects.bulk_create(rows, update_conflicts=True, unique_fields=["image", "model_version"],
                                   update_fields=["vector"])
     return len(rows)
@@ -113,8 +151,9 @@ def copy_embeddings(version: ModelVersion, image_ids: Sequence[int], vectors: np
     For loading many rows at once (bench/scale.py loads 100,000 this way at
     tens of thousands of rows/s, where bulk_create formats every number as
     text). Unlike write_embeddings it does not upsert: an (image, version)
-    already stored raises IntegrityError and nothing is written. Raises
-    ValueError when the shapes disagree with each other or with the version."""
+    already stored, or an image that does not exist, raises
+    psycopg.IntegrityError and nothing is written. Raises ValueError when the shapes disagree with
+    each other or with the version."""
     from django.db import transaction
     from django.utils import timezone
     from pgvector import HalfVector
@@ -126,14 +165,17 @@ def copy_embeddings(version: ModelVersion, image_ids: Sequence[int], vectors: np
         raise ValueError(f"expected {len(image_ids)} vectors of {version.dimension} dimensions, got shape "
                          f"{vectors.shape}")
     now = timezone.now()
+    datasets = dict(Image.objects.filter(pk__in=[int(i) for i in image_ids]).values_list("pk", "dataset_id"))
     with transaction.atomic():
         raw = adapted_connection()
         with raw.cursor() as cursor, cursor.copy(
-                "COPY search_embedding (image_id, model_version_id, vector, created) FROM STDIN (FORMAT BINARY)"
+                "COPY search_embedding (image_id, model_version_id, dataset_id, vector, created) "
+                "FROM STDIN (FORMAT BINARY)"
         ) as copy:
-            copy.set_types(["int8", "int8", "halfvec", "timestamptz"])
+            copy.set_types(["int8", "int8", "int8", "halfvec", "timestamptz"])
             for image_id, vector in zip(image_ids, vectors):
-                copy.write_row((int(image_id), int(version.pk), HalfVector(vector), now))
+                # An unknown image: NULL, which the NOT NULL column refuses (IntegrityError).
+                copy.write_row((int(image_id), int(version.pk), datasets.get(int(image_id)), HalfVector(vector), now))
     return len(vectors)
 
 
@@ -190,6 +232,6 @@ def coverage(dataset: Dataset) -> list[tuple[ModelVersion, int]]:
     from django.db.models import Count, Q
 
     versions = ModelVersion.objects.annotate(
-        n=Count("embeddings", filter=Q(embeddings__image__dataset=dataset))
+        n=Count("embeddings", filter=Q(embeddings__dataset=dataset))
     ).order_by("-is_active", "name")
     return [(v, v.n) for v in versions]

@@ -66,16 +66,25 @@ class Image(models.Model):
 class Embedding(models.Model):
     """One image's vector under one model version. The column has no fixed
     dimension, so several versions' vectors share it; each version gets its own
-    partial HNSW index on the cast to its dimension (see search.indexing)."""
+    partial HNSW index on the cast to its dimension, and each large dataset of
+    it one more (see search.indexing).
+
+    `dataset` is the image's dataset, copied onto the row so that a partial
+    index and a b-tree can name it (a partial index's predicate can only read
+    its own table's columns). The writers in search.indexing set it; an image
+    never changes dataset (the admin shows it read-only), so it stays in step."""
 
     image = models.ForeignKey(Image, on_delete=models.CASCADE, related_name="embeddings")
     model_version = models.ForeignKey(ModelVersion, on_delete=models.CASCADE, related_name="embeddings")
+    dataset = models.ForeignKey(Dataset, on_delete=models.CASCADE, related_name="embeddings", editable=False,
+                                db_index=False)  # the (dataset, model_version) b-tree below serves it
     vector = HalfVectorField()
     created = models.DateTimeField(auto_now_add=True)
 
     class Meta:
         constraints = [models.UniqueConstraint(fields=["image", "model_version"], name="unique_embedding_per_version")]
-        indexes = [models.Index(fields=["model_version", "image"], name="embedding_version_image")]
+        indexes = [models.Index(fields=["model_version", "image"], name="embedding_version_image"),
+                   models.Index(fields=["dataset", "model_version"], name="embedding_dataset_version")]
 
 
 class Job(models.Model):

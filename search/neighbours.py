@@ -10,14 +10,24 @@ vector is bound as one parameter, in binary, through pgvector's psycopg
 adapter (pgvector-python `pgvector.psycopg.register_vector`), instead of
 being formatted as 1,000+ numbers of text.
 
-A filter is answered exactly at any selectivity. A dataset with at most
-CBIR_EXACT_SEARCH_MAX_ROWS images is searched by an exact scan of its rows
-(found through b-trees, then sorted by distance: the ORDER BY uses the plain
-column, which no HNSW index matches, so the plan cannot walk the graph);
-a larger subset walks the HNSW index with an iterative scan of up to
-CBIR_HNSW_MAX_SCAN_TUPLES tuples, and when that still yields fewer than k rows
-the statement is run again as an exact scan. The crossover is measured in
-docs/scaling.md.
+A dataset filter is answered by one of three plans, by the subset's size
+(measured in docs/scaling.md):
+
+- at most CBIR_EXACT_SEARCH_MAX_ROWS rows of the version: an exact scan of
+  them (found through the (dataset, model_version) b-tree, then sorted by
+  distance: the ORDER BY uses the plain column, which no HNSW index matches,
+  so the plan cannot walk a graph);
+- a larger dataset with an HNSW index of its own (search/indexing.py builds
+  one for each dataset of up to CBIR_DATASET_INDEX_MAX_SHARE of the version's
+  rows): PostgreSQL walks that smaller graph, whose every row matches, as
+  approximate as an unfiltered search of that many rows;
+- otherwise the version's index with an iterative scan of up to
+  CBIR_HNSW_MAX_SCAN_TUPLES tuples, the filter applied on the way.
+
+The last two are one statement, `plan="hnsw"`: both partial indexes match it
+and the planner takes the smaller. When a walk yields fewer than k rows the
+statement is run again as an exact scan, so a result never has fewer than
+min(k, matching rows).
 
 Reads go through the `cbir_search` router hint (cbirsite/routers.py): to the
 `replica` database alias when DATABASE_REPLICA_URL is set, else to `default`.
@@ -46,7 +56,7 @@ from pgvector.django import CosineDistance, HalfVectorField
 from pgvector.psycopg import register_vector
 
 from cbirsite.routers import SEARCH_HINT
-from search.models import Dataset, Embedding, Image
+from search.models import Dataset, Embedding
 from training.models import ModelVersion
 
 MAX_EF_SEARCH = 1000  # pgvector's upper bound for hnsw.ef_search
@@ -111,23 +121,23 @@ def _search_rows(model):
     return model.objects.db_manager(hints={SEARCH_HINT: True})
 
 
-def subset_is_small(dataset: Dataset, limit: int | None = None) -> bool:
-    """True when `dataset` has at most `limit` (CBIR_EXACT_SEARCH_MAX_ROWS)
-    images: an exact scan of them is the plan. Counted up to limit + 1 rows
-    only, on the b-tree of search_image.dataset_id, so it costs O(limit) at
-    most whatever the dataset's size. Images count whether or not the version
-    embedded them: an upper bound of the filtered rows."""
+def subset_is_small(version: ModelVersion, dataset: Dataset, limit: int | None = None) -> bool:
+    """True when `version` has at most `limit` (CBIR_EXACT_SEARCH_MAX_ROWS)
+    rows of `dataset`: an exact scan of them is the plan. Counted up to
+    limit + 1 rows only, on the (dataset, model_version) b-tree (an index-only
+    scan), so it costs O(limit) at most whatever the dataset's size."""
     limit = settings.CBIR_EXACT_SEARCH_MAX_ROWS if limit is None else int(limit)
     if limit <= 0:
         return False
-    return _search_rows(Image).filter(dataset=dataset).order_by().values("pk")[:limit + 1].count() <= limit
+    rows = _search_rows(Embedding).filter(dataset=dataset, model_version=version)
+    return rows.order_by().values("pk")[:limit + 1].count() <= limit
 
 
-def plan_for(dataset: Dataset | None, splits: Sequence[str] | None = None) -> str:
+def plan_for(version: ModelVersion, dataset: Dataset | None, splits: Sequence[str] | None = None) -> str:
     """"exact" for a dataset small enough to scan (subset_is_small), else
     "hnsw". A split filter alone keeps a large share of the rows (60/20/20),
     so it stays on the index."""
-    return EXACT if dataset is not None and subset_is_small(dataset) else HNSW
+    return EXACT if dataset is not None and subset_is_small(version, dataset) else HNSW
 
 
 def neighbours_queryset(version: ModelVersion, *, vector: np.ndarray | None = None, image_id: int | None = None,
@@ -153,7 +163,7 @@ def neighbours_queryset(version: ModelVersion, *, vector: np.ndarray | None = No
     if exact:
         plan = EXACT
     elif plan is None:
-        plan = plan_for(dataset, splits)
+        plan = plan_for(version, dataset, splits)
     query: Expression | Subquery
     if vector is not None:
         query = QueryVector(vector, int(version.dimension))
@@ -162,7 +172,7 @@ def neighbours_queryset(version: ModelVersion, *, vector: np.ndarray | None = No
                          .values(q=stored_vector(version))[:1])
     rows = _search_rows(Embedding).filter(model_version=version)
     if dataset is not None:
-        rows = rows.filter(image__dataset=dataset)
+        rows = rows.filter(dataset=dataset)
     if splits is not None:
         rows = rows.filter(image__split__in=[str(s) for s in splits])
     if exclude_image_id is not None:

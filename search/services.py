@@ -61,7 +61,7 @@ def result_notice(version: ModelVersion, dataset: Dataset | None, hits: list, k:
         return None
     where = f"dataset {dataset.name!r}" if dataset is not None else "the collection"
     images = Image.objects.filter(dataset=dataset) if dataset is not None else Image.objects.all()
-    embeddings = version.embeddings.filter(image__dataset=dataset) if dataset is not None else version.embeddings
+    embeddings = version.embeddings.filter(dataset=dataset) if dataset is not None else version.embeddings
     total, indexed = images.count(), embeddings.count()
     if total == 0:
         return f"{where} has no images yet"

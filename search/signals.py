@@ -5,7 +5,8 @@ their files and thumbnails once the transaction commits: the receiver only
 collects the names, and one callback per transaction hands them all to
 `search.deletion.release_files` (one indexed query per 1,000 names), instead
 of a query per image. Embeddings and near-duplicate pairs go by cascade.
-Deleting a model version drops its HNSW index."""
+Deleting a model version drops its HNSW indexes; deleting a dataset drops
+every version's HNSW index of that dataset."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from django.db import connection, transaction
 from django.db.models.signals import post_delete, pre_delete
 from django.dispatch import receiver
 
-from search.models import Image
+from search.models import Dataset, Image
 from training.models import ModelVersion
 
 _state = threading.local()
@@ -54,3 +55,10 @@ def drop_version_index(sender, instance: ModelVersion, **kwargs) -> None:
     from search.indexing import drop_hnsw_index
 
     drop_hnsw_index(instance)
+
+
+@receiver(pre_delete, sender=Dataset)
+def drop_dataset_indexes(sender, instance: Dataset, **kwargs) -> None:
+    from search.hnsw import drop_dataset_indexes as drop
+
+    drop(instance)

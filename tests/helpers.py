@@ -41,7 +41,7 @@ def store_embeddings(dataset, version, vectors, *, splits=None, labels=None):
               split=splits[i] if splits else "train", label=labels[i] if labels else None,
               width=1, height=1, original_filename=f"{i}.png") for i in range(n)
     ])
-    Embedding.objects.bulk_create([Embedding(image=im, model_version=version, vector=v)
+    Embedding.objects.bulk_create([Embedding(image=im, dataset=dataset, model_version=version, vector=v)
                                    for im, v in zip(images, vectors)])
     ensure_hnsw_index(version)
     with connection.cursor() as cursor:

@@ -97,8 +97,8 @@ def test_release_files_keeps_referenced_names_and_ignores_missing_ones(db, setti
 
 def test_a_stopped_delete_leaves_whole_batches(db, settings, django_capture_on_commit_callbacks, tiny_version):
     dataset = _fill("a", 10)
-    Embedding.objects.bulk_create([Embedding(image=image, model_version=tiny_version, vector=[1.0] + [0.0] * 31)
-                                   for image in dataset.images.all()])
+    Embedding.objects.bulk_create([Embedding(image=image, dataset=dataset, model_version=tiny_version,
+                                             vector=[1.0] + [0.0] * 31) for image in dataset.images.all()])
     ids = list(dataset.images.order_by("pk").values_list("pk", flat=True))
     batches = []
 

@@ -70,7 +70,7 @@ def test_the_starved_index_walk_alone_returns_too_few_rows(two_datasets, tiny_ve
 @pytest.mark.parametrize("k", [1, 3, K])
 def test_a_small_dataset_gets_exactly_the_brute_force_top_k(two_datasets, tiny_version, starved, k):
     _, small = two_datasets
-    assert plan_for(small) == "exact"
+    assert plan_for(tiny_version, small) == "exact"
     for seed in range(5):
         query = np.random.default_rng(100 + seed).normal(size=32)
         hits = nearest(tiny_version, vector=query, k=k, dataset=small)
@@ -81,7 +81,7 @@ def test_a_small_dataset_gets_exactly_the_brute_force_top_k(two_datasets, tiny_v
 def test_a_forced_index_walk_that_finds_too_few_rows_falls_back_to_exact(two_datasets, tiny_version, starved):
     _, small = two_datasets
     starved.CBIR_EXACT_SEARCH_MAX_ROWS = 0  # always the index
-    assert plan_for(small) == "hnsw"
+    assert plan_for(tiny_version, small) == "hnsw"
     for seed in range(5):
         query = np.random.default_rng(200 + seed).normal(size=32)
         hits, _ = fetch(neighbours_queryset(tiny_version, vector=query, dataset=small), K)
@@ -104,7 +104,7 @@ def test_splits_and_more_like_this_in_a_small_dataset_are_exact(two_datasets, ti
 def test_a_large_dataset_stays_on_the_index_and_gets_k_rows(two_datasets, tiny_version, starved):
     big, _ = two_datasets
     starved.CBIR_EXACT_SEARCH_MAX_ROWS = 100
-    assert plan_for(big) == "hnsw" and plan_for(None) == "hnsw"
+    assert plan_for(tiny_version, big) == "hnsw" and plan_for(tiny_version, None) == "hnsw"
     query = np.random.default_rng(3).normal(size=32)
     queryset = neighbours_queryset(tiny_version, vector=query, dataset=big)
     assert f"Index Scan using {tiny_version.index_name}" in explain(queryset, K)
@@ -119,14 +119,14 @@ def test_the_exact_plan_never_walks_the_index_even_with_the_search_settings(two_
     assert tiny_version.index_name not in plan and "Sort" in plan
 
 
-def test_the_threshold_decides_the_plan(two_datasets, settings):
+def test_the_threshold_decides_the_plan(two_datasets, tiny_version, settings):
     big, small = two_datasets
     settings.CBIR_EXACT_SEARCH_MAX_ROWS = SMALL
-    assert plan_for(small) == "exact" and plan_for(big) == "hnsw"
+    assert plan_for(tiny_version, small) == "exact" and plan_for(tiny_version, big) == "hnsw"
     settings.CBIR_EXACT_SEARCH_MAX_ROWS = SMALL - 1
-    assert plan_for(small) == "hnsw"
+    assert plan_for(tiny_version, small) == "hnsw"
     settings.CBIR_EXACT_SEARCH_MAX_ROWS = BIG
-    assert plan_for(big) == "exact"
+    assert plan_for(tiny_version, big) == "exact"
 
 
 def test_a_bad_plan_name_is_refused(tiny_version):

@@ -193,4 +193,4 @@ def test_the_embed_job_builds_outside_its_transaction_and_shows_the_build_as_pro
     assert all(st["total"] == len(ids) and 0 <= st["done"] <= st["total"] for st in seen)
     assert max(st["done"] for st in seen) > 3, "the bar showed the chunks' sum, not the build"
     assert any("loading tuples" in st["message"] for st in seen)
-    assert any("index built: 4,000 rows" in entry["msg"] for entry in job.log)
+    assert any(f"index {version_256.index_name} built: 4,000 rows" in entry["msg"] for entry in job.log)
