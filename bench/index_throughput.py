@@ -1,7 +1,7 @@
 """Index build throughput against the network's own forward throughput.
 
     .venv/bin/python bench/index_throughput.py [--dataset animals] [--batch-size 32] [--repeats 3]
-        [--workers N] [--threads N] [--mallopt] [--breakdown] [--sweep] [--json]
+        [--workers N] [--threads N] [--mallopt] [--compile] [--breakdown] [--sweep] [--json]
 
 Measures, in images per second (median over --repeats):
 
@@ -29,6 +29,10 @@ The report says which allocator behaviour was in effect, read back from glibc
 start every process with MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647;
 run the script without them (env -u ...) to measure the default.
 
+--compile    runs the network through torch.compile for both figures, as
+             embedding jobs of CBIR_COMPILE_MIN_IMAGES images or more do
+             (training.inference; the compile time is in "model load", not
+             in the figures).
 --breakdown  times the build's parts on their own: decode in the main
              process, the DataLoader alone, forward, DB writes.
 --sweep      round-robin over loader workers 0/1/2 x torch threads 1/2,
@@ -65,6 +69,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--mallopt", action="store_true",
                         help="keep freed memory in glibc's heap (M_MMAP_MAX=0, M_TRIM_THRESHOLD=2GiB), to try "
                              "the allocator change suggested in docs/benchmarks.md")
+    parser.add_argument("--compile", action="store_true", help="the network through torch.compile, as large jobs run it")
     parser.add_argument("--breakdown", action="store_true", help="time decode, loader, forward and DB writes apart")
     parser.add_argument("--sweep", action="store_true", help="try loader workers x torch threads x prefetch x batch")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
@@ -142,24 +147,24 @@ class Cost:
                 "minor_faults": round(self.faults / n)}
 
 
-def forward_once(model, device, chunks) -> tuple[float, Cost]:
+def forward_once(model, device, chunks, pad_to: int = 0) -> tuple[float, Cost]:
     """Images/s of embed_batch alone over the pre-made batches."""
     from training.inference import embed_batch
 
     before, start = Cost.now(), time.perf_counter()
     for chunk in chunks:
-        embed_batch(model, device, chunk)
+        embed_batch(model, device, chunk, pad_to=pad_to)
     return sum(len(c) for c in chunks) / (time.perf_counter() - start), Cost.now() - before
 
 
-def build_once(version, image_ids, batch_size: int, embed=None) -> tuple[float, Cost]:
+def build_once(version, image_ids, batch_size: int, embed=None, compiled: bool = False) -> tuple[float, Cost]:
     """Images/s of one full embed_images run, inserting fresh rows."""
     from search.indexing import embed_images
 
     embed = embed or embed_images
     version.embeddings.all().delete()
     before, start = Cost.now(), time.perf_counter()
-    report = embed(version, image_ids, batch_size=batch_size)
+    report = embed(version, image_ids, batch_size=batch_size, **({"compiled": True} if compiled else {}))
     seconds = time.perf_counter() - start
     cost = Cost.now() - before
     if report.embedded != len(image_ids):
@@ -167,17 +172,18 @@ def build_once(version, image_ids, batch_size: int, embed=None) -> tuple[float, 
     return len(image_ids) / seconds, cost
 
 
-def paired_rates(model, device, chunks, version, image_ids, batch_size: int, repeats: int):
+def paired_rates(model, device, chunks, version, image_ids, batch_size: int, repeats: int, compiled: bool = False):
     """Forward and build measured alternately; each repeat gives a pair."""
     from training.inference import embed_batch
 
-    embed_batch(model, device, chunks[0])  # warm-up: allocator, oneDNN kernels
+    pad_to = batch_size if compiled else 0
+    embed_batch(model, device, chunks[0], pad_to=pad_to)  # warm-up: allocator, oneDNN kernels
     # Warm-up build over two batches, so loader workers have started once, untimed.
-    build_once(version, image_ids[:2 * batch_size], batch_size)
+    build_once(version, image_ids[:2 * batch_size], batch_size, compiled=compiled)
     pairs, forward_cost, build_cost = [], Cost(), Cost()
     for _ in range(repeats):
-        f, fc = forward_once(model, device, chunks)
-        b, bc = build_once(version, image_ids, batch_size)
+        f, fc = forward_once(model, device, chunks, pad_to=pad_to)
+        b, bc = build_once(version, image_ids, batch_size, compiled=compiled)
         pairs.append((f, b))
         forward_cost, build_cost = forward_cost + fc, build_cost + bc
     return pairs, forward_cost, build_cost
@@ -385,8 +391,9 @@ def run(args: argparse.Namespace) -> dict:
     items = dataset_items(args.dataset)
     image_ids = [pk for pk, _ in items]
 
+    compiled_batch = args.batch_size if args.compile else 0
     start = time.perf_counter()
-    model, device = network_for(active)
+    model, device = network_for(active, compiled_batch=compiled_batch)
     load_seconds = time.perf_counter() - start
     files = _FileImages(items, preprocessing_for(active))
     tensors = [files[i][0] for i in range(len(files))]
@@ -402,12 +409,13 @@ def run(args: argparse.Namespace) -> dict:
         "prefetch_factor": 4 if _workers(n, args.batch_size) else None,
         "torch_threads": threads, "torch_threads_default": default_threads,
         "device": str(device), "model_load_s": round(load_seconds, 2), "mallopt": mallopt,
+        "compiled": bool(args.compile),
         "glibc_malloc": allocator,
     }
     try:
-        network_for(scratch)  # its own cache entry: load it before timing
+        network_for(scratch, compiled_batch=compiled_batch)  # its own cache entry: load it before timing
         pairs, forward_cost, build_cost = paired_rates(model, device, chunks, scratch, image_ids,
-                                                       args.batch_size, args.repeats)
+                                                       args.batch_size, args.repeats, compiled=args.compile)
         forward, build = [f for f, _ in pairs], [b for _, b in pairs]
         report.update({
             "forward_images_per_s": [round(r, 1) for r in forward],
@@ -441,7 +449,7 @@ def print_report(r: dict) -> None:
     print(f"settings        batch size {r['batch_size']}, CBIR_LOADER_WORKERS {r['loader_workers']} "
           f"(prefetch_factor {r['prefetch_factor'] or '-'}), torch threads {r['torch_threads']} "
           f"(default {r['torch_threads_default']}), device {r['device']}, repeats {r['repeats']}, "
-          f"glibc malloc {_allocator_text(r)}")
+          f"glibc malloc {_allocator_text(r)}, network {'compiled (torch.compile)' if r['compiled'] else 'eager'}")
     print(f"environment     {m['environment'] or '(no OMP_/MALLOC_/CBIR_ overrides)'}")
     load = r["other_load_cores"] or {}
     print(f"machine         {m['cpu_count']} CPUs, torch {m['torch']}; other processes used "
@@ -463,7 +471,8 @@ def print_report(r: dict) -> None:
           f"{', '.join(f'{x:.2f}' for x in r['ratio_per_repeat'])}, median of those {r['ratio_median_of_pairs']:.2f}")
     print(f"HNSW index creation  {r['hnsw_index_creation_s'] * 1000:.0f} ms for {r['images']} rows "
           f"(not in the build figure)")
-    print(f"model load           {r['model_load_s']:.2f} s (once per process, not in the figures)")
+    print(f"model load           {r['model_load_s']:.2f} s (once per process{', compiling included' if r['compiled'] else ''}"
+          ", not in the figures)")
     if "breakdown_s" in r:
         print()
         print(f"Breakdown, one pass each over {r['images']} images:")

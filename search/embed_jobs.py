@@ -14,6 +14,7 @@ from search.duplicates import flag_new_near_duplicates, flags_with
 from search.hnsw import IndexBuildError
 from search.indexing import build_hnsw_indexes, embed_images, missing_image_ids
 from search.models import Dataset, Image, Job, JobChunk
+from training.inference import compile_for
 from training.models import ModelVersion
 
 KIND = "embed"
@@ -35,7 +36,8 @@ def queue_chunks(job: Job) -> int:
     size = int(job.params.get("chunk_size") or settings.CBIR_CHUNK_SIZE)
     chunks = JobChunk.objects.bulk_create(
         [JobChunk(job=job, index=i, image_ids=part) for i, part in enumerate(_chunks(ids, size))])
-    Job.objects.filter(pk=job.pk).update(progress_done=0, progress_total=len(ids))
+    job.params["compile"] = compile_for(len(ids))
+    Job.objects.filter(pk=job.pk).update(progress_done=0, progress_total=len(ids), params=job.params)
     for chunk in chunks:
         chunk.job = job
         jobs.send_chunk(chunk)
@@ -63,7 +65,8 @@ def start_embed_job(version: ModelVersion, dataset: Dataset | None = None, *, ac
                               "chunk_size": chunk_size or settings.CBIR_CHUNK_SIZE},
                       log=f"queued: embed {target} with {version.name}{' then activate it' if activate else ''}")
     n = queue_chunks(job)
-    jobs.add_log(job.pk, f"{n} image(s) to embed")
+    jobs.add_log(job.pk, f"{n} image(s) to embed" + (" (the network compiled with torch.compile in each worker, "
+                                                     "from CBIR_COMPILE_MIN_IMAGES)" if compile_for(n) else ""))
     job.refresh_from_db()
     return job
 
@@ -84,7 +87,7 @@ def run_chunk(chunk_id: int) -> str:
         if version is None:
             raise jobs.JobError("the job's model version was deleted")
         report = embed_images(version, chunk.image_ids, progress=lambda done, total, msg: progress(done, msg),
-                              should_stop=should_stop)
+                              should_stop=should_stop, compiled=bool(chunk.job.params.get("compile")))
         # An image deleted meanwhile (its file gone with it) is not unreadable: it is no longer there.
         failed_ids = [image_id for image_id, _ in report.failed]
         live = set(Image.objects.filter(pk__in=failed_ids).values_list("pk", flat=True))

@@ -180,8 +180,11 @@ def copy_embeddings(version: ModelVersion, image_ids: Sequence[int], vectors: np
 
 
 def embed_images(version: ModelVersion, image_ids: Sequence[int], *, batch_size: int | None = None,
-                 progress: Progress = _noop, should_stop: Callable[[], bool] | None = None) -> EmbedReport:
-    """Embed the given images with `version` and upsert their vectors."""
+                 progress: Progress = _noop, should_stop: Callable[[], bool] | None = None,
+                 compiled: bool = False) -> EmbedReport:
+    """Embed the given images with `version` and upsert their vectors.
+    compiled: run the network through torch.compile (training.inference;
+    compiled once per process for batches of `batch_size`)."""
     batch_size = batch_size or settings.CBIR_EMBED_BATCH_SIZE
     items = list(Image.objects.filter(pk__in=list(image_ids)).order_by("pk").values_list("pk", "file"))
     media = Path(settings.MEDIA_ROOT)
@@ -189,7 +192,7 @@ def embed_images(version: ModelVersion, image_ids: Sequence[int], *, batch_size:
     report = EmbedReport()
     if not items:
         return report
-    model, device = network_for(version)
+    model, device = network_for(version, compiled_batch=batch_size if compiled else 0)
     workers = loader_workers(device) if len(items) > batch_size else 0
     loader = DataLoader(_FileImages(items, preprocessing_for(version)), batch_size=batch_size, shuffle=False,
                         num_workers=workers, collate_fn=_collate, pin_memory=device.type == "cuda",
@@ -198,7 +201,7 @@ def embed_images(version: ModelVersion, image_ids: Sequence[int], *, batch_size:
     for tensors, ids, bad in loader:
         report.failed.extend(bad)
         if tensors is not None:
-            vectors = embed_batch(model, device, tensors)
+            vectors = embed_batch(model, device, tensors, pad_to=batch_size if compiled else 0)
             report.embedded += write_embeddings(version, ids, vectors)
         done += len(ids) + len(bad)
         progress(done, len(items), f"embedded {done}/{len(items)}")

@@ -2,6 +2,7 @@
 killed with SIGKILL mid-job, Redis restarted mid-job."""
 
 import zipfile
+from pathlib import Path
 
 import pytest
 from django.db.models import Count
@@ -146,3 +147,31 @@ def test_cancel_from_the_job_page_stops_a_running_job(many_images, tiny_version,
         assert Embedding.objects.filter(model_version=tiny_version).count() < 40
         status = admin_client.get(f"/jobs/{job.pk}/status").json()
         assert status["status"] == "cancelled" and status["finished"]
+
+
+def test_a_large_enough_embedding_job_runs_the_compiled_network_on_the_worker(many_images, tiny_version, settings,
+                                                                              live_worker):
+    """From CBIR_COMPILE_MIN_IMAGES images the worker embeds through torch.compile
+    (short last batches padded): the stored vectors are the eager network's."""
+    import numpy as np
+    import torch
+    from django.conf import settings as conf
+
+    from search.indexing import _FileImages
+    from training.inference import embed_batch, network_for, preprocessing_for
+
+    settings.CBIR_COMPILE_MIN_IMAGES = 40
+    job = embed_jobs.start_embed_job(tiny_version, many_images, chunk_size=12)  # chunks of 12, 12, 12, 4 images
+    assert job.params["compile"] is True and "torch.compile" in job.log[-1]["msg"]
+    job = wait_for(lambda: _finished(job.pk), message="the job to finish")
+    assert job.status == S.SUCCEEDED, (job.error, job.log)
+    assert f"compiled {tiny_version.architecture} for batches of 32" in live_worker.log.read_text(errors="replace")
+    _assert_each_image_embedded_once(tiny_version, many_images)
+    items = [(pk, str(Path(conf.MEDIA_ROOT) / f)) for pk, f in
+             Image.objects.filter(dataset=many_images).order_by("pk").values_list("pk", "file")[:12]]
+    files = _FileImages(items, preprocessing_for(tiny_version))
+    model, device = network_for(tiny_version)
+    expected = embed_batch(model, device, torch.stack([files[i][0] for i in range(len(items))]))
+    stored = dict(Embedding.objects.filter(model_version=tiny_version).values_list("image_id", "vector"))
+    got = np.stack([np.asarray(stored[pk], dtype=np.float32) for pk, _ in items])
+    np.testing.assert_allclose(got, expected, rtol=0, atol=2e-3)
