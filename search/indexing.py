@@ -133,11 +133,12 @@ class EmbedReport:
 
 
 def write_embeddings(version: ModelVersion, image_ids: Sequence[int], vectors: np.ndarray) -> int:
-    """Upsert keyed on (image, model version): writing the same chunk twice is harmless.
-    Images deleted meanwhile are skipped."""
-    live = dict(Image.objects.filter(pk__in=list(image_ids)).values_list("pk", "dataset_id"))
-    rows = [Embedding(image_id=i, model_version=version, dataset_id=live[i], vector=v)
-            for i, v in zip(image_ids, vectors) if i in live]
+    """Upsert keyed on (image, model version): image_ids (n,) int, vectors
+    (n, D) float, stored as halfvec. Writing the same chunk twice is harmless;
+    images deleted meanwhile are skipped. Returns the rows written."""
+    live = dict(Image.objects.filter(pk__in=[int(i) for i in image_ids]).values_list("pk", "dataset_id"))
+    rows = [Embedding(image_id=int(i), model_version=version, dataset_id=live[int(i)], vector=v)
+            for i, v in zip(image_ids, vectors) if int(i) in live]
     Embedding.objects.bulk_create(rows, update_conflicts=True, unique_fields=["image", "model_version"],
                                   update_fields=["vector"])
     return len(rows)

@@ -126,7 +126,7 @@ def test_the_exact_count_decides_the_plan_per_version(three_datasets, tiny_versi
 
 
 @pytest.mark.django_db
-def test_every_writer_copies_the_images_dataset(dataset, tiny_version):
+def test_every_writer_copies_the_images_dataset_and_the_upsert_replaces(dataset, tiny_version):
     other = Dataset.objects.create(name="other")
     images = Image.objects.bulk_create([
         Image(dataset=dataset if i % 2 else other, file=f"w/{i}.png", thumbnail=f"w/{i}.jpg", sha256=f"{i:064x}",
@@ -136,6 +136,13 @@ def test_every_writer_copies_the_images_dataset(dataset, tiny_version):
     copy_embeddings(tiny_version, [im.pk for im in images[3:]], vectors[3:])
     stored = dict(Embedding.objects.filter(model_version=tiny_version).values_list("image_id", "dataset_id"))
     assert stored == {im.pk: im.dataset_id for im in images}
+    # The upsert: the same images again replace their vectors; an image deleted meanwhile is skipped.
+    again = np.random.default_rng(1).normal(size=(4, 32))
+    assert write_embeddings(tiny_version, [im.pk for im in images[:3]] + [images[-1].pk + 999], again) == 3
+    assert Embedding.objects.filter(model_version=tiny_version).count() == 6
+    for im, vector in zip(images[:3], again):
+        got = np.asarray(Embedding.objects.get(image=im, model_version=tiny_version).vector, dtype=np.float32)
+        np.testing.assert_allclose(got, vector.astype(np.float16).astype(np.float32), rtol=0, atol=1e-6)
 
 
 @pytest.mark.django_db
