@@ -42,8 +42,8 @@ over the same halfvec-rounded vectors:
   filtered         for each dataset: the plan search.neighbours chooses, and
                    both plans forced ("exact", "hnsw") on --compare-queries
                    queries: the crossover between them. "hnsw" walks the
-                   dataset's own index where it has one ("plan" says
-                   "hnsw, own index"), else the version's
+                   dataset's own index where it has one, else the version's
+                   ("plan" names the index, read from EXPLAIN)
 
 Latency is the wall time of search.neighbours.nearest's work (plan choice,
 statement, rows) in milliseconds. Prints load time, build time and rows/s,
@@ -58,6 +58,7 @@ scratch data in place afterwards (default: deleted).
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 
@@ -409,8 +410,8 @@ def measure(version, queries, truth, k, **query) -> dict:
 def search(version, datasets, vectors, ids, queries, args) -> dict:
     from django.test import override_settings
 
-    from search.hnsw import VALID, index_state
-    from search.neighbours import plan_for
+    from search.hnsw import index_name
+    from search.neighbours import explain, neighbours_queryset, plan_for
 
     vectors16 = round_to_halfvec_(vectors)  # in place: the float32 originals are not needed after the load
     k = args.k
@@ -433,8 +434,11 @@ def search(version, datasets, vectors, ids, queries, args) -> dict:
         rows = np.flatnonzero(image_dataset == dataset.pk)
         dtruth = [exact_top(s, ids, rows, k) for s in scores]
         plan = plan_for(version, dataset)
-        if plan == "hnsw" and index_state(version, dataset) == VALID:
-            plan = "hnsw, own index"
+        if plan == "hnsw":  # which index the planner walks, read from its plan
+            used = re.search(r"Index Scan using (\S+)", explain(neighbours_queryset(version, vector=timed[0],
+                                                                                     dataset=dataset), k))
+            plan = ("hnsw, own index" if used and used.group(1) == index_name(version, dataset) else
+                    f"hnsw, {used.group(1) if used else 'no index'}")
         entry = {"dataset": label, "rows": sizes[label], "selectivity_pct": round(100 * sizes[label] / args.n, 3),
                  "plan": plan, "chosen": measure(version, timed, dtruth, k, dataset=dataset)}
         c = args.compare_queries

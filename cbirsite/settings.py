@@ -212,8 +212,8 @@ CBIR_EMBED_BATCH_SIZE = env_int("CBIR_EMBED_BATCH_SIZE", 32, minimum=1, maximum=
 # cores, measured in docs/benchmarks.md), min(4, CPUs) on CUDA.
 CBIR_LOADER_WORKERS = env_int("CBIR_LOADER_WORKERS", -1, minimum=-1, maximum=64)
 # An embedding job of at least this many images runs the network through
-# torch.compile in each worker (about 35 s once per process, then 1.6x the
-# forward pass on the CPU: docs/benchmarks.md); 0 = never.
+# torch.compile in each worker (29 s cold once per process, then 1.15-1.5x the
+# eager forward pass on the CPU: docs/benchmarks.md); 0 = never.
 CBIR_COMPILE_MIN_IMAGES = env_int("CBIR_COMPILE_MIN_IMAGES", 10_000, minimum=0)
 # HNSW search breadth; raised to at least 2k per query. 200: recall@10 0.998-1.000
 # at 100k rows for under a millisecond more than 100 (docs/scaling.md).

@@ -285,11 +285,12 @@ def ensure_index(version: ModelVersion, expression: str, *, m: int, ef_construct
     return report
 
 
-def dataset_indexes(*, version: ModelVersion | None = None, dataset: Dataset | None = None) -> list[str]:
+def dataset_indexes(*, version: ModelVersion | None = None, dataset: Dataset | int | None = None) -> list[str]:
     """Names of the per-dataset indexes (valid or not) of `version`, of
-    `dataset`, or of both, read from the catalogue."""
+    `dataset` (a Dataset or its id), or of both, read from the catalogue."""
+    dataset_pk = dataset.pk if isinstance(dataset, Dataset) else dataset
     pattern = (rf"^search_embedding_hnsw_v{int(version.pk) if version else '[0-9]+'}"
-               rf"_d{int(dataset.pk) if dataset else '[0-9]+'}$")
+               rf"_d{int(dataset_pk) if dataset_pk is not None else '[0-9]+'}$")
     with connection.cursor() as cursor:
         cursor.execute("SELECT indexname FROM pg_indexes WHERE tablename = 'search_embedding' "
                        "AND indexname ~ %s ORDER BY indexname", [pattern])
@@ -304,11 +305,51 @@ def drop_index(version: ModelVersion) -> None:
             cursor.execute(f"DROP INDEX IF EXISTS {name}")
 
 
-def drop_dataset_indexes(dataset: Dataset) -> None:
-    """Drop every version's index of `dataset` (its rows are going)."""
+DROP_LOCK_TIMEOUT = "5s"
+
+
+def drop_dataset_indexes(dataset: Dataset | int) -> list[str]:
+    """Drop every version's index of `dataset` (a Dataset or the id of a
+    deleted one); returns the names dropped.
+
+    Outside a transaction (search/signals.py calls it once the delete has
+    committed) each is dropped CONCURRENTLY, so searches and writes go on,
+    waiting at most DROP_LOCK_TIMEOUT: a concurrent index build on the table
+    holds the lock CONCURRENTLY needs for as long as it runs. An index not
+    dropped in time is logged and left, and the version's next build drops it
+    (drop_orphan_indexes). Inside a transaction: a plain DROP INDEX."""
+    from django.db.utils import OperationalError
+
+    dropped = []
+    in_transaction = connection.in_atomic_block
     with connection.cursor() as cursor:
-        for name in dataset_indexes(dataset=dataset):
+        if not in_transaction:
+            cursor.execute(f"SET lock_timeout = '{DROP_LOCK_TIMEOUT}'")
+        try:
+            for name in dataset_indexes(dataset=dataset):
+                try:
+                    cursor.execute(f"DROP INDEX {'' if in_transaction else 'CONCURRENTLY '}IF EXISTS {name}")
+                    dropped.append(name)
+                except OperationalError as exc:  # the lock timeout
+                    if in_transaction:
+                        raise
+                    logger.warning("%s not dropped now (%s); the version's next index build drops it", name, exc)
+        finally:
+            if not in_transaction:
+                cursor.execute("RESET lock_timeout")
+    return dropped
+
+
+def drop_orphan_indexes(version: ModelVersion) -> list[str]:
+    """Drop the version's per-dataset indexes whose dataset no longer exists
+    (one deleted while its index was being built, or whose drop timed out);
+    returns their names."""
+    orphans = [name for name in dataset_indexes(version=version)
+               if not Dataset.objects.filter(pk=int(name.rsplit("_d", 1)[1])).exists()]
+    with connection.cursor() as cursor:
+        for name in orphans:
             cursor.execute(f"DROP INDEX IF EXISTS {name}")
+    return orphans
 
 
 def sizes(version: ModelVersion) -> dict[str, Any]:

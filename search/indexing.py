@@ -75,9 +75,12 @@ def build_hnsw_indexes(version: ModelVersion, *, progress: Progress | None = Non
     index failing is only reported (its report's `error`, and a warning):
     that dataset's searches then walk the version's index, as before."""
     reports = [build_hnsw_index(version, progress=progress)]
+    hnsw.drop_orphan_indexes(version)
     for dataset, _ in datasets_to_index(version):
         try:
             reports.append(build_hnsw_index(version, progress=progress, dataset=dataset))
+            if not Dataset.objects.filter(pk=dataset.pk).exists():  # deleted during the build
+                hnsw.drop_orphan_indexes(version)
         except hnsw.IndexBuildError as exc:
             logger.warning("%s", exc)
             reports.append(hnsw.BuildReport(name=hnsw.index_name(version, dataset), error=str(exc)))

@@ -6,7 +6,7 @@ collects the names, and one callback per transaction hands them all to
 `search.deletion.release_files` (one indexed query per 1,000 names), instead
 of a query per image. Embeddings and near-duplicate pairs go by cascade.
 Deleting a model version drops its HNSW indexes; deleting a dataset drops
-every version's HNSW index of that dataset."""
+every version's HNSW index of that dataset once the delete has committed."""
 
 from __future__ import annotations
 
@@ -57,8 +57,11 @@ def drop_version_index(sender, instance: ModelVersion, **kwargs) -> None:
     drop_hnsw_index(instance)
 
 
-@receiver(pre_delete, sender=Dataset)
+@receiver(post_delete, sender=Dataset)
 def drop_dataset_indexes(sender, instance: Dataset, **kwargs) -> None:
+    """After the delete commits: DROP INDEX CONCURRENTLY (search.hnsw), so
+    searches on the table never wait behind it."""
     from search.hnsw import drop_dataset_indexes as drop
 
-    drop(instance)
+    pk = instance.pk
+    transaction.on_commit(lambda: drop(pk))

@@ -72,3 +72,17 @@ def test_jobs_compile_from_the_threshold(settings):
     assert not compile_for(99) and compile_for(100)
     settings.CBIR_COMPILE_MIN_IMAGES = 0
     assert not compile_for(10**9)
+
+
+@pytest.mark.django_db
+def test_a_grayscale_network_compiles_for_one_channel():
+    """The study's Siamese network reads 1-channel input: the warm-up batch follows the preprocessing."""
+    from training.versions import get_or_create_version
+
+    version = get_or_create_version("siamese", random_weights=True, config={"dimension": 16, "size": 32})
+    assert inference.preprocessing_for(version).grayscale
+    compiled, device = network_for(version, compiled_batch=4)
+    assert isinstance(compiled, torch._dynamo.eval_frame.OptimizedModule)
+    images = torch.rand(3, 1, 32, 32, generator=torch.Generator().manual_seed(1))
+    np.testing.assert_allclose(embed_batch(compiled, device, images, pad_to=4),
+                               embed_batch(network_for(version)[0], device, images), rtol=0, atol=1e-5)

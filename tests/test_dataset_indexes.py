@@ -106,12 +106,37 @@ def test_splits_inside_an_indexed_dataset(three_datasets, tiny_version):
                                                           splits=["train", "val"], exclude=image_id)
 
 
-def test_deleting_a_dataset_or_a_version_drops_its_indexes(three_datasets, tiny_version):
+def test_deleting_a_dataset_or_a_version_drops_its_indexes(three_datasets, tiny_version,
+                                                           django_capture_on_commit_callbacks):
     _, mid, _ = three_datasets
-    mid.delete()
-    assert hnsw.dataset_indexes(version=tiny_version) == []
+    name = _name(tiny_version, mid)
+    with django_capture_on_commit_callbacks(execute=True) as callbacks:
+        mid.delete()
+        assert hnsw.dataset_indexes(version=tiny_version) == [name]  # until the commit
+    assert callbacks and hnsw.dataset_indexes(version=tiny_version) == []  # (the files are released too)
     tiny_version.delete()
     assert hnsw.index_state(tiny_version) == hnsw.MISSING
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_committed_dataset_delete_drops_its_index_concurrently(three_datasets, tiny_version):
+    from search.deletion import delete_now
+
+    _, mid, _ = three_datasets
+    delete_now(dataset=mid)
+    assert hnsw.dataset_indexes(version=tiny_version) == []
+
+
+def test_an_index_left_by_a_deleted_dataset_goes_at_the_next_build(three_datasets, tiny_version):
+    """A dataset deleted while its index was built, or whose drop timed out."""
+    orphan = f"{tiny_version.index_name}_d999999"
+    with connection.cursor() as cursor:
+        cursor.execute(f"CREATE INDEX {orphan} ON search_embedding USING hnsw ((vector::halfvec(32)) "
+                       f"halfvec_cosine_ops) WHERE model_version_id = {tiny_version.pk} AND dataset_id = 999999")
+    assert orphan in hnsw.dataset_indexes(version=tiny_version)
+    build_hnsw_indexes(tiny_version)
+    assert orphan not in hnsw.dataset_indexes(version=tiny_version)
+    assert hnsw.dataset_indexes(version=tiny_version) == [_name(tiny_version, three_datasets[1])]
 
 
 def test_the_exact_count_decides_the_plan_per_version(three_datasets, tiny_version, settings):

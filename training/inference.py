@@ -6,10 +6,11 @@ weights, so a web process or a worker pays the load once.
 
 Bulk embedding can run the network through `torch.compile` (PyTorch's
 compiler; on the CPU, inductor's C++ kernels): `network_for(version,
-compiled_batch=B)` compiles it for batches of B once per process (about 35 s
-for EfficientNet-Lite0 on 2 cores), and `embed_batch(..., pad_to=B)` pads a
-shorter last batch so that no second shape is compiled. Measured in
-docs/benchmarks.md: 1.6x the eager forward pass on the CPU. Jobs use it from
+compiled_batch=B)` compiles it for batches of B once per process (29 s cold
+for EfficientNet-Lite0 on 2 cores, 5 s from inductor's on-disk cache), and
+`embed_batch(..., pad_to=B)` pads a shorter last batch so that no second
+shape is compiled. Measured in docs/benchmarks.md: 1.15-1.5x the eager
+forward pass on the CPU (113-118 against 80-98 images/s). Jobs use it from
 CBIR_COMPILE_MIN_IMAGES images (compile_for)."""
 
 from __future__ import annotations
@@ -91,12 +92,12 @@ def _freeze(value):
 
 
 @lru_cache(maxsize=2)
-def _compiled_network(key: tuple, batch: int, size: int) -> tuple[torch.nn.Module, torch.device]:
+def _compiled_network(key: tuple, batch: int, channels: int, size: int) -> tuple[torch.nn.Module, torch.device]:
     model, device = _cached_network(key)
     start = time.perf_counter()
     try:
         compiled = cast(torch.nn.Module, torch.compile(model))  # an OptimizedModule for a module
-        embed_batch(compiled, device, torch.zeros(batch, 3, size, size))  # compiles, for this shape
+        embed_batch(compiled, device, torch.zeros(batch, channels, size, size))  # compiles, for this shape
     except Exception as exc:  # noqa: BLE001 - no compiler, an unsupported op: the eager network still works
         logger.warning("torch.compile failed for %s, embedding with the eager network: %s: %s",
                        key[1], type(exc).__name__, exc)
@@ -117,15 +118,18 @@ def network_for(version, *, compiled_batch: int = 0) -> tuple[torch.nn.Module, t
            version.weights_sha256, _freeze(version.config or {}))
     with _lock:
         if compiled_batch > 0:
-            return _compiled_network(key, int(compiled_batch), preprocessing_for(version).size)
+            preprocessing = preprocessing_for(version)
+            return _compiled_network(key, int(compiled_batch), 1 if preprocessing.grayscale else 3,
+                                     preprocessing.size)
         return _cached_network(key)
 
 
 def compile_for(images: int) -> bool:
     """Whether a job embedding `images` images compiles the network: at least
-    CBIR_COMPILE_MIN_IMAGES (0: never). About 35 s of compiling per worker
-    process pays for itself from roughly 7,500 images at the CPU speeds
-    measured in docs/benchmarks.md (79 eager, 124 compiled images/s)."""
+    CBIR_COMPILE_MIN_IMAGES (0: never). About 29 s of compiling (cold) per
+    worker process pays for itself from roughly 7,500 images in that process
+    at the CPU speeds of docs/benchmarks.md (12.5 ms an image eager, 8.5 ms
+    compiled); a job spread over W workers compiles W times."""
     threshold = int(settings.CBIR_COMPILE_MIN_IMAGES)
     return threshold > 0 and images >= threshold
 
