@@ -15,7 +15,9 @@ Queries are stored vectors of the version (rows drawn at random with
             binary, one round trip)
   server    PostgreSQL's own "Planning Time" + "Execution Time" of the same
             statement with the same settings, from EXPLAIN (ANALYZE) run
-            right after it (also shown apart: planning, execution)
+            right after it (also shown apart: planning, execution); its
+            per-node timing adds a little to "server", so the protocol's
+            share below is if anything understated
 
 so call − statement is our Python's share and statement − server the
 protocol's (round trip, binding, rows). Every query runs once untimed first
