@@ -9,8 +9,10 @@ ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 DJANGO_SETTINGS_MODULE=cbirsite.settin
 ENV MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647
 WORKDIR /app
 
+# g++: torch.compile's CPU backend compiles C++ for large embedding jobs
+# (CBIR_COMPILE_MIN_IMAGES, docs/benchmarks.md); without it they run eagerly.
 RUN apt-get update \
- && apt-get install -y --no-install-recommends libjpeg62-turbo libpng16-16 curl \
+ && apt-get install -y --no-install-recommends libjpeg62-turbo libpng16-16 curl g++ \
  && rm -rf /var/lib/apt/lists/*
 
 COPY pyproject.toml README.md ./
