@@ -66,7 +66,7 @@ def start_embed_job(version: ModelVersion, dataset: Dataset | None = None, *, ac
                       log=f"queued: embed {target} with {version.name}{' then activate it' if activate else ''}")
     n = queue_chunks(job)
     jobs.add_log(job.pk, f"{n} image(s) to embed" + (" (the network compiled with torch.compile in each worker, "
-                                                     "from CBIR_COMPILE_MIN_IMAGES)" if compile_for(n) else ""))
+                                                     "from CBIR_COMPILE_MIN_IMAGES)" if job.params["compile"] else ""))
     job.refresh_from_db()
     return job
 

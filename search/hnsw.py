@@ -308,16 +308,13 @@ def drop_index(version: ModelVersion) -> None:
 DROP_LOCK_TIMEOUT = "5s"
 
 
-def drop_dataset_indexes(dataset: Dataset | int) -> list[str]:
-    """Drop every version's index of `dataset` (a Dataset or the id of a
-    deleted one); returns the names dropped.
-
-    Outside a transaction (search/signals.py calls it once the delete has
-    committed) each is dropped CONCURRENTLY, so searches and writes go on,
-    waiting at most DROP_LOCK_TIMEOUT: a concurrent index build on the table
-    holds the lock CONCURRENTLY needs for as long as it runs. An index not
-    dropped in time is logged and left, and the version's next build drops it
-    (drop_orphan_indexes). Inside a transaction: a plain DROP INDEX."""
+def _drop_without_blocking(names: list[str]) -> list[str]:
+    """Drop these indexes; returns the names dropped. Outside a transaction
+    each is dropped CONCURRENTLY, so searches and writes go on, waiting at
+    most DROP_LOCK_TIMEOUT (an index build running on the table holds the lock
+    CONCURRENTLY needs for as long as it runs): one not dropped in time is
+    logged and left for drop_orphan_indexes. Inside a transaction: a plain
+    DROP INDEX."""
     from django.db.utils import OperationalError
 
     dropped = []
@@ -326,7 +323,7 @@ def drop_dataset_indexes(dataset: Dataset | int) -> list[str]:
         if not in_transaction:
             cursor.execute(f"SET lock_timeout = '{DROP_LOCK_TIMEOUT}'")
         try:
-            for name in dataset_indexes(dataset=dataset):
+            for name in names:
                 try:
                     cursor.execute(f"DROP INDEX {'' if in_transaction else 'CONCURRENTLY '}IF EXISTS {name}")
                     dropped.append(name)
@@ -340,16 +337,20 @@ def drop_dataset_indexes(dataset: Dataset | int) -> list[str]:
     return dropped
 
 
+def drop_dataset_indexes(dataset: Dataset | int) -> list[str]:
+    """Drop every version's index of `dataset` (a Dataset or the id of a
+    deleted one; search/signals.py calls it once the delete has committed),
+    without blocking searches (_drop_without_blocking); returns the names dropped."""
+    return _drop_without_blocking(dataset_indexes(dataset=dataset))
+
+
 def drop_orphan_indexes(version: ModelVersion) -> list[str]:
     """Drop the version's per-dataset indexes whose dataset no longer exists
-    (one deleted while its index was being built, or whose drop timed out);
-    returns their names."""
-    orphans = [name for name in dataset_indexes(version=version)
-               if not Dataset.objects.filter(pk=int(name.rsplit("_d", 1)[1])).exists()]
-    with connection.cursor() as cursor:
-        for name in orphans:
-            cursor.execute(f"DROP INDEX IF EXISTS {name}")
-    return orphans
+    (one deleted while its index was being built, or whose drop timed out),
+    without blocking searches; returns their names."""
+    names = {name: int(name.rsplit("_d", 1)[1]) for name in dataset_indexes(version=version)}
+    alive = set(Dataset.objects.filter(pk__in=list(names.values())).values_list("pk", flat=True))
+    return _drop_without_blocking([name for name, pk in names.items() if pk not in alive])
 
 
 def sizes(version: ModelVersion) -> dict[str, Any]:

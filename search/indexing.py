@@ -59,7 +59,7 @@ def datasets_to_index(version: ModelVersion) -> list[tuple[Dataset, int]]:
     from django.db.models import Count
 
     counts = dict(Embedding.objects.filter(model_version=version).order_by().values_list("dataset")
-                  .annotate(n=Count("pk")).values_list("dataset", "n"))
+                  .annotate(n=Count("pk")))
     total = sum(counts.values())
     wanted = {pk: n for pk, n in counts.items()
               if n > settings.CBIR_EXACT_SEARCH_MAX_ROWS and n <= settings.CBIR_DATASET_INDEX_MAX_SHARE * total}
@@ -75,15 +75,13 @@ def build_hnsw_indexes(version: ModelVersion, *, progress: Progress | None = Non
     index failing is only reported (its report's `error`, and a warning):
     that dataset's searches then walk the version's index, as before."""
     reports = [build_hnsw_index(version, progress=progress)]
-    hnsw.drop_orphan_indexes(version)
     for dataset, _ in datasets_to_index(version):
         try:
             reports.append(build_hnsw_index(version, progress=progress, dataset=dataset))
-            if not Dataset.objects.filter(pk=dataset.pk).exists():  # deleted during the build
-                hnsw.drop_orphan_indexes(version)
         except hnsw.IndexBuildError as exc:
             logger.warning("%s", exc)
             reports.append(hnsw.BuildReport(name=hnsw.index_name(version, dataset), error=str(exc)))
+    hnsw.drop_orphan_indexes(version)  # datasets deleted before or during these builds
     return reports
 
 
@@ -135,11 +133,16 @@ class EmbedReport:
                 "failures": [{"image_id": i, "reason": r} for i, r in self.failed]}
 
 
+def _datasets_of(image_ids: Sequence[int]) -> dict[int, int]:
+    """{image id: dataset id} of the images that exist (the embedding row's copy)."""
+    return dict(Image.objects.filter(pk__in=[int(i) for i in image_ids]).values_list("pk", "dataset_id"))
+
+
 def write_embeddings(version: ModelVersion, image_ids: Sequence[int], vectors: np.ndarray) -> int:
     """Upsert keyed on (image, model version): image_ids (n,) int, vectors
     (n, D) float, stored as halfvec. Writing the same chunk twice is harmless;
     images deleted meanwhile are skipped. Returns the rows written."""
-    live = dict(Image.objects.filter(pk__in=[int(i) for i in image_ids]).values_list("pk", "dataset_id"))
+    live = _datasets_of(image_ids)
     rows = [Embedding(image_id=int(i), model_version=version, dataset_id=live[int(i)], vector=v)
             for i, v in zip(image_ids, vectors) if int(i) in live]
     Embedding.objects.bulk_create(rows, update_conflicts=True, unique_fields=["image", "model_version"],
@@ -156,8 +159,8 @@ def copy_embeddings(version: ModelVersion, image_ids: Sequence[int], vectors: np
     tens of thousands of rows/s, where bulk_create formats every number as
     text). Unlike write_embeddings it does not upsert: an (image, version)
     already stored, or an image that does not exist, raises
-    psycopg.IntegrityError and nothing is written. Raises ValueError when the shapes disagree with
-    each other or with the version."""
+    psycopg.IntegrityError and nothing is written. Raises ValueError when the
+    shapes disagree with each other or with the version."""
     from django.db import transaction
     from django.utils import timezone
     from pgvector import HalfVector
@@ -169,7 +172,7 @@ def copy_embeddings(version: ModelVersion, image_ids: Sequence[int], vectors: np
         raise ValueError(f"expected {len(image_ids)} vectors of {version.dimension} dimensions, got shape "
                          f"{vectors.shape}")
     now = timezone.now()
-    datasets = dict(Image.objects.filter(pk__in=[int(i) for i in image_ids]).values_list("pk", "dataset_id"))
+    datasets = _datasets_of(image_ids)
     with transaction.atomic():
         raw = adapted_connection()
         with raw.cursor() as cursor, cursor.copy(
