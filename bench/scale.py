@@ -34,12 +34,16 @@ Then builds the version's HNSW indexes through the code path jobs use
 (search.indexing.build_hnsw_indexes: CONCURRENTLY, memory sized from the
 rows, progress read from pg_stat_progress_create_index; the version's index,
 then one per dataset of more than CBIR_EXACT_SEARCH_MAX_ROWS rows and at most
-CBIR_DATASET_INDEX_MAX_SHARE of them) and queries them with
+CBIR_DATASET_INDEX_MAX_SHARE of them; then the search calibration of
+search/calibration.py, timed apart from the builds) and queries them with
 `--queries` fresh points drawn like the rows (not stored), against numpy's exact top k
 over the same halfvec-rounded vectors:
 
-  unfiltered       p50/p95 latency and recall@k for each ef_search of --ef-search
-  filtered         for each dataset: the plan search.neighbours chooses, and
+  unfiltered       p50/p95 latency and recall@k for each ef_search of --ef-search,
+                   then at the version's calibrated ef_search (the default
+                   searches use, unless CBIR_HNSW_EF_SEARCH is set)
+  filtered         at the calibrated ef_search, for each dataset: the plan
+                   search.neighbours chooses, and
                    both plans forced ("exact", "hnsw") on --compare-queries
                    queries: the crossover between them. "hnsw" walks the
                    dataset's own index where it has one, else the version's
@@ -360,8 +364,11 @@ def build(version) -> dict:
 
     from search.hnsw import drop_index, sizes
     from search.indexing import build_hnsw_indexes
+    from search.neighbours import CALIBRATION
 
     drop_index(version)  # and the datasets' indexes
+    if (version.metrics or {}).pop(CALIBRATION, None) is not None:  # an earlier run's
+        version.save(update_fields=["metrics"])
     start = time.perf_counter()
     reports = build_hnsw_indexes(version, progress=lambda done, total, message: None)
     seconds = time.perf_counter() - start
@@ -374,8 +381,13 @@ def build(version) -> dict:
             cursor.execute("SELECT coalesce(pg_relation_size(to_regclass(%s)), 0)", [r.name])
             own.append({"name": r.name, "rows": r.rows, "seconds": round(r.seconds, 1), "error": r.error,
                         "index_bytes": int(cursor.fetchone()[0])})
+    version.refresh_from_db()
+    calibrated = (version.metrics or {}).get(CALIBRATION)
+    if calibrated:  # measured inside build_hnsw_indexes, after the indexes: not part of their build time
+        seconds -= calibrated["seconds"]
     return {"rows": report.rows, "seconds": round(report.seconds, 1), "rows_per_s": round(report.rows / report.seconds),
-            "all_seconds": round(seconds, 1), "maintenance_work_mem_mb": report.memory // 2**20,
+            "all_seconds": round(seconds, 1), "calibration": calibrated,
+            "maintenance_work_mem_mb": report.memory // 2**20,
             "workers": report.workers, "concurrently": report.concurrently,
             "progress_samples": len(report.samples), "last_phase": last.phase if last else None,
             "dataset_indexes": own, **size}
@@ -392,12 +404,13 @@ def exact_top(scores: np.ndarray, ids: np.ndarray, rows: np.ndarray | None, k: i
 
 
 def measure(version, queries, truth, k, **query) -> dict:
-    from search.neighbours import fetch, neighbours_queryset
+    from search.neighbours import ef_search_for, fetch, neighbours_queryset
 
     latencies, recalls, counts = [], [], []
     for q, expected in zip(queries, truth):
         start = time.perf_counter()
-        hits, _ = fetch(neighbours_queryset(version, vector=q, **query), k)
+        # The version's calibrated breadth, unless CBIR_HNSW_EF_SEARCH is set (the curve below sets it).
+        hits, _ = fetch(neighbours_queryset(version, vector=q, **query), k, ef_search=ef_search_for(k, version))
         latencies.append(1000 * (time.perf_counter() - start))
         got = [h.image_id for h in hits]
         counts.append(len(got))
@@ -408,10 +421,11 @@ def measure(version, queries, truth, k, **query) -> dict:
 
 
 def search(version, datasets, vectors, ids, queries, args) -> dict:
+    from django.conf import settings
     from django.test import override_settings
 
     from search.hnsw import index_name
-    from search.neighbours import explain, neighbours_queryset, plan_for
+    from search.neighbours import CALIBRATION, ef_search_for, explain, neighbours_queryset, plan_for
 
     vectors16 = round_to_halfvec_(vectors)  # in place: the float32 originals are not needed after the load
     k = args.k
@@ -425,6 +439,8 @@ def search(version, datasets, vectors, ids, queries, args) -> dict:
     for ef in [int(x) for x in args.ef_search.split(",")]:
         with override_settings(CBIR_HNSW_EF_SEARCH=ef):
             curve.append({"ef_search": max(ef, 2 * k), **measure(version, timed, truth, k)})
+    if settings.CBIR_HNSW_EF_SEARCH is None and CALIBRATION in (version.metrics or {}):
+        curve.append({"ef_search": f"{ef_search_for(k, version)} (calibrated)", **measure(version, timed, truth, k)})
     if args.unfiltered_only:
         return {"lid": lid, "unfiltered": curve, "filtered": []}
     sizes = dict(dataset_sizes(args.n))
@@ -505,6 +521,11 @@ def print_report(r: dict) -> None:
               + (f" NOT BUILT: {own['error']}" if own["error"] else ""))
     if b["dataset_indexes"]:
         print(f"  all indexes: {b['all_seconds']} s")
+    cal = b.get("calibration")
+    if cal:
+        curve = ", ".join(f"{ef}: {recall} (≥ {cal['lower_bound'][ef]})" for ef, recall in cal["recall"].items())
+        print(f"  then the search calibrated: ef_search {cal['ef_search']} in {cal['seconds']} s, {cal['queries']} "
+              f"held-out queries, target {cal['target_recall']}; recall@{cal['k']} (95 % lower bound): {curve}")
     per = r["bytes_per_row"]
     print(f"sizes: index {b['index_bytes'] / mb:.1f} MiB = {per['index']:,} B/row = "
           f"{per['index'] * 1e6 / 2**30:.2f} GiB per million rows; table (heap+TOAST, whole search_embedding) "

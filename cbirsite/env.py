@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import overload
 from urllib.parse import parse_qs, unquote, urlparse
 
 from django.core.exceptions import ImproperlyConfigured
@@ -47,7 +48,14 @@ def env_bool(name: str, default: bool) -> bool:
     raise ImproperlyConfigured(f"{name}={value!r} is not a boolean; use one of {sorted(_TRUE | _FALSE)}")
 
 
-def env_int(name: str, default: int, *, minimum: int | None = None, maximum: int | None = None) -> int:
+@overload
+def env_int(name: str, default: int, *, minimum: int | None = None, maximum: int | None = None) -> int: ...
+@overload
+def env_int(name: str, default: None, *, minimum: int | None = None, maximum: int | None = None) -> int | None: ...
+
+
+def env_int(name: str, default: int | None, *, minimum: int | None = None, maximum: int | None = None) -> int | None:
+    """An integer; `default` (None allowed: "unset") when the variable is unset or empty."""
     raw = os.environ.get(name, "").strip()
     if not raw:
         return default

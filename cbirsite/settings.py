@@ -215,9 +215,17 @@ CBIR_LOADER_WORKERS = env_int("CBIR_LOADER_WORKERS", -1, minimum=-1, maximum=64)
 # torch.compile in each worker (29 s cold once per process, then 1.15-1.5x the
 # eager forward pass on the CPU: docs/benchmarks.md); 0 = never.
 CBIR_COMPILE_MIN_IMAGES = env_int("CBIR_COMPILE_MIN_IMAGES", 10_000, minimum=0)
-# HNSW search breadth; raised to at least 2k per query. 200: recall@10 0.998-1.000
-# at 100k rows for under a millisecond more than 100 (docs/scaling.md).
-CBIR_HNSW_EF_SEARCH = env_int("CBIR_HNSW_EF_SEARCH", 200, minimum=1, maximum=1000)
+# HNSW search breadth, raised to at least 2k per query. Unset (the default): each
+# model version's own, chosen after its index is built as the smallest breadth
+# whose recall@10 on a sample of its rows reaches CBIR_HNSW_TARGET_RECALL
+# (search/calibration.py; 200 until then). Set: that value for every version.
+CBIR_HNSW_EF_SEARCH = env_int("CBIR_HNSW_EF_SEARCH", None, minimum=1, maximum=1000)
+# 0.98: the recall@10 this project promises at a million rows (issue 10); the
+# sample's standard error at 50 queries x 10 results is about 0.006.
+CBIR_HNSW_TARGET_RECALL = env_float("CBIR_HNSW_TARGET_RECALL", 0.98, minimum=0.01, maximum=1.0)
+# Queries of that measurement, each two exact scans of the version's
+# rows (about 2 s at 1M 1,280-d rows on 2 cores); 0 = never calibrate.
+CBIR_HNSW_CALIBRATION_QUERIES = env_int("CBIR_HNSW_CALIBRATION_QUERIES", 50, minimum=0, maximum=10_000)
 # HNSW build parameters of new indexes (docs/scaling.md has the recall-latency curve).
 # ef_construction 128, not pgvector's 64: at 1M rows shaped like real embeddings,
 # recall@10 at ef_search 200 went from 0.968 to 0.987 for a 1.65x longer build.

@@ -128,7 +128,8 @@ def finish_embed_job(job_id: int) -> bool:
     images_total = job.progress_total
     jobs.set_progress(job_id, 0, 0, "building the HNSW index")
     try:
-        builds = build_hnsw_indexes(version, progress=lambda d, t, msg: jobs.set_progress(job_id, d, t, msg))
+        builds = build_hnsw_indexes(version, progress=lambda d, t, msg: jobs.set_progress(job_id, d, t, msg),
+                                    log=lambda message: jobs.add_log(job_id, message))
     except IndexBuildError as exc:
         if jobs.transition(job_id, S.FAILED, expect=jobs.ACTIVE, error=str(exc)):
             jobs.add_log(job_id, str(exc))

@@ -13,12 +13,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from django.conf import settings
+from django.db import DatabaseError
 from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 
-from search import hnsw
+from search import calibration, hnsw
 from search.duplicates import flag_new_near_duplicates
 from search.models import Dataset, Embedding, Image
+from search.neighbours import ef_search_for
 from training.inference import embed_batch, loader_workers, network_for, preprocessing_for
 from training.models import ModelVersion
 from training.preprocessing import Preprocessing, load_rgb
@@ -67,9 +69,12 @@ def datasets_to_index(version: ModelVersion) -> list[tuple[Dataset, int]]:
     return sorted(((datasets[pk], n) for pk, n in wanted.items() if pk in datasets), key=lambda p: (-p[1], p[0].pk))
 
 
-def build_hnsw_indexes(version: ModelVersion, *, progress: Progress | None = None) -> list[hnsw.BuildReport]:
+def build_hnsw_indexes(version: ModelVersion, *, progress: Progress | None = None,
+                       log: Callable[[str], None] | None = None) -> list[hnsw.BuildReport]:
     """The version's index, then the index of each dataset datasets_to_index
-    names, each built only when missing; one report each, in that order.
+    names, each built only when missing; one report each, in that order. Then
+    the version's search breadth is calibrated (calibrate_search) when its
+    index was just built or its calibration is stale.
 
     Raises hnsw.IndexBuildError when the version's index fails. A dataset's
     index failing is only reported (its report's `error`, and a warning):
@@ -82,7 +87,32 @@ def build_hnsw_indexes(version: ModelVersion, *, progress: Progress | None = Non
             logger.warning("%s", exc)
             reports.append(hnsw.BuildReport(name=hnsw.index_name(version, dataset), error=str(exc)))
     hnsw.drop_orphan_indexes(version)  # datasets deleted before or during these builds
+    calibrate_search(version, force=reports[0].created, progress=progress, log=log)
     return reports
+
+
+def calibrate_search(version: ModelVersion, *, force: bool = False, progress: Progress | None = None,
+                     log: Callable[[str], None] | None = None) -> calibration.Calibration | None:
+    """Choose and store the version's ef_search (search/calibration.py) when
+    `force`, or when it has none or its row count has doubled or halved since;
+    skipped when CBIR_HNSW_CALIBRATION_QUERIES is 0. log(message) gets the
+    outcome. A database error is logged and returns None: the index is
+    usable, and searches keep the breadth they had."""
+    if settings.CBIR_HNSW_CALIBRATION_QUERIES <= 0:
+        return None
+    if not force and not calibration.is_stale(version, Embedding.objects.filter(model_version=version).count()):
+        return None
+    log = log or (lambda message: None)
+    try:
+        result = calibration.calibrate(version, progress=progress)
+    except DatabaseError as exc:
+        logger.warning("calibrating the search breadth of %s failed: %s", version.name, exc)
+        log(f"search breadth not calibrated ({exc}); searches keep ef_search {ef_search_for(10, version)}")
+        return None
+    if result is not None:
+        calibration.save(version, result)
+        log(f"search calibrated: {result.describe()}")
+    return result
 
 
 def ensure_hnsw_index(version: ModelVersion, *, progress: Progress | None = None) -> bool:

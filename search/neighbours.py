@@ -60,6 +60,10 @@ from search.models import Dataset, Embedding
 from training.models import ModelVersion
 
 MAX_EF_SEARCH = 1000  # pgvector's upper bound for hnsw.ef_search
+# The breadth of a version not yet calibrated (search/calibration.py): recall@10
+# 0.985 at a million rows shaped like EfficientNet-Lite0's embeddings (docs/scaling.md).
+DEFAULT_EF_SEARCH = 200
+CALIBRATION = "search_calibration"  # ModelVersion.metrics key of search/calibration.py's result
 EXACT, HNSW = "exact", "hnsw"
 PLANS = (EXACT, HNSW)
 
@@ -210,17 +214,24 @@ def compiled(queryset: QuerySet, k: int) -> tuple[str, tuple]:
     return queryset[:k].query.get_compiler(using=queryset.db).as_sql()
 
 
-def ef_search_for(k: int) -> int:
-    """hnsw.ef_search for a top-k query: CBIR_HNSW_EF_SEARCH, at least 2k, at most 1000."""
-    return min(max(settings.CBIR_HNSW_EF_SEARCH, 2 * k), MAX_EF_SEARCH)
+def ef_search_for(k: int, version: ModelVersion | None = None) -> int:
+    """hnsw.ef_search for a top-k query of `version`: CBIR_HNSW_EF_SEARCH when
+    it is set, else the version's calibrated breadth (search/calibration.py),
+    else DEFAULT_EF_SEARCH; at least 2k, at most 1,000."""
+    chosen = settings.CBIR_HNSW_EF_SEARCH
+    if chosen is None and version is not None:
+        chosen = ((version.metrics or {}).get(CALIBRATION) or {}).get("ef_search")
+    return min(max(int(chosen or DEFAULT_EF_SEARCH), 2 * k), MAX_EF_SEARCH)
 
 
-def search_options(cursor: Any, k: int) -> None:
-    """Per-transaction HNSW settings: a search breadth of at least 2k, and an
-    iterative scan so a filter still yields k rows, in exact order, visiting
-    at most CBIR_HNSW_MAX_SCAN_TUPLES tuples."""
+def search_options(cursor: Any, k: int, ef_search: int | None = None) -> None:
+    """Per-transaction HNSW settings: a search breadth of `ef_search` (default
+    ef_search_for(k)), at least 2k, and an iterative scan so a filter still
+    yields k rows, in exact order, visiting at most CBIR_HNSW_MAX_SCAN_TUPLES
+    tuples."""
+    ef = min(max(int(ef_search or ef_search_for(k)), 2 * k), MAX_EF_SEARCH)
     # One round trip: several statements are allowed in a call without parameters.
-    cursor.execute(f"SET LOCAL hnsw.ef_search = {ef_search_for(k)}; "
+    cursor.execute(f"SET LOCAL hnsw.ef_search = {ef}; "
                    "SET LOCAL hnsw.iterative_scan = strict_order; "
                    f"SET LOCAL hnsw.max_scan_tuples = {int(settings.CBIR_HNSW_MAX_SCAN_TUPLES)}; "
                    # On a small table the planner would rather sort every row of the version
@@ -235,7 +246,8 @@ def exact_options(cursor: Any) -> None:
     cursor.execute("SET LOCAL enable_indexscan = off; SET LOCAL enable_sort = on")
 
 
-def _run(queryset: QuerySet, sql: str, params: tuple, k: int, *, exact: bool) -> tuple[list[tuple], float]:
+def _run(queryset: QuerySet, sql: str, params: tuple, k: int, *, exact: bool,
+         ef_search: int | None = None) -> tuple[list[tuple], float]:
     alias = queryset.db
     with transaction.atomic(using=alias):
         raw = adapted_connection(alias)
@@ -245,7 +257,7 @@ def _run(queryset: QuerySet, sql: str, params: tuple, k: int, *, exact: bool) ->
             if exact:
                 exact_options(cursor)
             else:
-                search_options(cursor, k)
+                search_options(cursor, k, ef_search)
             start = time.perf_counter()
             cursor.execute(sql, params)
             rows = cursor.fetchall()
@@ -259,15 +271,18 @@ def walks_index(queryset: QuerySet) -> bool:
     return distance is not None and isinstance(distance.get_source_expressions()[0], Cast)
 
 
-def fetch(queryset: QuerySet, k: int, *, exact: bool = False) -> tuple[list[Hit], float]:
+def fetch(queryset: QuerySet, k: int, *, exact: bool = False,
+          ef_search: int | None = None) -> tuple[list[Hit], float]:
     """Run the first k rows of a neighbours_queryset in one transaction with the
     search (or exact) settings; returns (hits, seconds spent in the statements).
+    `ef_search`: the walk's breadth, default ef_search_for(k) (give
+    ef_search_for(k, version) for the version's calibrated one).
 
     When the index walk returns fewer than k rows (a filter the iterative scan
     could not satisfy within hnsw.max_scan_tuples), the statement runs again
     as an exact scan, so a result never has fewer than min(k, matching rows)."""
     sql, params = compiled(queryset, k)
-    rows, seconds = _run(queryset, sql, params, k, exact=exact)
+    rows, seconds = _run(queryset, sql, params, k, exact=exact, ef_search=ef_search)
     if not exact and len(rows) < k and walks_index(queryset):
         rows, more = _run(queryset, sql, params, k, exact=True)
         seconds += more
@@ -280,16 +295,18 @@ def nearest(version: ModelVersion, *, vector: np.ndarray | None = None, image_id
             dataset: Dataset | None = None, splits: Sequence[str] | None = None,
             exclude_image_id: int | None = None, exact: bool = False) -> list[Hit]:
     """The k nearest images by cosine distance, in one statement: through an
-    HNSW index (the dataset's own when it has one, else the version's), or an
-    exact scan for a small filtered subset (plan_for) or with exact=True
-    (ground truth)."""
+    HNSW index (the dataset's own when it has one, else the version's) at the
+    version's breadth (ef_search_for), or an exact scan for a small filtered
+    subset (plan_for) or with exact=True (ground truth)."""
     queryset = neighbours_queryset(version, vector=vector, image_id=image_id, dataset=dataset, splits=splits,
                                    exclude_image_id=exclude_image_id, exact=exact)
-    return fetch(queryset, k, exact=exact)[0]
+    return fetch(queryset, k, exact=exact, ef_search=ef_search_for(k, version))[0]
 
 
-def explain(queryset: QuerySet, k: int, *, exact: bool = False, analyze: bool = False) -> str:
+def explain(queryset: QuerySet, k: int, *, exact: bool = False, analyze: bool = False,
+            ef_search: int | None = None) -> str:
     """PostgreSQL's plan for the first k rows of `queryset`, run with the same settings as fetch()."""
     sql, params = compiled(queryset, k)
-    rows, _ = _run(queryset, ("EXPLAIN ANALYZE " if analyze else "EXPLAIN ") + sql, params, k, exact=exact)
+    rows, _ = _run(queryset, ("EXPLAIN ANALYZE " if analyze else "EXPLAIN ") + sql, params, k, exact=exact,
+                   ef_search=ef_search)
     return "\n".join(row[0] for row in rows)

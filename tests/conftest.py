@@ -30,6 +30,9 @@ def _isolated_storage(settings, tmp_path_factory):
     settings.MEDIA_ROOT = tmp_path_factory.mktemp("media")
     settings.CBIR_WEIGHTS_DIR = tmp_path_factory.mktemp("weights")
     settings.CBIR_LOADER_WORKERS = 0
+    # No search calibration after each index build in this process (tests/test_calibration.py
+    # turns it on; worker processes keep the default and calibrate as shipped).
+    settings.CBIR_HNSW_CALIBRATION_QUERIES = 0
     return settings.MEDIA_ROOT
 
 

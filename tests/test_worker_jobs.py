@@ -11,6 +11,7 @@ from search import embed_jobs, import_jobs
 from search.ingest import import_folder
 from search.jobs import S
 from search.models import Dataset, Embedding, Image, Job, JobChunk
+from search.neighbours import CALIBRATION
 from tests.helpers import image_bytes, wait_for
 
 pytestmark = [pytest.mark.worker, pytest.mark.timeout(240)]
@@ -49,6 +50,10 @@ def test_an_embedding_job_runs_on_a_worker_end_to_end(many_images, tiny_version)
     _assert_each_image_embedded_once(tiny_version, many_images)
     assert set(JobChunk.objects.filter(job=job).values_list("status", flat=True)) == {S.SUCCEEDED}
     assert any("started on" in line["msg"] for line in job.log)
+    tiny_version.refresh_from_db()  # the worker measured the new index's recall and chose its ef_search
+    calibrated = tiny_version.metrics[CALIBRATION]
+    assert calibrated["rows"] == 40 and calibrated["queries"] == 40 and calibrated["k"] == 10
+    assert any(line["msg"].startswith("search calibrated: ef_search ") for line in job.log)
 
 
 def test_a_zip_import_job_imports_and_then_indexes(live_worker, tiny_version, tmp_path):

@@ -18,6 +18,7 @@ from django.utils import timezone
 from django.views.decorators.http import require_GET
 
 from search.models import Job
+from search.neighbours import CALIBRATION
 from training.models import ModelVersion
 
 # The study's published counts: one query each, top 10 ("6 similar / 4 dissimilar").
@@ -75,6 +76,10 @@ class ModelRow:
     copy_evaluated: str | None = None
     precision_curve: list[float] = field(default_factory=list)
     best: dict[str, bool] = field(default_factory=dict)
+    # search/calibration.py's measurement: the version's ef_search and its recall@k there
+    search_ef: int | None = None
+    search_recall: float | None = None
+    search_queries: int | None = None
 
     @property
     def has_examples(self) -> bool:
@@ -131,6 +136,11 @@ def model_row(version: ModelVersion, dataset: str | None, train_jobs: dict[int, 
                     "ann_recall_at_k", "median_latency_ms"):
             setattr(row, key, _number(evaluation.get(key)))
         row.precision_curve = [float(p) for p in evaluation.get("precision_curve") or []]
+    calibrated = metrics.get(CALIBRATION)
+    if isinstance(calibrated, dict) and calibrated.get("ef_search"):
+        row.search_ef = int(calibrated["ef_search"])
+        row.search_recall = _number((calibrated.get("recall") or {}).get(str(row.search_ef)))
+        row.search_queries = calibrated.get("queries")
     copies = (metrics.get("copy_detection") or {}).get(dataset) if dataset else None
     if isinstance(copies, dict):
         pooled = (copies.get("summary") or {}).get("all") or {}

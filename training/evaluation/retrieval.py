@@ -141,7 +141,7 @@ def evaluate_version(version: ModelVersion, dataset: Dataset, *, k: int = 10, ag
     examples: list[dict] = []
     for done, (query_id, label) in enumerate(queries, start=1):
         query: dict[str, Any] = {"image_id": query_id, "dataset": dataset, "splits": splits, "exclude_image_id": query_id}
-        hits, seconds = fetch(neighbours_queryset(version, **query), depth)
+        hits, seconds = fetch(neighbours_queryset(version, **query), depth, ef_search=ef_search_for(depth, version))
         latencies.append(seconds)
         exact_ids = None
         if done - 1 in exact_at:
@@ -175,7 +175,7 @@ def evaluate_version(version: ModelVersion, dataset: Dataset, *, k: int = 10, ag
         "curve_max_k": curve_max_k,
         "precision_curve": [round(p, 6) for p in precision_curve(results, range(1, curve_max_k + 1))],
         "median_latency_ms": round(statistics.median(latencies) * 1000, 3),
-        "ef_search": ef_search_for(k),
+        "ef_search": ef_search_for(depth, version),
         "examples": examples,
     }
 
