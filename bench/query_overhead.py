@@ -44,7 +44,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--version", required=True, help="model version name (its index must exist)")
     parser.add_argument("--queries", type=int, default=60)
     parser.add_argument("--k", type=int, default=10)
-    parser.add_argument("--ef-search", type=int, default=None, help="default: CBIR_HNSW_EF_SEARCH")
+    parser.add_argument("--ef-search", type=int, default=None,
+                        help="default: the breadth the version's searches use (search.neighbours.ef_search_for)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true")
     return parser.parse_args(argv)
@@ -62,12 +63,11 @@ def server_ms(plan: str) -> tuple[float, float]:
 
 
 def run(args) -> dict:
-    from django.conf import settings
     from django.test import override_settings
 
     from search.hnsw import VALID, index_state
     from search.models import Embedding
-    from search.neighbours import explain, fetch, neighbours_queryset
+    from search.neighbours import ef_search_for, explain, fetch, neighbours_queryset
     from training.models import ModelVersion
 
     version = ModelVersion.objects.filter(name=args.version).first()
@@ -75,7 +75,7 @@ def run(args) -> dict:
         raise SystemExit(f"no model version named {args.version!r}")
     if index_state(version) != VALID:
         raise SystemExit(f"{version.name} has no valid HNSW index: build it first")
-    ef = args.ef_search or settings.CBIR_HNSW_EF_SEARCH
+    ef = args.ef_search or ef_search_for(args.k, version)  # the version's calibrated breadth by default
     ids = np.array(Embedding.objects.filter(model_version=version).order_by("pk").values_list("pk", flat=True))
     total = len(ids)
     chosen = np.random.default_rng(args.seed).choice(ids, size=min(total, args.queries + 5), replace=False)

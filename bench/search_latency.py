@@ -77,11 +77,11 @@ def explain(version, vector, k: int, dataset) -> list[str]:
     """EXPLAIN (ANALYZE) of the exact statement nearest() runs
     (search.neighbours), with the same per-transaction HNSW options; the query
     vector is one bound parameter, so the plan shows $1, not 1,280 numbers."""
+    from search.neighbours import ef_search_for, neighbours_queryset
     from search.neighbours import explain as explain_plan
-    from search.neighbours import neighbours_queryset
 
     queryset = neighbours_queryset(version, vector=vector, dataset=dataset)
-    return explain_plan(queryset, k, analyze=True).splitlines()
+    return explain_plan(queryset, k, analyze=True, ef_search=ef_search_for(k, version)).splitlines()
 
 
 def execution_ms(plan: list[str]) -> float | None:
@@ -96,7 +96,6 @@ def run(args: argparse.Namespace) -> dict:
     setup_django()
     other_load = OtherLoad()
     import torch
-    from django.conf import settings
     from django.contrib.auth.models import AnonymousUser
     from django.core.files.uploadedfile import SimpleUploadedFile
     from django.template.loader import render_to_string
@@ -189,7 +188,7 @@ def run(args: argparse.Namespace) -> dict:
         "filter_dataset": dataset.name if dataset else None,
         "device": str(device),
         "draft_size": draft_size,
-        "hnsw_ef_search": min(max(settings.CBIR_HNSW_EF_SEARCH, 2 * k), 1000),
+        "hnsw_ef_search": neighbours.ef_search_for(k, version),
         "machine": machine_info() | {"torch_threads": torch.get_num_threads()},
         "other_load_cores": other_load.cores(),
         "stages": figures,

@@ -224,8 +224,9 @@ CBIR_HNSW_EF_SEARCH = env_int("CBIR_HNSW_EF_SEARCH", None, minimum=1, maximum=10
 # sample's standard error at 50 queries x 10 results is about 0.006.
 CBIR_HNSW_TARGET_RECALL = env_float("CBIR_HNSW_TARGET_RECALL", 0.98, minimum=0.01, maximum=1.0)
 # Queries of that measurement, each two exact scans of the version's
-# rows (about 2 s at 1M 1,280-d rows on 2 cores); 0 = never calibrate.
-CBIR_HNSW_CALIBRATION_QUERIES = env_int("CBIR_HNSW_CALIBRATION_QUERIES", 50, minimum=0, maximum=10_000)
+# rows (about 2 s at 1M rows on 2 cores), run by the embed job's last chunk task
+# (within CBIR_CHUNK_TIME_LIMIT); 0 = never calibrate.
+CBIR_HNSW_CALIBRATION_QUERIES = env_int("CBIR_HNSW_CALIBRATION_QUERIES", 50, minimum=0, maximum=1000)
 # HNSW build parameters of new indexes (docs/scaling.md has the recall-latency curve).
 # ef_construction 128, not pgvector's 64: at 1M rows shaped like real embeddings,
 # recall@10 at ef_search 200 went from 0.968 to 0.987 for a 1.65x longer build.

@@ -9,8 +9,9 @@ ef_search 200 for recall@10 0.985, while those of a 256-d head reach 0.992 at
 built, calibrate() measures recall@k on a sample of the version's own rows
 and keeps the smallest ef_search of EF_SEARCH_LADDER that reaches
 CBIR_HNSW_TARGET_RECALL (the one-sided 95 % lower bound of the sample's
-recall, not only its mean); searches then use it (search.neighbours.ef_search_for)
-unless CBIR_HNSW_EF_SEARCH fixes one value for every version.
+recall, not only its mean); searches then use it
+(search.neighbours.ef_search_for) unless CBIR_HNSW_EF_SEARCH fixes one value
+for every version.
 
 Recall is measured as ANN benchmarks do (Aumüller, Bernhardsson & Faithfull,
 "ANN-Benchmarks", Information Systems 87, 2020): the walk's top k, through
@@ -23,9 +24,9 @@ graph, as an uploaded image is; a version has no held-out rows, so each
 query is made from a sampled row by held_out_query() (why, and how close it
 comes to fresh queries: there, and docs/scaling.md).
 
-Cost: two exact scans of the version's rows per query (at a million 1,280-d
-rows on 2 cores ≈ 2 s each, so ≈ 200 s for the default 50 queries, against a
-22-minute build), then a walk per query for each breadth tried.
+Cost: two exact scans of the version's rows per query, then a walk per query
+for each breadth tried: 223-229 s for the default 50 queries at a million
+256-d rows on 2 cores (≈ 2.3 s a scan), against a 6-minute build.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 from django.conf import settings
-from django.db import transaction
+from django.db import DEFAULT_DB_ALIAS, transaction
 from django.utils import timezone
 
 from search.models import Embedding
@@ -48,6 +49,9 @@ from training.models import ModelVersion
 # Breadths tried, smallest first (pgvector: 1 to 1,000; at least 2k is used for top k).
 EF_SEARCH_LADDER = (20, 40, 60, 80, 100, 150, 200, 300, 400, 600, 800, 1000)
 TIE_TOLERANCE = 1e-6  # cosine distance
+# A nearer row than this (cosine distance) duplicates the query's row; halfvec
+# rounding alone moves a unit vector's distance by ~1e-4.
+DUPLICATE_DISTANCE = 1e-3
 Progress = Callable[[int, int, str], None]
 
 
@@ -131,7 +135,7 @@ def choose_ef_search(bounds: Mapping[int, float], target: float) -> tuple[int, b
 
 def sample_queries(version: ModelVersion, n: int) -> list[int]:
     """Up to n image ids of `version`'s rows, drawn at random by PostgreSQL."""
-    return list(Embedding.objects.filter(model_version=version).order_by("?")
+    return list(Embedding.objects.using(DEFAULT_DB_ALIAS).filter(model_version=version).order_by("?")
                 .values_list("image_id", flat=True)[:n])
 
 
@@ -139,7 +143,7 @@ def _unit(vectors: np.ndarray) -> np.ndarray:
     return vectors / np.maximum(np.linalg.norm(vectors, axis=-1, keepdims=True), 1e-12)
 
 
-def held_out_query(version: ModelVersion, image_id: int) -> np.ndarray:
+def held_out_query(version: ModelVersion, image_id: int) -> np.ndarray | None:
     """A query vector near the stored row x of `image_id` but on no node of
     the graph: x reflected through its nearest other row y, unit(2y − x),
     float32 of shape (D,). Its nearest row is then y, at about x's nearest-row
@@ -155,16 +159,28 @@ def held_out_query(version: ModelVersion, image_id: int) -> np.ndarray:
     / 0.987 / 0.997; isotropic clusters 0.832 / 0.968 / 0.990 / 0.994 against
     0.875 / 0.982 / 0.997 / 1.000. So the breadth chosen errs towards recall.
     The construction is this project's, not a published method;
-    bench/scale.py checks the chosen breadth against fresh queries."""
-    hits, _ = fetch(neighbours_queryset(version, image_id=image_id, exclude_image_id=image_id, exact=True), 1,
+    bench/scale.py checks the chosen breadth against fresh queries.
+    Returns None when the row is gone (deleted meanwhile) or every one of its
+    10 nearest rows duplicates it (closer than DUPLICATE_DISTANCE): the
+    reflection would be the row itself, a node."""
+    rows = Embedding.objects.using(DEFAULT_DB_ALIAS).filter(model_version=version)
+    stored = rows.filter(image_id=image_id).values_list("vector", flat=True).first()
+    if stored is None:
+        return None
+    row = _unit(np.asarray(stored, dtype=np.float32))
+    hits, _ = fetch(_on_primary(neighbours_queryset(version, vector=row, exclude_image_id=image_id, exact=True)), 10,
                     exact=True)
-    stored = dict(Embedding.objects.filter(model_version=version, image_id__in=[image_id, *(h.image_id for h in hits)])
-                  .values_list("image_id", "vector"))
-    row = _unit(np.asarray(stored[image_id], dtype=np.float32))
-    if not hits:
-        return row
-    nearest_row = _unit(np.asarray(stored[hits[0].image_id], dtype=np.float32))
-    return _unit(2 * nearest_row - row).astype(np.float32)
+    other = next((h for h in hits if 1.0 - h.score > DUPLICATE_DISTANCE), None)
+    nearest_row = rows.filter(image_id=other.image_id).values_list("vector", flat=True).first() if other else None
+    if nearest_row is None:
+        return None
+    return _unit(2 * _unit(np.asarray(nearest_row, dtype=np.float32)) - row).astype(np.float32)
+
+
+def _on_primary(queryset):
+    """Calibration reads the primary: a replica that has not replayed the new
+    index yet would answer the "walk" with an exact scan, and recall 1.0."""
+    return queryset.using(DEFAULT_DB_ALIAS)
 
 
 def calibrate(version: ModelVersion, *, queries: int | None = None, k: int = 10, target: float | None = None,
@@ -174,10 +190,12 @@ def calibrate(version: ModelVersion, *, queries: int | None = None, k: int = 10,
     (at least 2k, at most 1,000, ascending), stopping at the first whose
     recall's 95 % lower bound reaches `target` (default CBIR_HNSW_TARGET_RECALL), over `queries`
     (default CBIR_HNSW_CALIBRATION_QUERIES) of its rows or the given
-    `query_ids`. progress(done, total, message) after each exact scan.
+    `query_ids` (a row that is gone, or that only duplicates have near, is
+    skipped). progress(done, total, message) after each query's two exact
+    scans. Runs on the primary database.
 
     Returns None when the version has no more than k rows (every search is
-    then exact in effect) or no query. Raises ValueError for a target outside
+    then exact in effect) or no usable query. Raises ValueError for a target outside
     (0, 1] or an empty ladder; database errors propagate."""
     target = settings.CBIR_HNSW_TARGET_RECALL if target is None else float(target)
     if not 0 < target <= 1:
@@ -185,7 +203,7 @@ def calibrate(version: ModelVersion, *, queries: int | None = None, k: int = 10,
     breadths = sorted({min(max(int(ef), 2 * k), MAX_EF_SEARCH) for ef in ladder})
     if not breadths:
         raise ValueError("the ladder of ef_search values is empty")
-    rows = Embedding.objects.filter(model_version=version).count()
+    rows = Embedding.objects.using(DEFAULT_DB_ALIAS).filter(model_version=version).count()
     if rows <= k:
         return None
     start = time.perf_counter()
@@ -197,23 +215,26 @@ def calibrate(version: ModelVersion, *, queries: int | None = None, k: int = 10,
     vectors, truth = [], []
     for i, image_id in enumerate(ids):
         vector = held_out_query(version, image_id)
-        hits, _ = fetch(neighbours_queryset(version, vector=vector, exact=True), k, exact=True)
-        vectors.append(vector)
-        truth.append([1.0 - h.score for h in hits])
+        if vector is not None:
+            hits, _ = fetch(_on_primary(neighbours_queryset(version, vector=vector, exact=True)), k, exact=True)
+            vectors.append(vector)
+            truth.append([1.0 - h.score for h in hits])
         progress(i + 1, len(ids), f"measuring recall@{k} to choose ef_search: query {i + 1} of {len(ids)}")
+    if not vectors:
+        return None
     recall: dict[int, float] = {}
     bounds: dict[int, float] = {}
     for ef in breadths:
         per_query = []
         for vector, exact in zip(vectors, truth):
-            hits, _ = fetch(neighbours_queryset(version, vector=vector, plan="hnsw"), k, ef_search=ef)
+            hits, _ = fetch(_on_primary(neighbours_queryset(version, vector=vector, plan="hnsw")), k, ef_search=ef)
             per_query.append(recall_with_ties([1.0 - h.score for h in hits], exact, k))
         recall[ef], bounds[ef] = statistics.fmean(per_query), lower_bound(per_query)
         if bounds[ef] >= target:
             break
     chosen, met = choose_ef_search(bounds, target)
     return Calibration(ef_search=chosen, target_recall=target, met=met, recall=recall, lower_bound=bounds, k=k,
-                       queries=len(ids), rows=rows, seconds=time.perf_counter() - start, query_ids=tuple(ids))
+                       queries=len(vectors), rows=rows, seconds=time.perf_counter() - start, query_ids=tuple(ids))
 
 
 @transaction.atomic

@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from django.conf import settings
-from django.db import DatabaseError
 from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 
@@ -94,23 +93,26 @@ def build_hnsw_indexes(version: ModelVersion, *, progress: Progress | None = Non
 def calibrate_search(version: ModelVersion, *, force: bool = False, progress: Progress | None = None,
                      log: Callable[[str], None] | None = None) -> calibration.Calibration | None:
     """Choose and store the version's ef_search (search/calibration.py) when
-    `force`, or when it has none or its row count has doubled or halved since;
-    skipped when CBIR_HNSW_CALIBRATION_QUERIES is 0. log(message) gets the
-    outcome. A database error is logged and returns None: the index is
-    usable, and searches keep the breadth they had."""
-    if settings.CBIR_HNSW_CALIBRATION_QUERIES <= 0:
-        return None
-    if not force and not calibration.is_stale(version, Embedding.objects.filter(model_version=version).count()):
+    `force`, or when it has none or its row count has doubled or halved since
+    (checked at each build, so after a large delete at the next one); skipped
+    when CBIR_HNSW_CALIBRATION_QUERIES is 0 or CBIR_HNSW_EF_SEARCH fixes the
+    breadth. log(message) gets the outcome. Any error is logged and returns
+    None, never raised: the index is built and usable, and searches keep the
+    breadth they had."""
+    if settings.CBIR_HNSW_CALIBRATION_QUERIES <= 0 or settings.CBIR_HNSW_EF_SEARCH is not None:
         return None
     log = log or (lambda message: None)
     try:
+        if not force and not calibration.is_stale(version, Embedding.objects.filter(model_version=version).count()):
+            return None
         result = calibration.calibrate(version, progress=progress)
-    except DatabaseError as exc:
-        logger.warning("calibrating the search breadth of %s failed: %s", version.name, exc)
-        log(f"search breadth not calibrated ({exc}); searches keep ef_search {ef_search_for(10, version)}")
+        if result is not None:
+            calibration.save(version, result)
+    except Exception as exc:  # noqa: BLE001 - a measurement must not fail the job that built the index
+        logger.warning("calibrating the search breadth of %s failed: %r", version.name, exc)
+        log(f"search breadth not calibrated ({exc!r}); searches keep ef_search {ef_search_for(10, version)}")
         return None
     if result is not None:
-        calibration.save(version, result)
         log(f"search calibrated: {result.describe()}")
     return result
 

@@ -237,7 +237,8 @@ def search_options(cursor: Any, k: int, ef_search: int | None = None) -> None:
                    # On a small table the planner would rather sort every row of the version
                    # than start an HNSW scan; ordering through the index is what scales, and
                    # measured faster even at 146 rows (docs/benchmarks.md), so ask for it.
-                   "SET LOCAL enable_sort = off")
+                   "SET LOCAL enable_sort = off; "
+                   "SET LOCAL enable_indexscan = on")  # exact_options may have run earlier in an outer transaction
 
 
 def exact_options(cursor: Any) -> None:

@@ -174,7 +174,7 @@ def test_the_command_prints_the_curve_and_stores_it(dataset, tiny_version, capsy
         call_command("calibrate_search", version.name, "--queries", "0", "--no-progress")
 
 
-def test_the_models_page_shows_each_versions_breadth_and_measured_recall(client, dataset, tiny_version):
+def test_the_models_page_shows_each_versions_breadth_and_measured_recall(client, dataset, tiny_version, settings):
     from django.urls import reverse
 
     store_embeddings(dataset, tiny_version, np.random.default_rng(10).normal(size=(300, 32)))
@@ -184,4 +184,43 @@ def test_the_models_page_shows_each_versions_breadth_and_measured_recall(client,
     calibration.save(tiny_version, result)
     html = client.get(reverse("models")).content.decode()
     assert (f"search: ef_search {result.ef_search}, recall@10 {result.recall[result.ef_search]:.3f} on 12 queries"
-            in html)
+            "</div>" in html)
+    settings.CBIR_HNSW_EF_SEARCH = 77
+    html = client.get(reverse("models")).content.decode()
+    assert "on 12 queries; searches use 77 (CBIR_HNSW_EF_SEARCH)" in html
+
+
+def test_a_row_with_duplicates_is_reflected_through_its_nearest_distinct_row(dataset, tiny_version):
+    rng = np.random.default_rng(12)
+    rows = rng.normal(size=(200, 32))
+    rows[1] = rows[0]  # an exact duplicate of row 0
+    rows[3:6] = rows[2]  # rows 2-5: four copies of one vector ...
+    store_embeddings(dataset, tiny_version, rows)
+    ids, vectors = _stored(tiny_version)
+    q = calibration.held_out_query(tiny_version, int(ids[0]))
+    assert q is not None and (vectors @ q).max() < 0.999  # through a distinct row, not the duplicate
+    q = calibration.held_out_query(tiny_version, int(ids[2]))
+    assert q is not None and (vectors @ q).max() < 0.999  # ... past all three copies
+    assert calibration.held_out_query(tiny_version, 999_999_999) is None  # a row that is gone
+    queries = calibration.calibrate(tiny_version, query_ids=[int(i) for i in ids[:6]] + [999_999_999], target=0.5)
+    assert queries is not None and queries.queries == 6  # the missing row skipped
+
+
+def test_a_failing_measurement_never_fails_the_build(dataset, tiny_version, settings, monkeypatch):
+    settings.CBIR_HNSW_CALIBRATION_QUERIES = 5
+    store_embeddings(dataset, tiny_version, np.random.default_rng(13).normal(size=(100, 32)))
+    tiny_version.metrics.pop(CALIBRATION)
+    tiny_version.save(update_fields=["metrics"])
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(calibration, "calibrate", broken)
+    logged: list[str] = []
+    reports = build_hnsw_indexes(tiny_version, log=logged.append)
+    assert reports[0].name == tiny_version.index_name
+    assert logged == ["search breadth not calibrated (RuntimeError('injected')); searches keep ef_search 200"]
+    monkeypatch.undo()
+    settings.CBIR_HNSW_EF_SEARCH = 60  # a fixed breadth: nothing to measure
+    build_hnsw_indexes(tiny_version, log=logged.append)
+    assert len(logged) == 1 and CALIBRATION not in tiny_version.metrics

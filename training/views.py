@@ -18,7 +18,7 @@ from django.utils import timezone
 from django.views.decorators.http import require_GET
 
 from search.models import Job
-from search.neighbours import CALIBRATION
+from search.neighbours import CALIBRATION, ef_search_for
 from training.models import ModelVersion
 
 # The study's published counts: one query each, top 10 ("6 similar / 4 dissimilar").
@@ -80,6 +80,7 @@ class ModelRow:
     search_ef: int | None = None
     search_recall: float | None = None
     search_queries: int | None = None
+    search_ef_used: int | None = None  # differs from search_ef when CBIR_HNSW_EF_SEARCH fixes the breadth
 
     @property
     def has_examples(self) -> bool:
@@ -141,6 +142,7 @@ def model_row(version: ModelVersion, dataset: str | None, train_jobs: dict[int, 
         row.search_ef = int(calibrated["ef_search"])
         row.search_recall = _number((calibrated.get("recall") or {}).get(str(row.search_ef)))
         row.search_queries = calibrated.get("queries")
+        row.search_ef_used = ef_search_for(10, version)
     copies = (metrics.get("copy_detection") or {}).get(dataset) if dataset else None
     if isinstance(copies, dict):
         pooled = (copies.get("summary") or {}).get("all") or {}

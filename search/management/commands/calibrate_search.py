@@ -1,11 +1,14 @@
 from __future__ import annotations
 
+from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
 from search import calibration
 from search.management.progress import progress_bar
 from search.neighbours import ef_search_for
 from training.models import ModelVersion
+
+DEFAULT_QUERIES = 50  # when CBIR_HNSW_CALIBRATION_QUERIES is 0 (no calibration after builds)
 
 
 class Command(BaseCommand):
@@ -32,12 +35,13 @@ class Command(BaseCommand):
         before = ef_search_for(10, version)
         try:
             with progress_bar(f"calibrating {version.name}", unit="query", disable=options["no_progress"]) as bar:
-                result = calibration.calibrate(version, queries=options["queries"], target=options["target"],
-                                               progress=bar)
+                result = calibration.calibrate(version, queries=options["queries"] or settings.CBIR_HNSW_CALIBRATION_QUERIES
+                                               or DEFAULT_QUERIES, target=options["target"], progress=bar)
         except ValueError as exc:
             raise CommandError(str(exc)) from None
         if result is None:
-            raise CommandError(f"{version.name} has too few embeddings to measure recall (more than 10 needed)")
+            raise CommandError(f"{version.name} has too few embeddings to measure recall (more than 10 needed, not "
+                               "all duplicates of one another)")
         curve = ", ".join(f"{ef}: {r:.3f} (≥ {result.lower_bound[ef]:.3f})" for ef, r in result.recall.items())
         self.stdout.write(f"recall@{result.k} by ef_search (95 % lower bound): {curve}")
         if not options["dry_run"]:
