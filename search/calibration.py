@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 from django.conf import settings
-from django.db import DEFAULT_DB_ALIAS, transaction
+from django.db import DEFAULT_DB_ALIAS
 from django.utils import timezone
 
 from search.models import Embedding
@@ -237,14 +237,9 @@ def calibrate(version: ModelVersion, *, queries: int | None = None, k: int = 10,
                        queries=len(vectors), rows=rows, seconds=time.perf_counter() - start, query_ids=tuple(ids))
 
 
-@transaction.atomic
 def save(version: ModelVersion, calibration: Calibration) -> None:
-    """Store `calibration` as metrics[CALIBRATION], keeping every other key (the row is locked)."""
-    locked = ModelVersion.objects.select_for_update().get(pk=version.pk)
-    metrics = dict(locked.metrics or {})
-    metrics[CALIBRATION] = calibration.as_dict()
-    ModelVersion.objects.filter(pk=version.pk).update(metrics=metrics)
-    version.metrics = metrics
+    """Store `calibration` as metrics[CALIBRATION], keeping every other key (ModelVersion.update_metrics)."""
+    version.update_metrics(lambda metrics: metrics.update({CALIBRATION: calibration.as_dict()}))
 
 
 def is_stale(version: ModelVersion, rows: int) -> bool:

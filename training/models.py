@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from django.db import connection, models, transaction
 from django.db.models import Q
 
@@ -54,6 +56,17 @@ class ModelVersion(models.Model):
     @classmethod
     def active(cls) -> ModelVersion | None:
         return cls.objects.filter(is_active=True).first()
+
+    @transaction.atomic
+    def update_metrics(self, change: Callable[[dict], None]) -> None:
+        """Apply change(metrics) to the stored metrics and save them, keeping
+        every key it leaves alone. The row is locked, so two writers finishing
+        together (an evaluation, a search calibration) do not lose each other."""
+        locked = ModelVersion.objects.select_for_update().get(pk=self.pk)
+        metrics = dict(locked.metrics or {})
+        change(metrics)
+        ModelVersion.objects.filter(pk=self.pk).update(metrics=metrics)
+        self.metrics = metrics
 
     @transaction.atomic
     def activate(self) -> None:

@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 from django.conf import settings
-from django.db import transaction
 from django.utils import timezone
 
 from search.models import Dataset, Image, Split
@@ -203,17 +202,12 @@ def _example(query_id: int, label: str, thumbnail: str, n_relevant: int, hits: l
 
 # --- Saving on the version ----------------------------------------------------
 
-@transaction.atomic
 def _save(version: ModelVersion, section: str, dataset_name: str, result: dict) -> None:
-    """metrics[section][dataset_name] = result, keeping every other key. The row
-    is locked, so two evaluations finishing together do not lose each other."""
-    locked = ModelVersion.objects.select_for_update().get(pk=version.pk)
-    metrics = dict(locked.metrics or {})
-    entries = dict(metrics.get(section) or {})
-    entries[dataset_name] = result
-    metrics[section] = entries
-    ModelVersion.objects.filter(pk=version.pk).update(metrics=metrics)
-    version.metrics = metrics
+    """metrics[section][dataset_name] = result, keeping every other key (ModelVersion.update_metrics)."""
+    def change(metrics: dict) -> None:
+        metrics[section] = {**(metrics.get(section) or {}), dataset_name: result}
+
+    version.update_metrics(change)
 
 
 def save_evaluation(version: ModelVersion, result: dict) -> None:
