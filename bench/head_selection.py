@@ -3,15 +3,15 @@
     .venv/bin/python bench/head_selection.py --dataset fashion --cache var/weights/features/<file>.pt
         [--configs mlp:256:1e-3,linear:256:1e-3] [--epochs 10] [--threads 2]
 
-An offline probe on a head-only run's feature cache (training/features.py:
+An offline probe on a head-only run's feature cache (training/core/features.py:
 ids, content hashes, (N, D) float32 backbone features). For each head
 configuration (kind:dimension:learning rate, optionally :weight decay) it
-trains a ProjectionHead (training/networks/head.py) with the objective
-head-only training uses by default (training.plan.class_objective
+trains a ProjectionHead (training/core/networks/head.py) with the objective
+head-only training uses by default (training.core.plan.class_objective
 "normalized_softmax": pytorch-metric-learning's NormalizedSoftmaxLoss) on
 the train split's cached features (Adam, batches of 256, seed 0), and after every
 epoch prints the validation loss and the validation P@10 (each validation
-image a query against the train images, exact cosine in torch, training.head_training.feature_precision_at_k, what
+image a query against the train images, exact cosine in torch, training.core.head_training.feature_precision_at_k, what
 `train --select-by val_precision_at_10` computes). It answers
 one question: does the epoch with the lowest validation loss (what `train`
 keeps, the study's protocol) have the best retrieval? The test split is not
@@ -43,9 +43,9 @@ def main(argv=None) -> int:
     import torch
 
     from search.models import Image
-    from training.head_training import feature_precision_at_k
-    from training.networks.head import ProjectionHead
-    from training.plan import class_objective
+    from training.core.head_training import feature_precision_at_k
+    from training.core.networks.head import ProjectionHead
+    from training.core.plan import class_objective
 
     torch.set_num_threads(args.threads)
     data = torch.load(args.cache, map_location="cpu", weights_only=True)

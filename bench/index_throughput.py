@@ -7,7 +7,7 @@ Measures, in images per second (median over --repeats):
 
   forward  embed_batch on pre-made tensors (the dataset's own images,
            preprocessed before timing) in batches of --batch-size, with the
-           active version's network from training.inference.network_for
+           active version's network from training.core.inference.network_for
            (channels_last, as the code does)
   build    search.indexing.embed_images over all the dataset's images:
            DataLoader decode + preprocessing, forward, bulk upsert into
@@ -31,7 +31,7 @@ run the script without them (env -u ...) to measure the default.
 
 --compile    runs the network through torch.compile for both figures, as
              embedding jobs of CBIR_COMPILE_MIN_IMAGES images or more do
-             (training.inference; the compile time is in "model load", not
+             (training.core.inference; the compile time is in "model load", not
              in the figures).
 --breakdown  times the build's parts on their own: decode in the main
              process, the DataLoader alone, forward, DB writes.
@@ -149,7 +149,7 @@ class Cost:
 
 def forward_once(model, device, chunks, pad_to: int = 0) -> tuple[float, Cost]:
     """Images/s of embed_batch alone over the pre-made batches."""
-    from training.inference import embed_batch
+    from training.core.inference import embed_batch
 
     before, start = Cost.now(), time.perf_counter()
     for chunk in chunks:
@@ -174,7 +174,7 @@ def build_once(version, image_ids, batch_size: int, embed=None, compiled: bool =
 
 def paired_rates(model, device, chunks, version, image_ids, batch_size: int, repeats: int, compiled: bool = False):
     """Forward and build measured alternately; each repeat gives a pair."""
-    from training.inference import embed_batch
+    from training.core.inference import embed_batch
 
     pad_to = batch_size if compiled else 0
     embed_batch(model, device, chunks[0], pad_to=pad_to)  # warm-up: allocator, oneDNN kernels
@@ -202,7 +202,7 @@ def replica_embed(*, prefetch_factor: int = 4, decode_threads: int = 0):
 
     from search.indexing import EmbedReport, _collate, _FileImages, write_embeddings
     from search.models import Image
-    from training.inference import embed_batch, loader_workers, network_for, preprocessing_for
+    from training.core.inference import embed_batch, loader_workers, network_for, preprocessing_for
 
     def threaded_batches(dataset, batch_size):
         chunks = batches(list(range(len(dataset))), batch_size)
@@ -242,7 +242,7 @@ def breakdown(version, items, chunks, model, device, batch_size: int, workers: i
     from torch.utils.data import DataLoader
 
     from search.indexing import _collate, _FileImages, write_embeddings
-    from training.inference import embed_batch, preprocessing_for
+    from training.core.inference import embed_batch, preprocessing_for
 
     dataset = _FileImages(items, preprocessing_for(version))
     out = {}
@@ -369,7 +369,7 @@ def run(args: argparse.Namespace) -> dict:
     from django.conf import settings
 
     from search.indexing import _FileImages
-    from training.inference import network_for, preprocessing_for
+    from training.core.inference import network_for, preprocessing_for
     from training.models import ModelVersion
 
     other_load = OtherLoad()
@@ -509,7 +509,7 @@ def _allocator_text(r: dict) -> str:
 
 
 def _workers(n_images: int, batch_size: int) -> int:
-    from training.inference import loader_workers, resolve_device
+    from training.core.inference import loader_workers, resolve_device
 
     return loader_workers(resolve_device()) if n_images > batch_size else 0
 

@@ -10,7 +10,7 @@ POST /search/ for the end-to-end figure:
 
   decode+preprocess  search.imaging.decode_image (same draft_size as the
                      service) and the version's preprocessing to a tensor
-  forward            training.inference.embed_batch on that tensor
+  forward            training.core.inference.embed_batch on that tensor
   sql                search.services.nearest with the active version
   preview            the view's query thumbnail (a JPEG of the decoded upload);
                      the results page pays it on every request
@@ -105,7 +105,7 @@ def run(args: argparse.Namespace) -> dict:
     from search.imaging import decode_image
     from search.models import Embedding
     from search.views import _page_context, _query_preview
-    from training.inference import embed_batch, network_for, preprocessing_for
+    from training.core.inference import embed_batch, network_for, preprocessing_for
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -7,11 +7,11 @@ from django.shortcuts import redirect, render
 from django.urls import path
 from django.utils.html import format_html, format_html_join
 
-from search import embed_jobs, import_jobs, jobs
+from search import import_jobs, jobs
 from search.admin_deletes import DeleteThroughJobsMixin, dataset_summary, image_counts
 from search.admin_jobs import intermediate, jobs_link, redirect_to_job, save_upload, start_or_report
 from search.delete_jobs import Outcome, delete_or_start
-from search.forms import BuildIndexForm, ImageUploadForm, SetLabelForm, SetSplitForm, ZipImportForm
+from search.forms import ImageUploadForm, SetLabelForm, SetSplitForm, ZipImportForm
 from search.indexing import coverage
 from search.ingest import add_image
 from search.models import Dataset, Embedding, Image, Split
@@ -24,7 +24,8 @@ class DatasetAdmin(DeleteThroughJobsMixin, admin.ModelAdmin):
     search_fields = ["name", "description"]
     readonly_fields = ["created", "split_table", "label_table", "coverage_table", "job_links"]
     fields = ["name", "description", "created", "split_table", "label_table", "coverage_table", "job_links"]
-    actions = ["build_index", "train_model", "evaluate"]
+    # Build index…, Train a model…, Evaluate: added by training/admin.py (they need model versions).
+    actions: list[str] = []
     change_form_template = "admin/search/dataset/change_form.html"
 
     # --- Deleting (search/admin_deletes.py) ------------------------------------------
@@ -75,47 +76,6 @@ class DatasetAdmin(DeleteThroughJobsMixin, admin.ModelAdmin):
                 Path(path).unlink(missing_ok=True)
         return intermediate(request, self, f"Import a zip into {dataset}", form, [dataset], "", extra={
             "multipart": True, "submit_label": "Upload and import"})
-
-    @admin.action(description="Build index… (embed the images with a model version)")
-    def build_index(self, request, queryset):
-        form = BuildIndexForm(request.POST if "apply" in request.POST else None)
-        if "apply" in request.POST and form.is_valid():
-            version = form.cleaned_data["model"]
-            started = [start_or_report(request, lambda d=d: embed_jobs.start_embed_job(version, d, user=request.user),
-                                       f"Indexing {d} with {version}") for d in queryset]
-            started = [j for j in started if j]
-            return redirect_to_job(started[0], "admin:search_dataset_changelist") if len(started) == 1 else None
-        return intermediate(request, self, "Build the index", form, queryset, "build_index")
-
-    @admin.action(description="Train a model…")
-    def train_model(self, request, queryset):
-        from training.forms import TrainForm
-        from training.train_job import start_training_job
-
-        if queryset.count() != 1:
-            self.message_user(request, "Select exactly one dataset to train on.", messages.ERROR)
-            return None
-        dataset = queryset.get()
-        form = TrainForm(request.POST if "apply" in request.POST else None, dataset=dataset)
-        if "apply" in request.POST and form.is_valid():
-            job = start_or_report(request, lambda: start_training_job(dataset, user=request.user, **form.config_fields()),
-                                  f"Training on {dataset}")
-            return redirect_to_job(job, "admin:search_dataset_changelist") if job else None
-        return intermediate(request, self, f"Train a model on {dataset}", form, queryset, "train_model")
-
-    @admin.action(description="Evaluate retrieval quality (active model version)")
-    def evaluate(self, request, queryset):
-        from training.evaluation.jobs import start_evaluation_job
-        from training.models import ModelVersion
-
-        version = ModelVersion.active()
-        if version is None:
-            self.message_user(request, "No active model version to evaluate.", messages.ERROR)
-            return None
-        for dataset in queryset:
-            start_or_report(request, lambda d=dataset: start_evaluation_job(version, d, user=request.user),
-                            f"Evaluating {version} on {dataset}")
-        return None
 
     def get_queryset(self, request):
         return super().get_queryset(request).annotate(

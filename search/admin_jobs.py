@@ -13,7 +13,7 @@ from django.utils.html import format_html
 
 from search import import_jobs, jobs
 from search.models import Job
-from training.networks.base import WeightsUnavailable
+from training.core.networks.base import WeightsUnavailable
 
 
 @admin.register(Job)

@@ -14,7 +14,7 @@ from search.duplicates import flag_new_near_duplicates, flags_with
 from search.hnsw import IndexBuildError
 from search.indexing import build_hnsw_indexes, embed_images, missing_image_ids
 from search.models import Dataset, Image, Job, JobChunk
-from training.inference import compile_for
+from training.core.inference import compile_for
 from training.models import ModelVersion
 
 KIND = "embed"

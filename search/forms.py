@@ -49,44 +49,6 @@ class SetSplitForm(forms.Form):
     split = forms.ChoiceField(choices=Split.choices)
 
 
-def _version_choices() -> list[tuple[str, str]]:
-    from training.models import ModelVersion
-    from training.networks.registry import ARCHITECTURES
-
-    versions = [(f"version:{v.pk}", f"{v.name}{' (active)' if v.is_active else ''}")
-                for v in ModelVersion.objects.order_by("-is_active", "name")]
-    existing = set(ModelVersion.objects.values_list("name", flat=True))
-    pretrained = [(f"arch:{name}", f"{name} — pretrained ImageNet weights (new version)")
-                  for name in sorted(ARCHITECTURES) if name != "tiny" and f"{name}-imagenet" not in existing
-                  and name in ("efficientnet_lite0", "resnet50", "vgg16")]
-    return versions + pretrained
-
-
-class BuildIndexForm(forms.Form):
-    model = forms.ChoiceField(label="Model version", choices=())
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.fields["model"].choices = _version_choices()
-
-    def clean_model(self):
-        from training.models import ModelVersion
-        from training.networks.base import WeightsUnavailable
-        from training.versions import get_or_create_version
-
-        value = self.cleaned_data["model"]
-        kind, _, ident = value.partition(":")
-        if kind == "version":
-            version = ModelVersion.objects.filter(pk=ident).first()
-            if version is None:
-                raise forms.ValidationError("That model version no longer exists.")
-            return version
-        try:
-            return get_or_create_version(ident)
-        except (WeightsUnavailable, ValueError) as exc:
-            raise forms.ValidationError(str(exc)) from None
-
-
 class ZipImportForm(forms.Form):
     archive = forms.FileField(label="Zip of images", help_text="Images in any folders; other files are skipped.")
     labels_from_folders = forms.BooleanField(required=False, initial=True,

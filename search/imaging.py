@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from django.conf import settings
 from PIL import Image, ImageFile, UnidentifiedImageError, features
 
-from training.preprocessing import HEIF_SUPPORTED, MAX_PNG_METADATA_CHUNK, to_rgb
+from training.core.preprocessing import HEIF_SUPPORTED, MAX_PNG_METADATA_CHUNK, to_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -167,7 +167,7 @@ def decode_image(data: bytes, *, max_pixels: int | None = None, draft_size: int 
     content; a refused one is named when its magic bytes say what it is);
     pixel count within the limit *before* decoding (decompression bombs);
     decodes fully (truncated or corrupt data fail here); the picture a viewer
-    sees, as sRGB RGB (training.preprocessing.to_rgb: displayed frame, EXIF
+    sees, as sRGB RGB (training.core.preprocessing.to_rgb: displayed frame, EXIF
     orientation, ICC profile, transparency on white).
     `draft_size` lets JPEG decoding skip resolution the caller will not use.
     Rejection messages are plain words, without exception names or library constants.

@@ -20,9 +20,9 @@ from search import calibration, hnsw
 from search.duplicates import flag_new_near_duplicates
 from search.models import Dataset, Embedding, Image
 from search.neighbours import ef_search_for
-from training.inference import embed_batch, loader_workers, network_for, preprocessing_for
+from training.core.inference import embed_batch, loader_workers, network_for, preprocessing_for
+from training.core.preprocessing import Preprocessing, load_rgb
 from training.models import ModelVersion
-from training.preprocessing import Preprocessing, load_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -222,7 +222,7 @@ def embed_images(version: ModelVersion, image_ids: Sequence[int], *, batch_size:
                  progress: Progress = _noop, should_stop: Callable[[], bool] | None = None,
                  compiled: bool = False) -> EmbedReport:
     """Embed the given images with `version` and upsert their vectors.
-    compiled: run the network through torch.compile (training.inference;
+    compiled: run the network through torch.compile (training.core.inference;
     compiled once per process for batches of `batch_size`)."""
     batch_size = batch_size or settings.CBIR_EMBED_BATCH_SIZE
     items = list(Image.objects.filter(pk__in=list(image_ids)).order_by("pk").values_list("pk", "file"))

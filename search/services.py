@@ -6,14 +6,13 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
 from django.conf import settings
 
 from search.hnsw import VALID, index_state
 from search.imaging import ImageRejected, decode_image
 from search.models import Dataset, Image
 from search.neighbours import Hit, nearest
-from training.inference import embed_batch, network_for, preprocessing_for
+from training.core.inference import embed_query
 from training.models import ModelVersion
 
 
@@ -101,12 +100,6 @@ def ready_version() -> ModelVersion:
         raise IndexNotReady("no search index is ready yet: import images and build the index "
                             "(python manage.py build_index --dataset NAME)")
     return version
-
-
-def embed_query(version: ModelVersion, rgb) -> np.ndarray:
-    model, device = network_for(version)
-    tensor = preprocessing_for(version)(rgb)[None]
-    return embed_batch(model, device, tensor)[0]
 
 
 def search_by_upload(data: bytes, *, k=None, dataset=None) -> SearchResult:

@@ -266,7 +266,7 @@ def png_big_metadata(kind: str) -> bytes:
 
 def png_metadata_bomb() -> bytes:
     """A PNG whose zTXt chunk inflates to 33 MiB (from ~33 kB): past the raised
-    metadata bound (training.preprocessing.MAX_PNG_METADATA_CHUNK)."""
+    metadata bound (training.core.preprocessing.MAX_PNG_METADATA_CHUNK)."""
     plain = encode(PILImage.new("RGB", (8, 8), (1, 2, 3)), "PNG")
     at = plain.index(b"IDAT") - 4
     chunk = _chunk(b"zTXt", b"Comment\0\0" + zlib.compress(b" " * (33 * 1024 * 1024), 9))

@@ -1,4 +1,4 @@
-"""Bulk embedding through torch.compile (training/inference.py): the same
+"""Bulk embedding through torch.compile (training/core/inference.py): the same
 vectors as the eager network, one compiled shape (short batches padded), a
 failed compile falls back to the eager network, and jobs decide by size."""
 
@@ -12,8 +12,8 @@ import torch
 
 from search.indexing import embed_images
 from search.models import Embedding
-from training import inference
-from training.inference import compile_for, embed_batch, network_for
+from training.core import inference
+from training.core.inference import compile_for, embed_batch, network_for
 
 
 @pytest.fixture
@@ -47,7 +47,7 @@ def test_a_failed_compile_falls_back_to_the_eager_network(tiny_version, monkeypa
     monkeypatch.setattr(torch, "compile", refuse)
     inference._compiled_network.cache_clear()
     try:
-        with caplog.at_level(logging.WARNING, logger="training.inference"):
+        with caplog.at_level(logging.WARNING, logger="training.core.inference"):
             model, _ = network_for(tiny_version, compiled_batch=4)
     finally:
         inference._compiled_network.cache_clear()

@@ -13,9 +13,10 @@ from django.core.management import call_command
 
 from search.models import Image, Split
 from tests.test_training_jobs import make_dataset
-from training.config import TrainConfig
+from training.core.config import TrainConfig
+from training.core.trainer import TrainingStopped, train
 from training.models import ModelVersion
-from training.trainer import TrainingStopped, train
+from training.rows import training_data
 
 SETTINGS = {"architecture": "tiny", "epochs": 2, "batch_size": 8, "learning_rate": 3e-3, "image_size": 32,
             "augment": False, "num_workers": 0}
@@ -33,7 +34,7 @@ def labelled(transactional_db, tmp_path):
 
 
 def test_two_processes_give_the_loss_curve_of_one_and_one_version(labelled, tmp_path):
-    single = train(labelled, TrainConfig(**SETTINGS), checkpoint_dir=tmp_path / "one")
+    single = train(training_data(labelled), TrainConfig(**SETTINGS), checkpoint_dir=tmp_path / "one")
     out = io.StringIO()
     call_command("train", "--dataset", "colours", "--arch", "tiny", "--epochs", "2", "--batch-size", "8",
                  "--lr", "0.003", "--image-size", "32", "--no-augment", "--num-workers", "0", "--processes", "2",
@@ -56,7 +57,7 @@ def test_two_processes_give_the_loss_curve_of_one_and_one_version(labelled, tmp_
 def test_a_cancel_on_rank_0_stops_every_process(labelled, tmp_path):
     config = TrainConfig(**{**SETTINGS, "processes": 2})
     with pytest.raises(TrainingStopped):
-        train(labelled, config, checkpoint_dir=tmp_path / "stop", should_stop=lambda: True)
+        train(training_data(labelled), config, checkpoint_dir=tmp_path / "stop", should_stop=lambda: True)
     assert not (tmp_path / "stop" / "last.pt").exists()
 
 

@@ -19,7 +19,7 @@ from search.imaging import ACCEPTED_FORMATS_TEXT, decode_image
 from search.ingest import add_image, import_folder, import_zip
 from search.models import Dataset, Image
 from tests import badinput as corpus
-from training.preprocessing import load_rgb
+from training.core.preprocessing import load_rgb
 
 ORANGE = (240, 120, 20)
 

@@ -11,14 +11,15 @@ from django.core.management import CommandError, call_command
 
 from search.models import Embedding, Image
 from tests.test_training_jobs import make_dataset
-from training.config import TrainConfig
-from training.features import FeatureCache
+from training.core.config import TrainConfig
+from training.core.features import FeatureCache
+from training.core.inference import build_for_version
+from training.core.objectives import METRIC_LOSSES, MetricLossObjective
+from training.core.trainer import train
 from training.forms import TrainForm
-from training.inference import build_for_version
 from training.models import ModelVersion
-from training.objectives import METRIC_LOSSES, MetricLossObjective
-from training.train_job import index_and_evaluate
-from training.trainer import train
+from training.pipeline import index_and_evaluate
+from training.rows import training_data
 from training.versions import create_version_from_checkpoint
 
 
@@ -52,9 +53,9 @@ def test_head_settings_resolve_and_bad_ones_are_refused():
 
 
 def test_feature_precision_at_k_matches_the_retrieval_metric_on_ranked_lists():
+    from training.core.head_training import feature_precision_at_k
     from training.evaluation.metrics import precision_at_k as ranked_precision
     from training.evaluation.metrics import rank_with_ties
-    from training.head_training import feature_precision_at_k
 
     generator = torch.Generator().manual_seed(0)
     database_labels, query_labels = torch.randint(0, 3, (40,), generator=generator), torch.tensor([0, 1, 2, 1, 0])
@@ -98,13 +99,13 @@ def test_each_metric_loss_objective_learns_separable_classes(name):
 
 def test_head_training_caches_features_and_publishes_backbone_plus_head(labelled, tmp_path, settings):
     config = head_config()
-    result = train(labelled, config, checkpoint_dir=tmp_path / "run")
+    result = train(training_data(labelled), config, checkpoint_dir=tmp_path / "run")
     n = result.n_train + result.n_val
     assert result.features["embedded"] == n and result.features["cached"] == 0
     assert str(settings.CBIR_WEIGHTS_DIR) in result.features["path"]
     assert result.history[-1]["val_loss"] < result.history[0]["val_loss"]
 
-    again = train(labelled, config, checkpoint_dir=tmp_path / "again", resume=False)
+    again = train(training_data(labelled), config, checkpoint_dir=tmp_path / "again", resume=False)
     assert again.features == {**again.features, "cached": n, "embedded": 0}
     assert [h["train_loss"] for h in again.history] == pytest.approx([h["train_loss"] for h in result.history])
 
@@ -128,10 +129,10 @@ def test_head_training_caches_features_and_publishes_backbone_plus_head(labelled
 
 
 def test_head_training_can_keep_the_epoch_with_the_best_validation_precision(labelled, tmp_path):
-    from training.head_training import feature_precision_at_k
-    from training.loop import VAL_PRECISION
+    from training.core.head_training import feature_precision_at_k
+    from training.core.loop import VAL_PRECISION
 
-    result = train(labelled, head_config(epochs=3, select_by="val_precision_at_10", early_stopping_patience=0),
+    result = train(training_data(labelled), head_config(epochs=3, select_by="val_precision_at_10", early_stopping_patience=0),
                    checkpoint_dir=tmp_path / "p10")
     precisions = [h[VAL_PRECISION] for h in result.history]
     assert len(precisions) == 3 and all(0 <= p <= 1 for p in precisions)
@@ -234,9 +235,9 @@ def test_a_head_only_training_job_caches_trains_and_publishes(labelled):
 
 
 def test_a_run_does_not_resume_under_the_other_selection_rule(labelled, tmp_path):
-    train(labelled, head_config(epochs=1), checkpoint_dir=tmp_path / "run")
+    train(training_data(labelled), head_config(epochs=1), checkpoint_dir=tmp_path / "run")
     with pytest.raises(ValueError, match="select_by: checkpoint 'val_loss', now 'val_precision_at_10'"):
-        train(labelled, head_config(epochs=2, select_by="val_precision_at_10"), checkpoint_dir=tmp_path / "run",
+        train(training_data(labelled), head_config(epochs=2, select_by="val_precision_at_10"), checkpoint_dir=tmp_path / "run",
               resume=True)
-    resumed = train(labelled, head_config(epochs=2), checkpoint_dir=tmp_path / "run", resume=True)
+    resumed = train(training_data(labelled), head_config(epochs=2), checkpoint_dir=tmp_path / "run", resume=True)
     assert resumed.resumed_from_epoch == 1 and len(resumed.history) == 2

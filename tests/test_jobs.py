@@ -82,7 +82,7 @@ def test_a_failed_chunk_fails_the_job_and_a_rerun_does_only_the_missing_work(imp
     weights = Path(tiny_version.weights_path)
     saved = weights.read_bytes()
     weights.write_bytes(b"corrupt")  # the next chunk cannot load the network
-    from training.inference import _cached_network
+    from training.core.inference import _cached_network
 
     _cached_network.cache_clear()
     with pytest.raises(Exception):  # noqa: B017 - whatever torch raises for a corrupt file

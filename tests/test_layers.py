@@ -19,8 +19,8 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("cbirsite", "search", "training")
 
 # The ML core: networks, preprocessing, losses, samplers, the loop.
-ML_CORE = ("training.networks", "training.preprocessing", "training.losses", "training.samplers",
-           "training.loop", "training.objectives", "training.data")
+ML_CORE = ("training.core.networks", "training.core.preprocessing", "training.core.losses", "training.core.samplers",
+           "training.core.loop", "training.core.objectives", "training.core.data")
 KERNEL = ("search.jobs", "search.runner", "search.broker", "search.worker")
 # What the kernel may import from the project: itself, its own rows and the Celery app.
 KERNEL_MAY_IMPORT = {*KERNEL, "search.models", "cbirsite.celery"}

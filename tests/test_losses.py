@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from training.losses import contrastive_loss, pairwise_distances, triplet_loss
+from training.core.losses import contrastive_loss, pairwise_distances, triplet_loss
 
 
 def distance(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from training.networks.autoencoder import ConvAutoencoder
-from training.networks.registry import ARCHITECTURES, build_network
-from training.networks.siamese import SiameseNet
+from training.core.networks.autoencoder import ConvAutoencoder
+from training.core.networks.registry import ARCHITECTURES, build_network
+from training.core.networks.siamese import SiameseNet
 
 
 def assert_unit_norm(embeddings: torch.Tensor) -> None:
@@ -85,9 +85,9 @@ def test_trainable_architectures_are_registered_as_label_free(name):
 def test_the_registry_records_decide_what_the_config_and_the_form_offer():
     """Adding a network is one module plus one registration: TrainConfig, the
     admin form and the train command read the record."""
-    from training.config import TrainConfig
+    from training.core.config import TrainConfig
+    from training.core.networks.registry import pretrained_architectures, sizable_architectures
     from training.forms import TrainForm
-    from training.networks.registry import pretrained_architectures, sizable_architectures
 
     for name, architecture in ARCHITECTURES.items():
         if name == "head":  # a frozen backbone must be pretrained: the one architecture that refuses random weights

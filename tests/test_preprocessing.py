@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from training.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing, to_rgb
+from training.core.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing, to_rgb
 
 
 def _roundtrip(image: Image.Image, fmt: str) -> Image.Image:

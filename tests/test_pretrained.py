@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 from torchvision.models._meta import _IMAGENET_CATEGORIES
 
-from training.networks.registry import build_network
+from training.core.networks.registry import build_network
 
 
 @pytest.mark.slow

@@ -1,7 +1,7 @@
 """Real-photo kinds (issue 11): colour profiles, transparency in every form, the
 picture a viewer sees, metadata that must not make an image unreadable, HEIC
 and AVIF. Each kind is checked on the one decoding path every surface uses
-(search.imaging.decode_image → training.preprocessing.to_rgb), on the stored-file
+(search.imaging.decode_image → training.core.preprocessing.to_rgb), on the stored-file
 path of indexing and training (load_rgb), and in the thumbnail and the tensor.
 
 The files of tests/data/real_photos/ are the reported cases (README.md there);
@@ -20,7 +20,7 @@ from PIL import Image, ImageCms, PngImagePlugin
 from search.imaging import ACCEPTED_FORMATS_TEXT, ImageRejected, decode_image, detect_format, make_thumbnail
 from tests import badinput as corpus
 from tests.badinput import REAL_PHOTOS, encode
-from training.preprocessing import Preprocessing, load_rgb, to_rgb
+from training.core.preprocessing import Preprocessing, load_rgb, to_rgb
 
 WHITE = (255, 255, 255)
 
@@ -119,7 +119,7 @@ def test_the_prophoto_copy_is_found_as_the_srgb_photo_by_the_default_network():
     which Pillow's 8-bit ImageCms cannot do."""
     import torch
 
-    from training.networks.registry import build_network
+    from training.core.networks.registry import build_network
 
     model = build_network("efficientnet_lite0").eval()
 

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from training.networks.base import WeightsUnavailable
-from training.networks.registry import ARCHITECTURES, UnknownArchitecture, build_network, get_architecture
+from training.core.networks.base import WeightsUnavailable
+from training.core.networks.registry import ARCHITECTURES, UnknownArchitecture, build_network, get_architecture
 
 
 @pytest.mark.parametrize("name,dimension,size", [

@@ -4,7 +4,7 @@ from collections import Counter
 
 import pytest
 
-from training.samplers import PKSampler, make_augmented_pairs, make_pairs
+from training.core.samplers import PKSampler, make_augmented_pairs, make_pairs
 
 # 5 classes of varied sizes, one singleton class "e", two unlabelled items.
 LABELS = ["a"] * 7 + ["b"] * 3 + ["c"] * 5 + ["d"] * 2 + ["e"] + [None, -1] + ["c"] * 4

@@ -7,6 +7,7 @@ from search import services
 from search.models import Dataset, Embedding, Image
 from search.neighbours import explain, nearest, neighbours_queryset
 from tests.helpers import store_embeddings
+from training.core.inference import embed_query
 
 
 def _stored_vectors(version):
@@ -26,7 +27,7 @@ def _brute_force(ids, vectors, query, k, exclude=None):
 def test_upload_search_returns_exactly_the_brute_force_top_k(indexed, tiny_version, make_image_bytes):
     data = make_image_bytes((240, 30, 30), pattern=4242)
     result = services.search_by_upload(data, k=10)
-    decoded_vector = services.embed_query(tiny_version, services.decode_image(data).rgb)
+    decoded_vector = embed_query(tiny_version, services.decode_image(data).rgb)
     ids, vectors = _stored_vectors(tiny_version)
     expected, scores = _brute_force(ids, vectors, decoded_vector, 10)
     assert [h.image_id for h in result.hits] == expected

@@ -15,10 +15,10 @@ from huggingface_hub import constants
 from PIL import Image
 from timm.data import create_transform, resolve_data_config
 
-from training.config import TrainConfig
-from training.networks.base import WeightsUnavailable
-from training.networks.registry import UnknownArchitecture, build_network, get_architecture
-from training.preprocessing import Preprocessing
+from training.core.config import TrainConfig
+from training.core.networks.base import WeightsUnavailable
+from training.core.networks.registry import UnknownArchitecture, build_network, get_architecture
+from training.core.preprocessing import Preprocessing
 
 NAME = "test_vit.r160_in1k"
 ARCH = f"timm:{NAME}"

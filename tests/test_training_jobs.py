@@ -15,12 +15,14 @@ from search.ingest import import_folder
 from search.jobs import S
 from search.models import Dataset, Embedding, Image, Job
 from tests.helpers import wait_for
-from training.config import TrainConfig
+from training.core.config import TrainConfig
+from training.core.inference import build_for_version
+from training.core.trainer import TrainingStopped, train
 from training.forms import TrainForm
-from training.inference import build_for_version
 from training.models import ModelVersion
-from training.train_job import checkpoint_dir_for, index_and_evaluate, run_training_job, start_training_job
-from training.trainer import TrainingStopped, train
+from training.pipeline import index_and_evaluate
+from training.rows import training_data
+from training.train_job import checkpoint_dir_for, run_training_job, start_training_job
 from training.versions import create_initial_version, create_version_from_checkpoint
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 200, 40), "blue": (40, 40, 220)}
@@ -110,7 +112,7 @@ def test_auto_settings_resolve_per_architecture():
 
 def test_training_lowers_the_validation_loss_and_keeps_the_best_epoch(labelled, tmp_path):
     calls = []
-    result = train(labelled, tiny(epochs=4), checkpoint_dir=tmp_path / "run",
+    result = train(training_data(labelled), tiny(epochs=4), checkpoint_dir=tmp_path / "run",
                    progress=lambda *args: calls.append(args[:4]))
     assert [h["epoch"] for h in result.history] == [1, 2, 3, 4]
     assert set(result.history[0]) >= {"epoch", "train_loss", "val_loss", "seconds", "lr"}
@@ -126,14 +128,14 @@ def test_training_lowers_the_validation_loss_and_keeps_the_best_epoch(labelled, 
 
 def test_the_autoencoder_trains_on_unlabelled_images(unlabelled, tmp_path):
     config = TrainConfig("autoencoder", epochs=2, batch_size=8, learning_rate=1e-3, image_size=32, embedding_dim=16)
-    result = train(unlabelled, config, checkpoint_dir=tmp_path / "ae")
+    result = train(training_data(unlabelled), config, checkpoint_dir=tmp_path / "ae")
     assert result.objective == "reconstruction" and len(result.history) == 2
     assert all(math.isfinite(h["val_loss"]) for h in result.history)
 
 
 def test_an_unlabelled_dataset_is_indexed_but_its_evaluation_skipped(unlabelled, tmp_path):
     config = TrainConfig("autoencoder", epochs=1, batch_size=8, image_size=32, embedding_dim=16)
-    result = train(unlabelled, config, checkpoint_dir=tmp_path / "ae")
+    result = train(training_data(unlabelled), config, checkpoint_dir=tmp_path / "ae")
     version = create_version_from_checkpoint(config, result.best_path, unlabelled, result.history, result.seconds)
     report, evaluation = index_and_evaluate(version, unlabelled)
     assert report.embedded == 30 and "no labels" in evaluation["skipped"]
@@ -141,72 +143,72 @@ def test_an_unlabelled_dataset_is_indexed_but_its_evaluation_skipped(unlabelled,
 
 def test_the_siamese_network_trains_on_augmented_pairs_without_labels(unlabelled, tmp_path):
     config = TrainConfig("siamese", epochs=1, batch_size=8, learning_rate=1e-4, image_size=32, embedding_dim=16)
-    result = train(unlabelled, config, checkpoint_dir=tmp_path / "siamese")
+    result = train(training_data(unlabelled), config, checkpoint_dir=tmp_path / "siamese")
     assert result.pairs == "augmented" and result.objective == "contrastive"
     assert math.isfinite(result.best_val_loss)
 
 
 def test_the_siamese_network_makes_pairs_from_labels_when_it_can(labelled, tmp_path):
     config = TrainConfig("siamese", epochs=1, batch_size=8, image_size=32, embedding_dim=16, augment=False)
-    assert train(labelled, config, checkpoint_dir=tmp_path / "pairs").pairs == "labels"
+    assert train(training_data(labelled), config, checkpoint_dir=tmp_path / "pairs").pairs == "labels"
 
 
 def test_labelled_objectives_refuse_a_dataset_without_labels(unlabelled, tmp_path):
     with pytest.raises(ValueError, match="has 0 labelled class"):
-        train(unlabelled, tiny(), checkpoint_dir=tmp_path / "x")
+        train(training_data(unlabelled), tiny(), checkpoint_dir=tmp_path / "x")
     with pytest.raises(ValueError, match="triplet training needs at least 2 classes"):
-        train(unlabelled, tiny(objective="triplet"), checkpoint_dir=tmp_path / "y")
+        train(training_data(unlabelled), tiny(objective="triplet"), checkpoint_dir=tmp_path / "y")
 
 
 def test_triplet_training_runs_on_pk_batches(labelled, tmp_path):
-    result = train(labelled, tiny(objective="triplet", epochs=1), checkpoint_dir=tmp_path / "triplet")
+    result = train(training_data(labelled), tiny(objective="triplet", epochs=1), checkpoint_dir=tmp_path / "triplet")
     assert math.isfinite(result.history[0]["train_loss"])
 
 
 def test_without_validation_images_some_training_images_validate(labelled, unlabelled, tmp_path):
     Image.objects.filter(dataset__in=[labelled, unlabelled]).update(split="train")
-    result = train(labelled, tiny(epochs=1), checkpoint_dir=tmp_path / "holdout")
+    result = train(training_data(labelled), tiny(epochs=1), checkpoint_dir=tmp_path / "holdout")
     assert (result.n_train, result.n_val) == (24, 6)
     assert any("validate instead" in warning for warning in result.warnings)
     pairs = TrainConfig("siamese", epochs=1, batch_size=8, image_size=32, embedding_dim=16)
-    assert train(unlabelled, pairs, checkpoint_dir=tmp_path / "pairs").n_val == 6
+    assert train(training_data(unlabelled), pairs, checkpoint_dir=tmp_path / "pairs").n_val == 6
 
 
 def test_a_resumed_run_continues_from_its_last_epoch_as_if_never_stopped(labelled, tmp_path):
-    first = train(labelled, tiny(epochs=1), checkpoint_dir=tmp_path / "resumed")
-    second = train(labelled, tiny(epochs=2), checkpoint_dir=tmp_path / "resumed")
+    first = train(training_data(labelled), tiny(epochs=1), checkpoint_dir=tmp_path / "resumed")
+    second = train(training_data(labelled), tiny(epochs=2), checkpoint_dir=tmp_path / "resumed")
     assert second.resumed_from_epoch == 1 and len(second.history) == 2
     assert second.history[0] == first.history[0]
-    straight = train(labelled, tiny(epochs=2), checkpoint_dir=tmp_path / "straight")
+    straight = train(training_data(labelled), tiny(epochs=2), checkpoint_dir=tmp_path / "straight")
     assert losses(second.history) == pytest.approx(losses(straight.history))
-    fresh = train(labelled, tiny(epochs=1), checkpoint_dir=tmp_path / "resumed", resume=False)
+    fresh = train(training_data(labelled), tiny(epochs=1), checkpoint_dir=tmp_path / "resumed", resume=False)
     assert fresh.resumed_from_epoch == 0 and len(fresh.history) == 1
 
 
 def test_resuming_with_other_network_settings_is_refused(labelled, tmp_path):
-    train(labelled, tiny(epochs=1), checkpoint_dir=tmp_path / "run")
+    train(training_data(labelled), tiny(epochs=1), checkpoint_dir=tmp_path / "run")
     with pytest.raises(ValueError, match="other settings.*image_size"):
-        train(labelled, tiny(epochs=2, image_size=48), checkpoint_dir=tmp_path / "run")
+        train(training_data(labelled), tiny(epochs=2, image_size=48), checkpoint_dir=tmp_path / "run")
 
 
 def test_early_stopping_and_the_time_limit_end_training(labelled, tmp_path):
-    result = train(labelled, tiny(epochs=50, learning_rate=1.0, early_stopping_patience=1),
+    result = train(training_data(labelled), tiny(epochs=50, learning_rate=1.0, early_stopping_patience=1),
                    checkpoint_dir=tmp_path / "early")
     assert result.stop_reason == "early_stopping" and len(result.history) < 50
     assert len(result.history) - result.best_epoch == 1
-    timed = train(labelled, tiny(epochs=50, time_limit_s=1e-6), checkpoint_dir=tmp_path / "timed")
+    timed = train(training_data(labelled), tiny(epochs=50, time_limit_s=1e-6), checkpoint_dir=tmp_path / "timed")
     assert timed.stop_reason == "time_limit" and len(timed.history) == 1
 
 
 def test_should_stop_stops_between_batches_and_keeps_the_last_epoch(labelled, tmp_path):
     with pytest.raises(TrainingStopped):
-        train(labelled, tiny(), checkpoint_dir=tmp_path / "stop", should_stop=lambda: True)
+        train(training_data(labelled), tiny(), checkpoint_dir=tmp_path / "stop", should_stop=lambda: True)
     assert not (tmp_path / "stop" / "last.pt").exists()
 
 
 def test_a_published_version_rebuilds_the_trained_network_exactly(labelled, tmp_path, settings):
     config = tiny()
-    result = train(labelled, config, checkpoint_dir=tmp_path / "run")
+    result = train(training_data(labelled), config, checkpoint_dir=tmp_path / "run")
     version = create_version_from_checkpoint(config, result.best_path, labelled, result.history, result.seconds)
     assert version.name == "tiny-colours-ft-1" and not version.is_active
     assert version.weights_source == "checkpoint" and version.dimension == 32
@@ -240,7 +242,7 @@ def test_the_baseline_version_holds_the_untrained_starting_network(labelled):
 def test_the_image_size_of_a_pooled_network_is_kept_in_its_preprocessing(labelled, tmp_path):
     config = TrainConfig("efficientnet_lite0", pretrained=False, epochs=1, batch_size=16, image_size=32,
                          augment=False)
-    result = train(labelled, config, checkpoint_dir=tmp_path / "eff")
+    result = train(training_data(labelled), config, checkpoint_dir=tmp_path / "eff")
     version = create_version_from_checkpoint(config, result.best_path, labelled, result.history, result.seconds)
     assert version.preprocessing["size"] == 32 and version.config == {}
     assert version.metrics["training"]["pretrained"] is False
@@ -263,7 +265,7 @@ def test_a_training_job_resumes_from_its_checkpoint_and_publishes_a_version(labe
               "augment": False}
     job = Job.objects.create(kind=Job.Kind.TRAIN, dataset=labelled, params=params)
     # As if a worker had died after the first epoch.
-    train(labelled, TrainConfig(**{**params, "epochs": 1}), checkpoint_dir=checkpoint_dir_for(job.pk))
+    train(training_data(labelled), TrainConfig(**{**params, "epochs": 1}), checkpoint_dir=checkpoint_dir_for(job.pk))
     assert run_training_job(job.pk) == "done"
     job.refresh_from_db()
     assert job.status == S.SUCCEEDED, job.error

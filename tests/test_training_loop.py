@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from training.data import ImageListDataset, PairDataset, UnreadableImage, build_augmentation
-from training.loop import (
+from training.core.data import ImageListDataset, PairDataset, UnreadableImage, build_augmentation
+from training.core.loop import (
     NonFiniteLoss,
     evaluate,
     fit,
@@ -18,15 +18,15 @@ from training.loop import (
     save_checkpoint,
     train_one_epoch,
 )
-from training.networks.registry import build_network
-from training.objectives import (
+from training.core.networks.registry import build_network
+from training.core.objectives import (
     ClassificationObjective,
     ContrastiveObjective,
     ReconstructionObjective,
     TripletObjective,
 )
-from training.preprocessing import Preprocessing
-from training.samplers import PKSampler, make_augmented_pairs, make_pairs
+from training.core.preprocessing import Preprocessing
+from training.core.samplers import PKSampler, make_augmented_pairs, make_pairs
 
 CPU = torch.device("cpu")
 COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220)}
@@ -220,7 +220,7 @@ def _scripted_fit(tmp_path, name, losses, precisions=None):
 
 
 def test_fit_keeps_the_lowest_validation_loss_or_with_val_precision_the_best_retrieval(tmp_path):
-    from training.loop import VAL_PRECISION, best_epoch
+    from training.core.loop import VAL_PRECISION, best_epoch
 
     losses = [1.0, 0.5, 0.7, 0.6]
     by_loss = _scripted_fit(tmp_path, "loss", losses)

@@ -163,7 +163,7 @@ def test_a_large_enough_embedding_job_runs_the_compiled_network_on_the_worker(ma
     from django.conf import settings as conf
 
     from search.indexing import _FileImages
-    from training.inference import embed_batch, network_for, preprocessing_for
+    from training.core.inference import embed_batch, network_for, preprocessing_for
 
     settings.CBIR_COMPILE_MIN_IMAGES = 40
     job = embed_jobs.start_embed_job(tiny_version, many_images, chunk_size=12)  # chunks of 12, 12, 12, 4 images

@@ -8,6 +8,23 @@ class TrainingConfig(AppConfig):
 
     def ready(self) -> None:
         from search import jobs
+        from training.core import runtime
+
+        runtime.configure(site_runtime)
 
         jobs.register_kind(jobs.JobKind("train", task="training.tasks.run_training", queue="train"))
         jobs.register_kind(jobs.JobKind("evaluate", task="training.tasks.run_evaluation", queue="train"))
+
+
+def site_runtime():
+    """The ML core's settings (training.core.runtime.Runtime) read from the
+    site's settings on every call, so overridden settings (tests) take effect."""
+    from pathlib import Path
+
+    from django.conf import settings
+
+    from training.core.runtime import Runtime
+
+    return Runtime(device=settings.CBIR_DEVICE, loader_workers=settings.CBIR_LOADER_WORKERS,
+                   compile_min_images=settings.CBIR_COMPILE_MIN_IMAGES, weights_dir=Path(settings.CBIR_WEIGHTS_DIR),
+                   offline=settings.CBIR_OFFLINE)

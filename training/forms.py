@@ -1,4 +1,4 @@
-"""The form behind the admin action "Train a model…" on datasets.
+"""The forms behind the admin actions "Train a model…" and "Build index…" on datasets.
 
     form = TrainForm(request.POST, dataset=dataset)
     if form.is_valid():
@@ -11,7 +11,7 @@ from dataclasses import asdict
 
 from django import forms
 
-from training.config import (
+from training.core.config import (
     MAX_IMAGE_SIZE,
     MAX_PROCESSES,
     MIN_IMAGE_SIZE,
@@ -21,15 +21,17 @@ from training.config import (
     TrainConfig,
     check_pretrained_available,
 )
-from training.networks.base import WeightsUnavailable
-from training.networks.head import HEADS
-from training.networks.registry import (
+from training.core.networks.base import WeightsUnavailable
+from training.core.networks.head import HEADS
+from training.core.networks.registry import (
     ARCHITECTURES,
     get_architecture,
     pretrained_architectures,
     sizable_architectures,
 )
-from training.plan import check_dataset
+from training.models import ModelVersion
+from training.rows import check_dataset
+from training.versions import get_or_create_version
 
 OBJECTIVE_LABELS = {
     "auto": "automatic (autoencoder: reconstruction; siamese: pairs; others: classification over the labels)",
@@ -156,3 +158,34 @@ class TrainForm(forms.Form):
         if self.config is None:
             raise ValueError("the form is not valid")
         return asdict(self.config)
+
+
+def _version_choices() -> list[tuple[str, str]]:
+    versions = [(f"version:{v.pk}", f"{v.name}{' (active)' if v.is_active else ''}")
+                for v in ModelVersion.objects.order_by("-is_active", "name")]
+    existing = set(ModelVersion.objects.values_list("name", flat=True))
+    pretrained = [(f"arch:{name}", f"{name} — pretrained ImageNet weights (new version)")
+                  for name in sorted(ARCHITECTURES) if name != "tiny" and f"{name}-imagenet" not in existing
+                  and name in ("efficientnet_lite0", "resnet50", "vgg16")]
+    return versions + pretrained
+
+
+class BuildIndexForm(forms.Form):
+    model = forms.ChoiceField(label="Model version", choices=())
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fields["model"].choices = _version_choices()
+
+    def clean_model(self):
+        value = self.cleaned_data["model"]
+        kind, _, ident = value.partition(":")
+        if kind == "version":
+            version = ModelVersion.objects.filter(pk=ident).first()
+            if version is None:
+                raise forms.ValidationError("That model version no longer exists.")
+            return version
+        try:
+            return get_or_create_version(ident)
+        except (WeightsUnavailable, ValueError) as exc:
+            raise forms.ValidationError(str(exc)) from None

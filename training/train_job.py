@@ -10,20 +10,18 @@ from __future__ import annotations
 
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 from django.conf import settings
 from django.db import transaction
 
 from search import jobs, runner
-from search.indexing import build_index
 from search.models import Dataset, Job
-from training.config import TrainConfig, check_pretrained_available
+from training.core.config import TrainConfig, check_pretrained_available
+from training.core.runs import TrainingStopped, epoch_summary
 from training.models import ModelVersion
-from training.plan import check_dataset
-from training.runs import epoch_summary
-from training.trainer import TrainingStopped, train
-from training.versions import create_version_from_checkpoint, json_safe
+from training.pipeline import evaluation_summary, train_and_publish
+from training.rows import check_dataset
+from training.versions import json_safe
 
 KIND = "train"
 
@@ -55,44 +53,6 @@ def checkpoint_dir_for(job_id: int) -> Path:
     return Path(settings.CBIR_WEIGHTS_DIR) / "jobs" / str(job_id)
 
 
-def evaluate_if_available(version: ModelVersion, dataset: Dataset, k: int = 10) -> dict | None:
-    """Category retrieval of the new version on the dataset's labelled test
-    images (training.evaluation.retrieval), saved on the version under
-    metrics["evaluation"][dataset name]. None when that module does not exist;
-    {"skipped": reason} when the dataset cannot be evaluated (no labels, no
-    test images): that is not a failure of the training."""
-    try:
-        from training.evaluation import retrieval
-    except ModuleNotFoundError as exc:
-        if exc.name in ("training.evaluation.retrieval", "training.evaluation"):
-            return None
-        raise
-    try:
-        retrieval.check_evaluable(version, dataset)
-    except retrieval.EvaluationError as exc:
-        return {"skipped": str(exc)}
-    result = retrieval.evaluate_version(version, dataset, k=k)
-    retrieval.save_evaluation(version, result)
-    return result
-
-
-def evaluation_summary(evaluation: dict | None) -> dict | None:
-    """The headline numbers of an evaluation, for a job's result and a command's output."""
-    if evaluation is None or "skipped" in evaluation:
-        return evaluation
-    keys = ("k", "precision_at_k", "recall_at_k", "map_at_k", "n_queries", "against")
-    return {key: evaluation.get(key) for key in keys}
-
-
-def index_and_evaluate(version: ModelVersion, dataset: Dataset, *, progress=None) -> tuple[Any, dict | None]:
-    """Embed the dataset with the new version (and build its HNSW index; it
-    becomes active only if no version is), then evaluate it if evaluation exists."""
-    report = build_index(dataset, version, **({"progress": progress} if progress else {}))
-    return report, evaluate_if_available(version, dataset)
-
-
-
-
 def run_training_job(job_id: int) -> str:
     """Run a training job (the run_training task): claim it, train (resuming
     from its last checkpoint when the job was re-queued after its worker
@@ -110,47 +70,41 @@ def _train_job(run: runner.Run) -> str:
     config = TrainConfig.from_params(dict(job.params))
     version = ModelVersion.objects.filter(jobs__pk=job_id).first()
     summary: dict = {}
+    directory = checkpoint_dir_for(job_id)
     if version is None:
-        check_dataset(dataset, config)
-        directory = checkpoint_dir_for(job_id)
-        resuming = (directory / "last.pt").exists()
-        run.log(f"{'resuming' if resuming else 'training'} {config.architecture} on {dataset.name}: "
-                f"{config.objective}, {config.epochs} epoch(s), "
+        run.log(f"{'resuming' if (directory / 'last.pt').exists() else 'training'} {config.architecture} on "
+                f"{dataset.name}: {config.objective}, {config.epochs} epoch(s), "
                 f"{'pretrained' if config.pretrained else 'random'} initial weights")
-        state = {"epochs": -1}
+    else:
+        previous = Job.objects.get(pk=job_id).result or {}
+        summary = {k: v for k, v in previous.items() if k not in ("phase",)}
+        summary.setdefault("history", (version.metrics or {}).get("training", {}).get("history"))
+        run.log(f"model version {version.name} was already trained; embedding with it")
+    state = {"epochs": -1}
 
-        def progress(epoch: int, n_epochs: int, batch: int, n_batches: int, history: list) -> None:
-            new_epoch = len(history) != state["epochs"]
-            done = (epoch - 1) * n_batches + batch
-            message = f"epoch {epoch}/{n_epochs}, batch {batch}/{n_batches}"
-            if history:
-                message += f"; val loss {history[-1]['val_loss']:.4g}"
-            run.progress(min(done, n_epochs * n_batches), n_epochs * n_batches, message, force=new_epoch)
-            if new_epoch:
-                state["epochs"] = len(history)
-                Job.objects.filter(pk=job_id).update(result=json_safe({"phase": "training", "history": history}))
-                if history and history[-1]["epoch"] == epoch:
-                    h = history[-1]
-                    run.log(f"epoch {h['epoch']}: {epoch_summary(h)}{' (best)' if h['best'] else ''}, "
-                            f"{h['seconds']:.1f} s")
+    def progress(epoch: int, n_epochs: int, batch: int, n_batches: int, history: list) -> None:
+        new_epoch = len(history) != state["epochs"]
+        done = (epoch - 1) * n_batches + batch
+        message = f"epoch {epoch}/{n_epochs}, batch {batch}/{n_batches}"
+        if history:
+            message += f"; val loss {history[-1]['val_loss']:.4g}"
+        run.progress(min(done, n_epochs * n_batches), n_epochs * n_batches, message, force=new_epoch)
+        if new_epoch:
+            state["epochs"] = len(history)
+            Job.objects.filter(pk=job_id).update(result=json_safe({"phase": "training", "history": history}))
+            if history and history[-1]["epoch"] == epoch:
+                h = history[-1]
+                run.log(f"epoch {h['epoch']}: {epoch_summary(h)}{' (best)' if h['best'] else ''}, "
+                        f"{h['seconds']:.1f} s")
 
-        def on_features(done: int, total: int) -> None:
-            run.progress(done, total, f"caching backbone features: {done}/{total} images", force=done == total)
-            run.check_stop("stopped while caching backbone features; those done are kept in the cache")
+    def on_features(done: int, total: int) -> None:
+        run.progress(done, total, f"caching backbone features: {done}/{total} images", force=done == total)
+        run.check_stop("stopped while caching backbone features; those done are kept in the cache")
 
-        try:
-            result = train(dataset, config, checkpoint_dir=directory, progress=progress,
-                           should_stop=run.should_stop, on_features=on_features)
-        except TrainingStopped:
-            raise runner.JobStopped("stopped; the last finished epoch is kept in its checkpoint") from None
+    def on_published(version: ModelVersion, result) -> None:
+        summary.update(result.summary())
         for warning in result.warnings[:20]:
             run.log(warning)
-        summary = result.summary()
-        version = create_version_from_checkpoint(
-            config, result.best_path, dataset, result.history, result.seconds,
-            extra_metrics={k: summary[k] for k in ("stop_reason", "pairs", "n_train", "n_val", "classes", "device",
-                                                     "features")},
-            notes=f"trained by job #{job_id}")
         # Recorded at once: a re-run after a crash from here on reuses this version.
         Job.objects.filter(pk=job_id).update(model_version=version,
                                              result=json_safe({**summary, "phase": "embedding",
@@ -158,17 +112,19 @@ def _train_job(run: runner.Run) -> str:
         run.log(f"best epoch {result.best_epoch} by {config.select_by} "
                 f"({epoch_summary(result.history[result.best_epoch - 1])}, {result.stop_reason}); "
                 f"saved as model version {version.name}")
-    else:
-        previous = Job.objects.get(pk=job_id).result or {}
-        summary = {k: v for k, v in previous.items() if k not in ("phase",)}
-        summary.setdefault("history", (version.metrics or {}).get("training", {}).get("history"))
-        run.log(f"model version {version.name} was already trained; embedding with it")
-    run.check_stop("stopped before embedding; the model version is kept")
 
     def embed_progress(done: int, total: int, message: str) -> None:
         run.progress(done, total, f"embedding {dataset.name}: {message}")
 
-    report, evaluation = index_and_evaluate(version, dataset, progress=embed_progress)
+    try:
+        outcome = train_and_publish(
+            dataset, config, checkpoint_dir=directory, notes=f"trained by job #{job_id}", version=version,
+            progress=progress, should_stop=run.should_stop, on_features=on_features, on_published=on_published,
+            before_embedding=lambda: run.check_stop("stopped before embedding; the model version is kept"),
+            embed_progress=embed_progress)
+    except TrainingStopped:
+        raise runner.JobStopped("stopped; the last finished epoch is kept in its checkpoint") from None
+    version, report, evaluation = outcome.version, outcome.report, outcome.evaluation
     final = {**summary, "phase": "done", "version": version.name, "version_id": version.pk,
              "embedded": report.embedded, "embed_failed": len(report.failed)}
     if evaluation is not None:

@@ -7,8 +7,8 @@
   network (best epoch) or the untrained network a run starts from.
 - `resolve_version(name)`: a version by name, or an architecture's pretrained one.
 
-Every weights file is written atomically (training.loop.save_atomically), and
-a version's config rebuilds exactly its network (training.inference.build_for_version).
+Every weights file is written atomically (training.core.loop.save_atomically), and
+a version's config rebuilds exactly its network (training.core.inference.build_for_version).
 """
 
 from __future__ import annotations
@@ -25,12 +25,12 @@ from django.conf import settings
 from django.db import IntegrityError, transaction
 
 from search.models import Dataset
-from training.config import TrainConfig, apply_image_size
-from training.loop import save_atomically
+from training.core.config import TrainConfig, apply_image_size
+from training.core.loop import save_atomically
+from training.core.networks.base import sha256_of
+from training.core.networks.registry import ARCHITECTURES, UnknownArchitecture, build_network
+from training.core.trainer import best_epoch
 from training.models import ModelVersion
-from training.networks.base import sha256_of
-from training.networks.registry import ARCHITECTURES, UnknownArchitecture, build_network
-from training.trainer import best_epoch
 
 
 def pretrained_version_name(architecture: str) -> str:
@@ -115,7 +115,7 @@ def create_version_from_checkpoint(config: TrainConfig, best_path: str | os.Path
     Head-only runs ("<backbone>-head-<dataset>-ft-<n>") save the pretrained
     backbone and the trained head together.
 
-    Its config is the build settings, so training.inference.build_for_version
+    Its config is the build settings, so training.core.inference.build_for_version
     rebuilds exactly this network (weights="random", then the saved state)."""
     checkpoint = torch.load(best_path, map_location="cpu", weights_only=True)
     best, best_val_loss = best_epoch(history)
@@ -129,7 +129,7 @@ def create_version_from_checkpoint(config: TrainConfig, best_path: str | os.Path
     training.update(extra_metrics or {})
     state = checkpoint["model"]
     if config.head_only:  # the checkpoint holds the head; the version holds backbone + head
-        from training.head_training import full_state_dict
+        from training.core.head_training import full_state_dict
 
         state = full_state_dict(config, state)
     return _publish(config, state, f"{_run_label(config)}-{dataset.name}"[:90] + "-ft-",

@@ -18,7 +18,7 @@ from os import PathLike
 
 from PIL import Image, ImageDraw, ImageEnhance, ImageFont, ImageOps, features
 
-from training.preprocessing import load_rgb, to_rgb
+from training.core.preprocessing import load_rgb, to_rgb
 
 KINDS: tuple[str, ...] = ("crop", "resize", "jpeg", "rotate", "brightness_contrast", "flip", "grayscale", "overlay")
 

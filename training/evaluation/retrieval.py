@@ -31,7 +31,7 @@ from django.utils import timezone
 
 from search.models import Dataset, Image, Split
 from search.neighbours import Hit, ef_search_for, fetch, nearest, neighbours_queryset
-from search.services import embed_query
+from training.core.inference import embed_query
 from training.evaluation.copies import KINDS, generate_queries
 from training.evaluation.metrics import QueryResult, copy_detection_summary, precision_curve, summarize
 from training.models import ModelVersion

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 import time
+from contextlib import ExitStack
 from dataclasses import asdict
 from pathlib import Path
 
@@ -15,15 +16,14 @@ from tqdm import tqdm
 
 from search.management.progress import progress_bar
 from search.models import Dataset, Job
-from training.config import OBJECTIVES, SCHEDULERS, SELECT_BY, TrainConfig, check_pretrained_available
-from training.networks import head as head_network
-from training.networks.base import WeightsUnavailable
-from training.networks.registry import ARCHITECTURES
-from training.plan import check_dataset
-from training.runs import epoch_summary
-from training.train_job import index_and_evaluate
-from training.trainer import TrainingStopped, train
-from training.versions import create_initial_version, create_version_from_checkpoint
+from training.core.config import OBJECTIVES, SCHEDULERS, SELECT_BY, TrainConfig, check_pretrained_available
+from training.core.networks import head as head_network
+from training.core.networks.base import WeightsUnavailable
+from training.core.networks.registry import ARCHITECTURES
+from training.core.runs import TrainingStopped, epoch_summary
+from training.pipeline import index_and_evaluate, train_and_publish
+from training.rows import check_dataset
+from training.versions import create_initial_version
 
 PAIRS = {"labels": "; pairs from labels", "augmented": "; pairs of two augmented views of one image"}
 
@@ -155,8 +155,24 @@ class Command(BaseCommand):
             feature_bar[0].n = done
             feature_bar[0].refresh()
 
+        embed_bar: list = []
+        bars = ExitStack()  # the embedding's bar, opened once the version is published
+
+        def on_published(version, result) -> None:
+            bar.close()
+            for extra in feature_bar:
+                extra.close()
+            embed_bar.append(bars.enter_context(progress_bar(f"embedding {dataset.name} with {version.name}",
+                                                             disable=options["no_progress"])))
+
+        def embed_progress(done: int, total: int, message: str) -> None:
+            embed_bar[0](done, total, message)
+
         try:
-            result = train(dataset, config, checkpoint_dir=directory, progress=progress, on_features=on_features)
+            outcome = train_and_publish(
+                dataset, config, checkpoint_dir=directory, progress=progress, on_features=on_features,
+                on_published=on_published, embed_progress=embed_progress,
+                notes=f"trained with manage.py train (checkpoints in {directory})")
         except KeyboardInterrupt:
             bar.close()
             raise CommandError(f"interrupted; resume with --checkpoint-dir {directory} and the same settings") \
@@ -164,30 +180,24 @@ class Command(BaseCommand):
         except (ValueError, WeightsUnavailable, TrainingStopped) as exc:
             bar.close()
             raise CommandError(str(exc)) from None
-        bar.close()
-        for extra in feature_bar:
-            extra.close()
+        finally:
+            bars.close()
+        result, report, evaluation = outcome.result, outcome.report, outcome.evaluation
+        assert result is not None
         if result.resumed_from_epoch:
             self.stdout.write(f"(resumed after epoch {result.resumed_from_epoch})")
         for warning in result.warnings:
             self.stdout.write(f"  note: {warning}")
-        summary = result.summary()
-        version = create_version_from_checkpoint(
-            config, result.best_path, dataset, result.history, result.seconds,
-            extra_metrics={k: summary[k] for k in ("stop_reason", "pairs", "n_train", "n_val", "classes", "device",
-                                                     "features")},
-            notes=f"trained with manage.py train (checkpoints in {directory})")
-        with progress_bar(f"embedding {dataset.name} with {version.name}", disable=options["no_progress"]) as bar2:
-            report, evaluation = index_and_evaluate(version, dataset, progress=bar2)
         self.stdout.write(
             f"best epoch {result.best_epoch} of {len(result.history)} ({result.stop_reason}, by "
-            f"{config.select_by}): {epoch_summary(result.history[result.best_epoch - 1])}; {result.seconds_per_epoch:.1f} s per epoch on {result.device} "
+            f"{config.select_by}): {epoch_summary(result.history[result.best_epoch - 1])}; "
+            f"{result.seconds_per_epoch:.1f} s per epoch on {result.device} "
             f"({result.n_train} training, {result.n_val} validation images"
             f"{PAIRS.get(result.pairs or '', '')})")
         failed = f", {len(report.failed)} failed" if report.failed else ""
         self.stdout.write(f"embedded {report.embedded} image(s){failed}")
         self._print_evaluation(evaluation)
-        self.stdout.write(self.style.SUCCESS(f"model version {version.name}"))
+        self.stdout.write(self.style.SUCCESS(f"model version {outcome.version.name}"))
 
     def _print_evaluation(self, evaluation: dict | None) -> None:
         if evaluation is None:

@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from training.networks.base import EmbeddingNet
-from training.preprocessing import Preprocessing
+from training.core.networks.base import EmbeddingNet
+from training.core.preprocessing import Preprocessing
 
 
 class TinyCNN(EmbeddingNet):

@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from training.networks.base import EmbeddingNet
-from training.preprocessing import Preprocessing
+from training.core.networks.base import EmbeddingNet
+from training.core.preprocessing import Preprocessing
 
 DIMENSION = 256
 STAGES = 4  # stride-2 stages; input sides must be multiples of 2**STAGES

@@ -2,7 +2,7 @@
 device (TrainConfig.processes > 1; `manage.py train --processes N`).
 
 The calling process (the command, or the Celery worker running the job) is
-rank 0; it starts ranks 1..N-1 as `python -m training.rank SPEC RANK`
+rank 0; it starts ranks 1..N-1 as `python -m training.core.rank SPEC RANK`
 subprocesses (plain subprocesses, so a daemonic Celery child may start them),
 which attach to the same rendezvous (tcp://127.0.0.1:<free port>). Backend:
 NCCL on CUDA (rank r on cuda:r, BatchNorm synchronised), gloo on the CPU.
@@ -42,6 +42,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from training.core import runtime
+
 TIMEOUT = timedelta(minutes=30)  # a collective waiting longer than this fails (a rank died)
 STOP_REASONS = ("completed", "early_stopping", "time_limit")
 
@@ -59,7 +61,7 @@ class Joint(nn.Module):
 
 
 def joint_loss(wrapped: nn.Module, batch: Any, device: torch.device) -> torch.Tensor:
-    """The loss function for training.loop with a DDP-wrapped Joint as the model."""
+    """The loss function for training.core.loop with a DDP-wrapped Joint as the model."""
     return wrapped(batch, device)
 
 
@@ -127,18 +129,18 @@ def _cpu_threads(world: int) -> int:
     return max(1, (os.cpu_count() or 1) // world)
 
 
-def train_distributed(dataset, config, checkpoint_dir: Path, progress, should_stop, resume: bool, rank_train):
-    """training.trainer.train for config.processes > 1, as rank 0; returns rank
-    0's TrainResult. rank_train is training.trainer._train (each rank's loop)."""
-    from training.inference import loader_workers, resolve_device
-    from training.plan import plan_rows
+def train_distributed(data, config, checkpoint_dir: Path, progress, should_stop, resume: bool, rank_train):
+    """training.core.trainer.train for config.processes > 1, as rank 0; returns rank
+    0's TrainResult. rank_train is training.core.trainer._train (each rank's loop)."""
+    from training.core.inference import loader_workers, resolve_device
+    from training.core.plan import plan_rows
 
     world = config.processes
     device_type = resolve_device().type
     if device_type == "cuda" and torch.cuda.device_count() < world:
         raise ValueError(f"processes: {world} asked for, but PyTorch sees {torch.cuda.device_count()} GPU(s)")
     warnings: list[str] = []
-    rows = plan_rows(dataset, warnings)
+    rows = plan_rows(data, warnings)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     if not resume:
         for name in ("last.pt", "best.pt"):
@@ -147,18 +149,18 @@ def train_distributed(dataset, config, checkpoint_dir: Path, progress, should_st
     if settings["num_workers"] is None:
         settings["num_workers"] = loader_workers(torch.device(device_type))
     port = _free_port()
-    spec = {"config": settings, "dataset": dataset.name, "rows": rows, "checkpoint_dir": str(checkpoint_dir),
+    spec = {"config": settings, "dataset": data.name, "rows": rows, "runtime": runtime.current().to_dict(), "checkpoint_dir": str(checkpoint_dir),
             "resume": resume, "port": port, "world": world, "device": device_type}
     spec_path = checkpoint_dir / "distributed.json"
     spec_path.write_text(json.dumps(spec))
-    children = [subprocess.Popen([sys.executable, "-m", "training.rank", str(spec_path), str(rank)],
+    children = [subprocess.Popen([sys.executable, "-m", "training.core.rank", str(spec_path), str(rank)],
                                  env=os.environ.copy()) for rank in range(1, world)]
     threads = torch.get_num_threads()
     try:
         if device_type == "cpu":
             torch.set_num_threads(_cpu_threads(world))
         _init(0, world, port, device_type)
-        result = rank_train(dataset.name, config, checkpoint_dir, progress, should_stop, resume,
+        result = rank_train(data, config, checkpoint_dir, progress, should_stop, resume,
                         dist_info=Dist(0, world, device_for(device_type, 0)), rows=rows)
     except BaseException:
         for child in children:
@@ -181,11 +183,14 @@ def train_distributed(dataset, config, checkpoint_dir: Path, progress, should_st
 
 
 def run_rank(spec_path: str, rank: int, rank_train) -> int:
-    """Ranks 1..N-1 (training/rank.py, after Django is set up): train, exit."""
-    from training.config import TrainConfig
-    from training.runs import TrainingStopped
+    """Ranks 1..N-1 (training/core/rank.py; no Django): train with rank 0's
+    settings and rows from the spec file, exit."""
+    from training.core.config import TrainConfig
+    from training.core.data import TrainingData
+    from training.core.runs import TrainingStopped
 
     spec = json.loads(Path(spec_path).read_text())
+    runtime.configure(runtime.Runtime.from_dict(spec["runtime"]))
     config = TrainConfig.from_params(spec["config"])
     world, device_type = int(spec["world"]), spec["device"]
     if device_type == "cpu":
@@ -196,7 +201,7 @@ def run_rank(spec_path: str, rank: int, rank_train) -> int:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
             rows = ([tuple(r) for r in spec["rows"][0]], [tuple(r) for r in spec["rows"][1]])
-            rank_train(spec["dataset"], config, Path(spec["checkpoint_dir"]), None, None, bool(spec["resume"]),
+            rank_train(TrainingData(spec["dataset"], ()), config, Path(spec["checkpoint_dir"]), None, None, bool(spec["resume"]),
                        dist_info=Dist(rank, world, device), rows=rows)
     except TrainingStopped:
         pass

@@ -1,7 +1,7 @@
 """The settings of a training run, validated once (TrainConfig), against the
 network registry: which settings an architecture takes, its default
 objective and whether it has pretrained weights all come from its
-`Architecture` record (training/networks/registry.py)."""
+`Architecture` record (training/core/networks/registry.py)."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ from typing import Any
 
 import torch
 
-from training.loop import VAL_PRECISION
-from training.networks import head as head_network
-from training.networks.base import CLASS_OBJECTIVES, OBJECTIVES_NEEDING_LABELS, EmbeddingNet
-from training.networks.registry import (
+from training.core.loop import VAL_PRECISION
+from training.core.networks import head as head_network
+from training.core.networks.base import CLASS_OBJECTIVES, OBJECTIVES_NEEDING_LABELS, EmbeddingNet
+from training.core.networks.registry import (
     ARCHITECTURES,
     MAX_DIMENSION,
     build_network,
@@ -28,7 +28,7 @@ HEAD_OBJECTIVES = tuple(sorted(CLASS_OBJECTIVES | {"triplet"}))
 MAX_PROCESSES = 64
 LABELLED_OBJECTIVES = tuple(sorted(OBJECTIVES_NEEDING_LABELS))
 SCHEDULERS = ("none", "cosine")
-SELECT_BY = ("val_loss", VAL_PRECISION)  # which epoch a run keeps: training.loop.best_epoch
+SELECT_BY = ("val_loss", VAL_PRECISION)  # which epoch a run keeps: training.core.loop.best_epoch
 MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 16, 1024
 
 
@@ -57,8 +57,8 @@ class TrainConfig:
       whose builder takes no size (vgg16, resnet50, efficientnet_lite0, all
       globally pooled) only the preprocessing changes.
     - batch_size counts images, or pairs for the contrastive objective.
-    - num_workers None → training.inference.loader_workers (CBIR_LOADER_WORKERS; 0 on a CPU by default).
-    - architecture "head" (head-only training, training/head_training.py):
+    - num_workers None → training.core.inference.loader_workers (CBIR_LOADER_WORKERS; 0 on a CPU by default).
+    - architecture "head" (head-only training, training/core/head_training.py):
       `backbone` (default efficientnet_lite0, or any timm:<model>; must have
       pretrained weights) is frozen and its features cached; only a `head`
       ("linear", default, or "mlp") of `embedding_dim` (default 256) trains,
@@ -67,7 +67,7 @@ class TrainConfig:
       every other architecture.
     - augment None → on, except for head-only training.
     - processes: training processes on this host (DistributedDataParallel,
-      one per GPU, or gloo on the CPU; training/distributed.py). The batch
+      one per GPU, or gloo on the CPU; training/core/distributed.py). The batch
       size is the global one and must divide evenly among the processes.
     - select_by: which epoch is kept (published): "val_loss", the lowest
       validation loss (the study's protocol, default), or "val_precision_at_10",

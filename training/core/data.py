@@ -1,6 +1,6 @@
 """Training datasets over image files on disk.
 
-Images are read with `training.preprocessing.load_rgb` and turned into tensors
+Images are read with `training.core.preprocessing.load_rgb` and turned into tensors
 with the model's own `Preprocessing`, exactly as at indexing and query time;
 training augmentation works on the PIL image before that step.
 """
@@ -8,16 +8,43 @@ training augmentation works on the PIL image before that step.
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
 from os import PathLike
+from typing import NamedTuple
 
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
-from training.preprocessing import Preprocessing, load_rgb
+from training.core.preprocessing import Preprocessing, load_rgb
 
 Item = tuple[str | PathLike[str], Hashable | None]  # (path, label or None)
+
+
+class ImageRow(NamedTuple):
+    """One image of a training run, as the core sees it (no database row):
+    id (the image's primary key), path (absolute file path), label (None when
+    unlabelled), split ("train", "val" or "test"), sha256 (content hash, hex).
+    training/rows.py builds them from a dataset's rows."""
+
+    id: int
+    path: str
+    label: str | None
+    split: str
+    sha256: str
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    """A dataset's images for a training run: its name (for messages) and its
+    rows of the train and val splits, in id order."""
+
+    name: str
+    rows: tuple[ImageRow, ...]
+
+    def split(self, split: str) -> list[ImageRow]:
+        return [row for row in self.rows if row.split == split]
 
 
 class UnreadableImage(RuntimeError):

@@ -3,7 +3,7 @@ is an L2-normalised embedding of `model.dimension` (at most 4,000, the most
 pgvector's HNSW indexes on halfvec).
 
 Besides the names registered here, "timm:<model name>" resolves to an
-Architecture record made on first use (training/networks/timm_backbone.py):
+Architecture record made on first use (training/core/networks/timm_backbone.py):
 any timm model, with timm's pretrained weights and preprocessing."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from functools import partial
 
 from torchvision.models import ResNet50_Weights, VGG16_Weights
 
-from training.networks import (
+from training.core.networks import (
     autoencoder,
     efficientnet_lite0,
     resnet50,
@@ -22,8 +22,8 @@ from training.networks import (
     torchvision_weights,
     vgg16,
 )
-from training.networks import head as head_network
-from training.networks.base import Architecture, EmbeddingNet, Pretrained
+from training.core.networks import head as head_network
+from training.core.networks.base import Architecture, EmbeddingNet, Pretrained
 
 MAX_DIMENSION = 4000
 MAX_NAME_LENGTH = 50  # ModelVersion.architecture

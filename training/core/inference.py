@@ -23,19 +23,21 @@ from typing import cast
 
 import numpy as np
 import torch
-from django.conf import settings
 
-from training.loop import autocast, autocast_dtype
-from training.networks.base import EmbeddingNet, WeightsUnavailable
-from training.networks.registry import build_network
-from training.preprocessing import Preprocessing
+from training.core import runtime
+from training.core.networks.base import EmbeddingNet, WeightsUnavailable
+from training.core.networks.registry import build_network
+from training.core.precision import autocast, autocast_dtype
+from training.core.preprocessing import Preprocessing
 
 _lock = threading.Lock()
 logger = logging.getLogger(__name__)
 
 
 def resolve_device(choice: str | None = None) -> torch.device:
-    choice = choice or getattr(settings, "CBIR_DEVICE", "auto")
+    """The torch device to run on: `choice` or CBIR_DEVICE ("auto": CUDA when
+    PyTorch sees a GPU, else the CPU). Raises RuntimeError for "cuda" without one."""
+    choice = choice or runtime.current().device
     if choice == "cuda":
         if not torch.cuda.is_available():
             raise RuntimeError("CBIR_DEVICE=cuda but PyTorch sees no CUDA device")
@@ -49,7 +51,7 @@ def loader_workers(device: torch.device) -> int:
     """DataLoader processes to use on `device` (CBIR_LOADER_WORKERS, -1 = automatic)."""
     import os
 
-    configured = int(getattr(settings, "CBIR_LOADER_WORKERS", -1))
+    configured = runtime.current().loader_workers
     if configured >= 0:
         return configured
     return min(4, os.cpu_count() or 1) if device.type == "cuda" else 0
@@ -130,7 +132,7 @@ def compile_for(images: int) -> bool:
     worker process pays for itself from roughly 7,500 images in that process
     at the CPU speeds of docs/benchmarks.md (12.5 ms an image eager, 8.5 ms
     compiled); a job spread over W workers compiles W times."""
-    threshold = int(settings.CBIR_COMPILE_MIN_IMAGES)
+    threshold = runtime.current().compile_min_images
     return threshold > 0 and images >= threshold
 
 
@@ -154,3 +156,14 @@ def embed_batch(model: torch.nn.Module, device: torch.device, batch: torch.Tenso
     with autocast(device, autocast_dtype(device)):
         out = model(batch)
     return out[:n].float().cpu().numpy()
+
+
+def embed_query(version, rgb) -> np.ndarray:
+    """One query image's embedding: a PIL RGB image (any size) → (dimension,)
+    float32 unit vector, through the version's eager network (built once per
+    process, network_for). `version`: a ModelVersion or anything with its
+    fields (architecture, weights_source, weights_path, weights_sha256,
+    config, preprocessing). Raises WeightsUnavailable when its weights file is missing."""
+    model, device = network_for(version)
+    tensor = preprocessing_for(version)(rgb)[None]
+    return embed_batch(model, device, tensor)[0]

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.preprocessing import Preprocessing
+from training.core.preprocessing import Preprocessing
 
 
 class WeightsUnavailable(RuntimeError):

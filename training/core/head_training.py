@@ -2,16 +2,16 @@
 pretrained backbone (TrainConfig(architecture="head", backbone=..., head=...)).
 
     1. Embed the dataset's train and val images once with the backbone
-       (training/features.py caches them on disk; later runs reuse them).
-    2. Train only the head (training/networks/head.py) on those features with
+       (training/core/features.py caches them on disk; later runs reuse them).
+    2. Train only the head (training/core/networks/head.py) on those features with
        a labelled objective (default normalized_softmax, pytorch-metric-learning),
        train split for training, val split for early stopping, on the one
-       epoch loop training.loop.fit, with the same checkpoints, stop rules and
-       resuming as training/trainer.py.
+       epoch loop training.core.loop.fit, with the same checkpoints, stop rules and
+       resuming as training/core/trainer.py.
     3. The checkpoints hold the head only; training.versions publishes backbone
        + head as one network ("head" architecture).
 
-Called by training.trainer.train when config.head_only.
+Called by training.core.trainer.train when config.head_only.
 """
 
 from __future__ import annotations
@@ -26,14 +26,14 @@ from typing import cast
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from search.models import Dataset, Image, Split
-from training.config import TrainConfig
-from training.features import FeatureCache
-from training.inference import resolve_device
-from training.loop import VAL_PRECISION, evaluate, fit
-from training.networks.head import HeadNet
-from training.plan import VALIDATION_EVERY, check_train_labels, class_objective, epoch_seed, readable
-from training.runs import (
+from training.core.config import TrainConfig
+from training.core.data import TrainingData
+from training.core.features import FeatureCache
+from training.core.inference import resolve_device
+from training.core.loop import VAL_PRECISION, evaluate, fit
+from training.core.networks.head import HeadNet
+from training.core.plan import VALIDATION_EVERY, check_train_labels, class_objective, epoch_seed, readable
+from training.core.runs import (
     EpochHooks,
     TrainingStopped,
     TrainResult,
@@ -42,19 +42,10 @@ from training.runs import (
     _stop_reason,
     best_epoch,
 )
-from training.samplers import PKSampler, group_by_label
+from training.core.samplers import PKSampler, group_by_label
 
 logger = logging.getLogger(__name__)
 FeatureProgress = Callable[[int, int], None]  # (images embedded, images to embed)
-
-
-def _rows(dataset: Dataset, split: str) -> list[tuple[int, str, str | None, str]]:
-    from django.conf import settings
-
-    media = Path(settings.MEDIA_ROOT)
-    rows = Image.objects.filter(dataset=dataset, split=split).order_by("pk").values_list("pk", "file", "label",
-                                                                                          "sha256")
-    return [(pk, str(media / name), label or None, sha) for pk, name, label, sha in rows]
 
 
 @torch.no_grad()
@@ -80,18 +71,17 @@ def feature_precision_at_k(queries: torch.Tensor, query_labels: torch.Tensor, da
 
 
 class FeaturePlan:
-    """Like training.plan.DataPlan, over cached features: (features (B, D)
+    """Like training.core.plan.DataPlan, over cached features: (features (B, D)
     float32, class index) batches for the head, the objective, the classes."""
 
-    def __init__(self, dataset: Dataset, config: TrainConfig, cache: FeatureCache, head: torch.nn.Module,
+    def __init__(self, data: TrainingData, config: TrainConfig, cache: FeatureCache, head: torch.nn.Module,
                  device: torch.device, on_features: FeatureProgress | None = None) -> None:
         self.config = config
         self.warnings: list[str] = []
         self.pairs = None
-        train = [row for row in _rows(dataset, Split.TRAIN) if row[2] is not None]
-        val = [row for row in _rows(dataset, Split.VAL) if row[2] is not None]
-        unlabelled = Image.objects.filter(dataset=dataset, split=Split.TRAIN, label__isnull=True).count() \
-            + Image.objects.filter(dataset=dataset, split=Split.TRAIN, label="").count()
+        train = [(r.id, r.path, r.label, r.sha256) for r in data.split("train") if r.label is not None]
+        val = [(r.id, r.path, r.label, r.sha256) for r in data.split("val") if r.label is not None]
+        unlabelled = sum(1 for r in data.split("train") if r.label is None)
         if unlabelled:
             self.warnings.append(f"{unlabelled} unlabelled training image(s) left out ({config.objective} needs labels)")
         # Only images the cache lacks are opened: check those are readable.
@@ -101,7 +91,7 @@ class FeaturePlan:
         bad = {pk for pk, _, _ in to_check} - good
         train = [row for row in train if row[0] not in bad]
         val = [row for row in val if row[0] not in bad]
-        check_train_labels(dataset.name, config, [row[2] for row in train])
+        check_train_labels(data.name, config, [row[2] for row in train])
         self.classes: list[str] = sorted({row[2] for row in train if row[2] is not None})
         unseen = [row for row in val if row[2] not in self.classes]
         if unseen:
@@ -112,7 +102,7 @@ class FeaturePlan:
             held = {row[0] for row in val}
             train = [row for row in train if row[0] not in held]
             self.warnings.append(f"the val split has no usable image; {len(val)} training image(s) validate instead")
-            check_train_labels(dataset.name, config, [row[2] for row in train])
+            check_train_labels(data.name, config, [row[2] for row in train])
         self.n_train, self.n_val = len(train), len(val)
         features, self.feature_stats = cache.features_for([(pk, path, sha) for pk, path, _, sha in train + val],
                                                           device, progress=on_features)
@@ -164,9 +154,9 @@ class FeaturePlan:
                                       chunk=chunk)
 
 
-def train_head(dataset: Dataset, config: TrainConfig, checkpoint_dir: Path, progress, should_stop,
+def train_head(data: TrainingData, config: TrainConfig, checkpoint_dir: Path, progress, should_stop,
                resume: bool, on_features: FeatureProgress | None = None):
-    """training.trainer.train for config.head_only; returns a TrainResult
+    """training.core.trainer.train for config.head_only; returns a TrainResult
     whose extra `features` entry says how many features were cached or embedded."""
     last_path, best_path = checkpoint_dir / "last.pt", checkpoint_dir / "best.pt"
     if not resume:
@@ -176,7 +166,7 @@ def train_head(dataset: Dataset, config: TrainConfig, checkpoint_dir: Path, prog
     network = cast(HeadNet, config.build_model())  # pretrained backbone (frozen) + seeded random head
     head = network.head.to(device)
     cache = FeatureCache(config.backbone or "", network.backbone, network.preprocessing)
-    plan = FeaturePlan(dataset, config, cache, head, device, on_features)
+    plan = FeaturePlan(data, config, cache, head, device, on_features)
     network.backbone.to("cpu")  # not needed any more while the head trains
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     plan.objective.to(device)

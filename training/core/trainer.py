@@ -1,12 +1,13 @@
 """Training a registered network on a dataset's images, as a plain function.
 
-    config = TrainConfig("autoencoder", epochs=5, image_size=64)      # training/config.py
-    result = train(dataset, config, checkpoint_dir=path)             # resumable
+    config = TrainConfig("autoencoder", epochs=5, image_size=64)      # training/core/config.py
+    data = training_data(dataset)                                   # training/rows.py: plain rows
+    result = train(data, config, checkpoint_dir=path)                # resumable
     version = create_version_from_checkpoint(config, result.best_path, dataset,
                                              result.history, result.seconds)  # training/versions.py
 
-The epoch loop is training.loop.fit; this module adds the data plan
-(training/plan.py), the learning-rate schedule, the stop rules (epochs,
+The epoch loop is training.core.loop.fit; this module adds the data plan
+(training/core/plan.py), the learning-rate schedule, the stop rules (epochs,
 early stopping, time limit, should_stop) and resuming. The job that runs it on
 a worker is training/train_job.py.
 
@@ -25,13 +26,14 @@ from pathlib import Path
 
 import torch
 
-from search.models import Dataset
-from training.config import TrainConfig
-from training.distributed import STOP_REASONS, Dist, joint_loss
-from training.inference import resolve_device
-from training.loop import fit, mixed_precision
-from training.plan import DataPlan
-from training.runs import (  # noqa: F401 - TrainingStopped, TrainResult, best_epoch: this module's API as before
+from training.core.config import TrainConfig
+from training.core.data import TrainingData
+from training.core.distributed import STOP_REASONS, Dist, joint_loss
+from training.core.inference import resolve_device
+from training.core.loop import fit
+from training.core.plan import DataPlan, plan_rows
+from training.core.precision import mixed_precision
+from training.core.runs import (  # noqa: F401 - TrainingStopped, TrainResult, best_epoch: this module's API as before
     EpochHooks,
     Progress,
     TrainingStopped,
@@ -48,11 +50,11 @@ def _checkpoint_config(config: TrainConfig, plan: DataPlan) -> dict:
     return {"train": asdict(config), "classes": plan.classes, "pairs": plan.pairs}
 
 
-def train(dataset: Dataset, config: TrainConfig, *, checkpoint_dir: str | os.PathLike[str],
+def train(data: TrainingData, config: TrainConfig, *, checkpoint_dir: str | os.PathLike[str],
           progress: Progress | None = None, should_stop: Callable[[], bool] | None = None,
           resume: bool = True, on_features: Callable[[int, int], None] | None = None) -> TrainResult:
-    """Train `config.architecture` on the dataset's train split, validating on
-    its val split after every epoch.
+    """Train `config.architecture` on the train rows of `data` (a dataset's
+    rows, training/rows.py), validating on its val rows after every epoch.
 
     Writes checkpoint_dir/last.pt after every epoch and checkpoint_dir/best.pt
     whenever the validation loss is the lowest so far (weights, optimizer and
@@ -67,30 +69,32 @@ def train(dataset: Dataset, config: TrainConfig, *, checkpoint_dir: str | os.Pat
 
     Head-only training (config.head_only) first caches the frozen backbone's
     features (on_features(done, total) reports that) and trains only the
-    head (training/head_training.py); config.processes > 1 trains with
-    DistributedDataParallel over that many processes (training/distributed.py).
+    head (training/core/head_training.py); config.processes > 1 trains with
+    DistributedDataParallel over that many processes (training/core/distributed.py).
     """
     # Seeded, and the caller's random state is given back afterwards.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         if config.head_only:
-            from training.head_training import train_head
+            from training.core.head_training import train_head
 
-            return train_head(dataset, config, Path(checkpoint_dir), progress, should_stop, resume, on_features)
+            return train_head(data, config, Path(checkpoint_dir), progress, should_stop, resume, on_features)
         if config.processes > 1:
-            from training.distributed import train_distributed
+            from training.core.distributed import train_distributed
 
-            return train_distributed(dataset, config, Path(checkpoint_dir), progress, should_stop, resume, _train)
-        result = _train(dataset, config, Path(checkpoint_dir), progress, should_stop, resume)
+            return train_distributed(data, config, Path(checkpoint_dir), progress, should_stop, resume, _train)
+        result = _train(data, config, Path(checkpoint_dir), progress, should_stop, resume)
         assert result is not None
         return result
 
 
-def _train(dataset: Dataset | str, config: TrainConfig, checkpoint_dir: Path, progress: Progress | None,
+def _train(data: TrainingData, config: TrainConfig, checkpoint_dir: Path, progress: Progress | None,
            should_stop: Callable[[], bool] | None, resume: bool, *, dist_info: Dist | None = None,
            rows: tuple[list, list] | None = None) -> TrainResult | None:
-    """One process's training; in a distributed run (`dist_info`, training/distributed.py)
-    every rank runs it and only rank 0 returns a result (the others None)."""
+    """One process's training; in a distributed run (`dist_info`, training/core/distributed.py)
+    every rank runs it and only rank 0 returns a result (the others None). rows:
+    the readable (train, val) rows when already checked (plan_rows; a distributed
+    run's ranks get rank 0's)."""
     last_path, best_path = checkpoint_dir / "last.pt", checkpoint_dir / "best.pt"
     main = dist_info is None or dist_info.main
     if not resume and main:
@@ -98,8 +102,12 @@ def _train(dataset: Dataset | str, config: TrainConfig, checkpoint_dir: Path, pr
             path.unlink(missing_ok=True)
     device = dist_info.device if dist_info is not None else resolve_device()
     model = config.build_model().to(device)
-    plan = DataPlan(dataset, config, model, device, rows=rows, world=dist_info.world if dist_info else 1,
+    warnings: list[str] = []
+    if rows is None:
+        rows = plan_rows(data, warnings)
+    plan = DataPlan(data.name, rows, config, model, device, world=dist_info.world if dist_info else 1,
                     rank=dist_info.rank if dist_info else 0)
+    plan.warnings[:0] = warnings
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     plan.objective.to(device)
     parameters = list(model.parameters()) + list(plan.objective.parameters())

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from training.networks.base import WeightsInfo, WeightsUnavailable, sha256_of
+from training.core import runtime
+from training.core.networks.base import WeightsInfo, WeightsUnavailable, sha256_of
 
 
 def cache_path(weights) -> Path:
@@ -19,9 +20,8 @@ def cache_path(weights) -> Path:
 
 
 def offline() -> bool:
-    from django.conf import settings
-
-    return bool(getattr(settings, "CBIR_OFFLINE", False)) if settings.configured else False
+    """CBIR_OFFLINE (training.core.runtime)."""
+    return runtime.current().offline
 
 
 def _missing_hint(weights, model_name: str, path: Path) -> str:

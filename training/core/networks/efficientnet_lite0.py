@@ -10,8 +10,8 @@ from __future__ import annotations
 import timm
 import torch
 
-from training.networks.base import EmbeddingNet, WeightsInfo, WeightsUnavailable, sha256_of
-from training.preprocessing import HALF_MEAN, HALF_STD, Preprocessing
+from training.core.networks.base import EmbeddingNet, WeightsInfo, WeightsUnavailable, sha256_of
+from training.core.preprocessing import HALF_MEAN, HALF_STD, Preprocessing
 
 DIMENSION = 1280
 

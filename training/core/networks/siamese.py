@@ -27,9 +27,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from training.networks.base import EmbeddingNet
-from training.networks.efficientnet_lite0 import EfficientNetLite0
-from training.preprocessing import HALF_MEAN, HALF_STD, Preprocessing
+from training.core.networks.base import EmbeddingNet
+from training.core.networks.efficientnet_lite0 import EfficientNetLite0
+from training.core.preprocessing import HALF_MEAN, HALF_STD, Preprocessing
 
 SIAMESE_DIMENSION = 500
 PRETRAINED_DIMENSION = 256

@@ -1,7 +1,7 @@
 """What every kind of training run shares: the result, the stop rules, the
 learning-rate schedule and resuming from a checkpoint. Used by
-training/trainer.py (whole networks, one or several processes) and
-training/head_training.py (a head on cached features)."""
+training/core/trainer.py (whole networks, one or several processes) and
+training/core/head_training.py (a head on cached features)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from training.config import TrainConfig
-from training.loop import VAL_PRECISION, best_epoch, load_checkpoint
+from training.core.config import TrainConfig
+from training.core.loop import VAL_PRECISION, best_epoch, load_checkpoint
 
 # progress(epoch, n_epochs, batch, n_batches, history): called after every
 # batch (epoch and batch 1-based, history = finished epochs) and once more
@@ -60,7 +60,7 @@ class TrainResult:
 
 
 class EpochHooks:
-    """training.loop.fit's hooks for a run: `loader_for_epoch` asks the plan for
+    """training.core.loop.fit's hooks for a run: `loader_for_epoch` asks the plan for
     the epoch's loader, `on_batch` / `on_epoch` turn fit's calls into Progress
     calls, and `stop_reason` asks `stop_check` (which raises TrainingStopped)
     and then `decide(history)`. Shared by whole-network and head-only runs."""

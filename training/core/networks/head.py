@@ -1,11 +1,11 @@
 """A projection head on a frozen, pretrained backbone: backbone → head → embedding.
 
-The registered architecture "head" (training/networks/registry.py) builds any
+The registered architecture "head" (training/core/networks/registry.py) builds any
 registered backbone that has pretrained weights (efficientnet_lite0 by
 default, or a `timm:<model>`) and puts a small trainable projection on its
 pooled features. Head-only training (`manage.py train --head-only`) embeds the
 dataset once with the frozen backbone, caches those features on disk
-(training/features.py) and trains only the head on them, in seconds; the
+(training/core/features.py) and trains only the head on them, in seconds; the
 published model version holds backbone and head in one file and runs like
 any other network (upload → backbone → head → pgvector).
 
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.networks.base import EmbeddingNet
+from training.core.networks.base import EmbeddingNet
 
 HEADS = ("linear", "mlp")
 DEFAULT_BACKBONE = "efficientnet_lite0"
@@ -97,5 +97,5 @@ def build(backbone_network: EmbeddingNet, backbone: str, *, head: str = "linear"
           dimension: int = DEFAULT_DIMENSION, hidden: int = DEFAULT_HIDDEN) -> HeadNet:
     """backbone_network (built by the registry, pretrained or random) → a new,
     random head (seeded by the caller). The registry's "head" builder
-    (training/networks/registry.py) resolves the backbone name."""
+    (training/core/networks/registry.py) resolves the backbone name."""
     return HeadNet(backbone_network, backbone, head, int(dimension), int(hidden))

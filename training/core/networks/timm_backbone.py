@@ -31,8 +31,9 @@ import timm
 import torch
 from timm.data import resolve_data_config
 
-from training.networks.base import EmbeddingNet, WeightsInfo, WeightsUnavailable, sha256_of
-from training.preprocessing import Preprocessing
+from training.core import runtime
+from training.core.networks.base import EmbeddingNet, WeightsInfo, WeightsUnavailable, sha256_of
+from training.core.preprocessing import Preprocessing
 
 PREFIX = "timm:"
 
@@ -110,9 +111,7 @@ def offline() -> bool:
 
     if constants.HF_HUB_OFFLINE:
         return True
-    from django.conf import settings
-
-    return bool(getattr(settings, "CBIR_OFFLINE", False)) if settings.configured else False
+    return runtime.current().offline
 
 
 def availability_check(architecture: str):

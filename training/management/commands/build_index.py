@@ -7,8 +7,8 @@ from django.core.management.base import BaseCommand, CommandError
 from search.indexing import build_index
 from search.management.progress import progress_bar
 from search.models import Dataset
-from training.networks.base import WeightsUnavailable
-from training.networks.registry import UnknownArchitecture
+from training.core.networks.base import WeightsUnavailable
+from training.core.networks.registry import UnknownArchitecture
 from training.versions import resolve_version
 
 

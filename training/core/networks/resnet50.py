@@ -7,9 +7,9 @@ import torch
 from torch import nn
 from torchvision.models import ResNet50_Weights, resnet50
 
-from training.networks import torchvision_weights
-from training.networks.base import EmbeddingNet
-from training.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+from training.core.networks import torchvision_weights
+from training.core.networks.base import EmbeddingNet
+from training.core.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 
 DIMENSION = 2048
 

@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from pytorch_metric_learning import losses as pml_losses
 from torch import nn
 
-from training.losses import contrastive_loss, triplet_loss
-from training.networks.base import EmbeddingNet
+from training.core.losses import contrastive_loss, triplet_loss
+from training.core.networks.base import EmbeddingNet
 
 
 def _images(batch: Any) -> torch.Tensor:

@@ -12,7 +12,7 @@ The file holds {"format", "key", "ids" (N,) int64 image ids, "sha256" (N
 content hashes), "features" (N, D) float32 (the backbone's pooled
 `features()`, before L2 normalisation)}. An image whose id is missing, or
 whose content hash changed, is (re-)embedded; the others are reused. Writes
-are atomic (training.loop.save_atomically), after every chunk of images, so an
+are atomic (training.core.loop.save_atomically), after every chunk of images, so an
 interrupted caching run keeps what it had done.
 """
 
@@ -26,13 +26,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
-from django.conf import settings
 from torch.utils.data import DataLoader
 
-from training.data import ImageListDataset
-from training.loop import save_atomically
-from training.networks.base import EmbeddingNet
-from training.preprocessing import Preprocessing
+from training.core import runtime
+from training.core.data import ImageListDataset
+from training.core.loop import save_atomically
+from training.core.networks.base import EmbeddingNet
+from training.core.preprocessing import Preprocessing
 
 logger = logging.getLogger(__name__)
 FORMAT = 1
@@ -53,7 +53,7 @@ def cache_key(backbone_name: str, backbone: EmbeddingNet, preprocessing: Preproc
 def cache_path(key: dict) -> Path:
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
     safe = re.sub(r"[^A-Za-z0-9._-]+", "-", key["backbone"]).strip("-")
-    return Path(settings.CBIR_WEIGHTS_DIR) / "features" / f"{safe}-{digest}.pt"
+    return runtime.current().weights_dir / "features" / f"{safe}-{digest}.pt"
 
 
 def _load(path: Path, key: dict) -> tuple[list[int], list[str], torch.Tensor | None]:
@@ -107,7 +107,7 @@ class FeatureCache:
         order, embedding only the images the cache lacks (or whose content
         changed). Returns (features, {"cached": n reused, "embedded": n new,
         "seconds": embedding time, "path": cache file}). Raises
-        training.data.UnreadableImage for a file that cannot be decoded."""
+        training.core.data.UnreadableImage for a file that cannot be decoded."""
         import time
 
         ids, hashes, stored = _load(self.path, self.key)

@@ -2,13 +2,11 @@
 references/classification/train.py.
 
 Convention: `loss_fn(model, batch, device) -> scalar tensor`. Each objective
-(training.objectives) moves its batch to `device`; the caller moves the model
+(training.core.objectives) moves its batch to `device`; the caller moves the model
 and the objective (when it has parameters) to `device` before building the
 optimizer.
 
-Mixed precision is used only on CUDA: autocast to `autocast_dtype`, with a
-GradScaler for float16 (bfloat16 needs none). `mixed_precision(device)`
-picks both.
+Mixed precision: training.core.precision (autocast, mixed_precision).
 """
 
 from __future__ import annotations
@@ -24,6 +22,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from training.core.precision import autocast
 
 LossFn = Callable[[nn.Module, Any, torch.device], torch.Tensor]
 Reduce = Callable[[float, int], tuple[float, int]]  # (loss total, images) of this process → of all processes
@@ -55,28 +55,6 @@ def best_epoch(history: list[dict]) -> tuple[int, float]:
 
 class NonFiniteLoss(FloatingPointError):
     """The loss became NaN or infinite; training cannot continue meaningfully."""
-
-
-def autocast_dtype(device: torch.device) -> torch.dtype | None:
-    """The mixed-precision dtype for `device`: bfloat16 on GPUs that support it,
-    float16 on older GPUs, None (plain float32) off CUDA."""
-    if device.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
-def mixed_precision(device: torch.device) -> tuple[torch.dtype | None, torch.amp.GradScaler | None]:
-    """(autocast dtype, scaler) for training on `device`: a GradScaler only for float16."""
-    dtype = autocast_dtype(device)
-    return dtype, torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None):
-    """torch.autocast to `dtype` on CUDA; a no-op context elsewhere or when dtype is None.
-    The one autocast helper: training, validation and inference use it."""
-    if device.type == "cuda" and dtype is not None:
-        return torch.autocast(device_type="cuda", dtype=dtype)
-    return contextlib.nullcontext()
 
 
 def _batch_size(batch: Any) -> int:
@@ -259,7 +237,7 @@ def fit(model: nn.Module, loss_fn: LossFn, optimizer: torch.optim.Optimizer, tra
     To resume: c = load_checkpoint(last.pt, model, optimizer, objective=...),
     then fit(..., start_epoch=c["epoch"], history=c["history"]); the best epoch so far comes from the history.
 
-    Distributed runs (training/distributed.py) pass the DistributedDataParallel
+    Distributed runs (training/core/distributed.py) pass the DistributedDataParallel
     wrapper as `model`, the plain network and objective as `checkpoint_model`
     and `checkpoint_objective` (what the checkpoints hold), `reduce` (training
     losses over all processes) and write_checkpoints only on rank 0.

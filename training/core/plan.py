@@ -7,21 +7,18 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Hashable
-from pathlib import Path
 from typing import Any
 
 import torch
-from django.conf import settings
 from PIL import Image as PILImage
 from torch.utils.data import DataLoader, DistributedSampler
 
-from search.models import Dataset, Image, Split
-from training.config import LABELLED_OBJECTIVES, TrainConfig
-from training.data import ImageListDataset, PairDataset
-from training.inference import loader_workers
-from training.loop import evaluate
-from training.networks.base import CLASS_OBJECTIVES, EmbeddingNet
-from training.objectives import (
+from training.core.config import LABELLED_OBJECTIVES, TrainConfig
+from training.core.data import ImageListDataset, PairDataset, TrainingData
+from training.core.inference import loader_workers
+from training.core.loop import evaluate
+from training.core.networks.base import CLASS_OBJECTIVES, EmbeddingNet
+from training.core.objectives import (
     METRIC_LOSSES,
     ClassificationObjective,
     ContrastiveObjective,
@@ -29,25 +26,9 @@ from training.objectives import (
     ReconstructionObjective,
     TripletObjective,
 )
-from training.samplers import PKSampler, SameShuffleSampler, group_by_label, make_augmented_pairs, make_pairs
+from training.core.samplers import PKSampler, SameShuffleSampler, group_by_label, make_augmented_pairs, make_pairs
 
 VALIDATION_EVERY = 5  # when the val split is empty: every 5th training image validates instead
-
-Item = tuple[str, str | None]  # (file path, label or None)
-
-
-def split_items(dataset: Dataset, split: str) -> list[tuple[int, str, str | None]]:
-    media = Path(settings.MEDIA_ROOT)
-    rows = Image.objects.filter(dataset=dataset, split=split).order_by("pk").values_list("pk", "file", "label")
-    return [(pk, str(media / name), label or None) for pk, name, label in rows]
-
-
-def check_dataset(dataset: Dataset, config: TrainConfig) -> None:
-    """ValueError when the dataset's train split cannot train `config`'s objective
-    (counted from the rows; unreadable files are only found when training)."""
-    labels = list(Image.objects.filter(dataset=dataset, split=Split.TRAIN).values_list("label", flat=True))
-    check_train_labels(dataset.name, config, [label or None for label in labels])
-
 
 def check_train_labels(name: str, config: TrainConfig, labels: list[str | None]) -> None:
     counts = Counter(label for label in labels if label is not None)
@@ -102,9 +83,10 @@ def class_objective(objective: str, model: torch.nn.Module, num_classes: int) ->
     raise ValueError(f"{objective} is not a labelled objective")
 
 
-def plan_rows(dataset: Dataset, warnings: list[str]) -> tuple[list, list]:
+def plan_rows(data: TrainingData, warnings: list[str]) -> tuple[list, list]:
     """(train rows, val rows) of (id, path, label), unreadable files left out (with a warning)."""
-    return (readable(split_items(dataset, Split.TRAIN), warnings), readable(split_items(dataset, Split.VAL), warnings))
+    return tuple(readable([(row.id, row.path, row.label) for row in data.split(split)], warnings)  # type: ignore[return-value]
+                 for split in ("train", "val"))
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -116,11 +98,10 @@ class DataPlan:
     pairs and augmentations depend only on (seed, epoch), so a resumed run
     repeats exactly what an uninterrupted one would have done."""
 
-    def __init__(self, dataset: Dataset | str, config: TrainConfig, model: EmbeddingNet, device: torch.device, *,
-                 rows: tuple[list, list] | None = None, world: int = 1, rank: int = 0) -> None:
-        """dataset: the Dataset (its train and val rows are read), or its name
-        when `rows` = (train rows, val rows) of (id, path, label) are given (the
-        other processes of a distributed run). world, rank: this process's
+    def __init__(self, name: str, rows: tuple[list, list], config: TrainConfig, model: EmbeddingNet,
+                 device: torch.device, *, world: int = 1, rank: int = 0) -> None:
+        """name: the dataset's (for messages); rows: (train rows, val rows) of
+        readable (id, path, label) (plan_rows). world, rank: this process's
         place among the run's processes; each takes its share of every global
         batch (batch_size / world images) through a DistributedSampler."""
         self.config = config
@@ -129,10 +110,6 @@ class DataPlan:
         self.pairs: str | None = None
         self.world, self.rank = world, rank
         self.samplers: list[SameShuffleSampler] = []
-        if rows is None:
-            assert isinstance(dataset, Dataset)
-            rows = plan_rows(dataset, self.warnings)
-        name = dataset if isinstance(dataset, str) else dataset.name
         train, val = list(rows[0]), list(rows[1])
         objective = config.objective
         if objective in LABELLED_OBJECTIVES:
