@@ -117,12 +117,20 @@ CELERY_WORKER_PREFETCH_MULTIPLIER = 1  # long tasks: take one at a time
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_BROKER_CONNECTION_TIMEOUT = 3
 CELERY_TASK_DEFAULT_QUEUE = "embed"
-# Longest job time (training): the visibility timeout must exceed it, or Redis
-# would hand a still-running task to a second worker.
-CBIR_TRAIN_TIME_LIMIT = env_int("CBIR_TRAIN_TIME_LIMIT", 24 * 3600, minimum=60)
-CBIR_CHUNK_TIME_LIMIT = env_int("CBIR_CHUNK_TIME_LIMIT", 3600, minimum=10)
+# Hard time limits of the tasks, in seconds, one per kind of task
+# (docs/configuration.md). The visibility timeout must exceed the longest, or
+# Redis would hand a still-running task to a second worker.
+CBIR_TRAIN_TIME_LIMIT = env_int("CBIR_TRAIN_TIME_LIMIT", 24 * 3600, minimum=60)  # training, evaluation
+CBIR_CHUNK_TIME_LIMIT = env_int("CBIR_CHUNK_TIME_LIMIT", 3600, minimum=10)  # one chunk of an embed job
+# An embed job's finishing step: index builds (25 min per million 1,280-d rows
+# measured in docs/scaling.md, about 3 h at 10M), calibration, near-duplicates.
+CBIR_FINISH_TIME_LIMIT = env_int("CBIR_FINISH_TIME_LIMIT", 12 * 3600, minimum=10)
+CBIR_IMPORT_TIME_LIMIT = env_int("CBIR_IMPORT_TIME_LIMIT", 12 * 3600, minimum=10)  # a folder or zip import
+CBIR_DELETE_TIME_LIMIT = env_int("CBIR_DELETE_TIME_LIMIT", 6 * 3600, minimum=10)  # a delete job
 CELERY_BROKER_TRANSPORT_OPTIONS = {
-    "visibility_timeout": env_int("CBIR_VISIBILITY_TIMEOUT", CBIR_TRAIN_TIME_LIMIT + 3600, minimum=10),
+    "visibility_timeout": env_int("CBIR_VISIBILITY_TIMEOUT", max(
+        CBIR_TRAIN_TIME_LIMIT, CBIR_CHUNK_TIME_LIMIT, CBIR_FINISH_TIME_LIMIT, CBIR_IMPORT_TIME_LIMIT,
+        CBIR_DELETE_TIME_LIMIT) + 3600, minimum=10),
     "socket_connect_timeout": 3,
     "socket_timeout": 10,
 }

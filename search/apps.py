@@ -9,9 +9,12 @@ class SearchConfig(AppConfig):
     def ready(self) -> None:
         from search import delete_jobs, embed_jobs, jobs, signals, worker  # noqa: F401 - signals: file clean-up on delete
 
-        jobs.register_kind(jobs.JobKind("import", task="search.tasks.run_import", queue="embed"))
+        jobs.register_kind(jobs.JobKind("import", task="search.tasks.run_import", queue="embed",
+                                        time_limit_setting="CBIR_IMPORT_TIME_LIMIT"))
         jobs.register_kind(jobs.JobKind("embed", task="search.tasks.finish_embed_job", queue="embed",
-                                        chunk_task="search.tasks.embed_chunk", requeue=embed_jobs.queue_chunks))
+                                        chunk_task="search.tasks.embed_chunk", requeue=embed_jobs.queue_chunks,
+                                        time_limit_setting="CBIR_FINISH_TIME_LIMIT"))
         jobs.register_kind(jobs.JobKind("delete", task="search.tasks.run_delete", queue="embed",
-                                        requeue=delete_jobs.requeue, exclusive=True))
+                                        requeue=delete_jobs.requeue, exclusive=True,
+                                        time_limit_setting="CBIR_DELETE_TIME_LIMIT"))
         worker.connect_worker_signals()

@@ -1,18 +1,16 @@
 """The "embed" job kind: embed what a model version is missing, in chunks that
-run in parallel on every worker, then build its HNSW index and, when asked,
-switch search to it. Registered in SearchConfig.ready()."""
+run in parallel on every worker, then, as a step of its own, finish its index
+(search.indexing.finish_index) and, when asked, switch search to it.
+Registered in SearchConfig.ready()."""
 
 from __future__ import annotations
-
-import time
 
 from django.conf import settings
 from django.db import transaction
 
 from search import jobs, runner
-from search.duplicates import flag_new_near_duplicates, flags_with
 from search.hnsw import IndexBuildError
-from search.indexing import build_hnsw_indexes, embed_images, missing_image_ids
+from search.indexing import embed_images, finish_index, missing_image_ids
 from search.models import Dataset, Image, Job, JobChunk
 from training.core.inference import compile_for
 from training.models import ModelVersion
@@ -99,83 +97,50 @@ def run_chunk(chunk_id: int) -> str:
             jobs.add_log(chunk.job_id, f"image {image_id} could not be embedded: {reason}")
         return report.embedded, len(unreadable)
 
-    return runner.execute_chunk(chunk_id, body, finish_embed_job)
+    return runner.execute_chunk(chunk_id, body)
 
 
-def _all_chunks_done(job_id: int) -> Job | None:
-    """The job when it is still active and every chunk succeeded, else None."""
-    job = Job.objects.filter(pk=job_id).first()
-    if job is None or job.status not in jobs.ACTIVE or job.chunks.exclude(status=S.SUCCEEDED).exists():
-        return None
-    return job
+def finish_embed_job(job_id: int) -> str:
+    """The embed job's finishing step (the finish_embed_job task), queued by the
+    kernel once every chunk succeeded (search.runner.queue_finish) and run
+    through search.runner.execute (claim, heartbeat, cancel, failure message)
+    under its own time limit, CBIR_FINISH_TIME_LIMIT: search.indexing.finish_index
+    builds the indexes (CONCURRENTLY, outside any transaction; its progress is the
+    job's), calibrates, activates when asked (or when no version is active) and
+    flags near-duplicates of the new images."""
+    return runner.execute(job_id, _finish)
 
 
-def finish_embed_job(job_id: int) -> bool:
-    """Called after each chunk (and for a job with nothing to embed): when all
-    chunks succeeded, build the index (CONCURRENTLY, outside any transaction,
-    so embedding writes go on; its progress is the job's progress), then in one
-    short transaction activate if asked and mark the job succeeded; then flag
-    near-duplicates of the new images."""
-    jobs.transition(job_id, S.RUNNING, expect=[S.QUEUED])
-    job = _all_chunks_done(job_id)
-    if job is None:
-        return False
-    version = job.model_version
+def _finish(run: runner.Run) -> str:
+    job_id = run.job_id
+    version = run.job.model_version
     if version is None:
-        jobs.transition(job_id, S.FAILED, expect=jobs.ACTIVE, error="the job's model version was deleted")
-        return False
+        raise runner.JobFailed("the job's model version was deleted")
+    if JobChunk.objects.filter(job_id=job_id).exclude(status=S.SUCCEEDED).exists():
+        raise runner.JobFailed("the finishing step was sent before every chunk succeeded; Run again embeds "
+                               "what is missing")
     done, failed = jobs.chunk_progress(job_id)
-    images_total = job.progress_total
-    jobs.set_progress(job_id, 0, 0, "building the HNSW index")
-    try:
-        builds = build_hnsw_indexes(version, progress=lambda d, t, msg: jobs.set_progress(job_id, d, t, msg),
-                                    log=lambda message: jobs.add_log(job_id, message))
-    except IndexBuildError as exc:
-        if jobs.transition(job_id, S.FAILED, expect=jobs.ACTIVE, error=str(exc)):
-            jobs.add_log(job_id, str(exc))
-        return False
-    for report in builds:
-        if report.created or report.error:
-            jobs.add_log(job_id, f"index {report.describe()}")
-    build = builds[0]
-    with transaction.atomic():
-        job = Job.objects.select_for_update().filter(pk=job_id).first()
-        if job is None or job.status not in jobs.ACTIVE or job.chunks.exclude(status=S.SUCCEEDED).exists():
-            return False  # another finisher got here first, or the job was cancelled meanwhile
-        message = f"{done} embedded" + (f", {failed} unreadable" if failed else "")
-        activated = False
-        if job.params.get("activate") or ModelVersion.active() is None:
-            version.activate()
-            activated = True
-        jobs.transition(job_id, S.SUCCEEDED, expect=jobs.ACTIVE, progress_done=done, progress_total=images_total,
-                        result={"embedded": done, "failed": failed, "index_created": build.created,
-                                "activated": activated}, message=message)
-    jobs.add_log(job_id, f"done: {done} embedded, {failed} unreadable"
-                         f"{', index built' if build.created else ''}{', now active for search' if activated else ''}")
+    images_total = run.job.progress_total
+    run.progress(0, 0, "building the HNSW index", force=True)
+    activate = bool(run.job.params.get("activate"))
+
+    def near_duplicate_progress(looked_up: int, total: int) -> None:
+        run.progress(looked_up, total, f"near-duplicates: {looked_up:,} of {total:,} image(s) looked up")
+
     image_ids = [i for ids in JobChunk.objects.filter(job_id=job_id).values_list("image_ids", flat=True) for i in ids]
-    flag_after(job_id, version, image_ids)
-    return True
-
-
-def flag_after(job_id: int, version: ModelVersion, image_ids: list[int]) -> int:
-    """The near-duplicate pass after an embedding job (search.duplicates; only
-    the flagging version flags): its progress goes to the job's message at
-    most every PROGRESS_WRITE_SECONDS, its outcome to the log and the result."""
-    if not flags_with(version):
-        jobs.add_log(job_id, f"near-duplicates not flagged: {version.name} is not the version they are flagged "
-                             "with (CBIR_NEAR_DUPLICATE_VERSION, default the active one)")
-        return 0
-    last = [0.0]
-
-    def progress(done: int, total: int) -> None:
-        now = time.monotonic()
-        if done >= total or now - last[0] >= runner.PROGRESS_WRITE_SECONDS:
-            last[0] = now
-            Job.objects.filter(pk=job_id).update(message=f"near-duplicates: {done:,} of {total:,} image(s) looked up")
-
-    jobs.add_log(job_id, f"near-duplicates: looking up {len(image_ids):,} image(s) with {version.name}")
-    flagged = flag_new_near_duplicates(version, image_ids, progress=progress)
-    jobs.add_log(job_id, f"{flagged} near-duplicate pair(s) flagged (see admin: Near duplicates)")
-    result = Job.objects.filter(pk=job_id).values_list("result", flat=True).first() or {}
-    Job.objects.filter(pk=job_id).update(result={**result, "near_duplicates": flagged})
-    return flagged
+    try:
+        finished = finish_index(version, image_ids, activate=activate, progress=lambda d, t, msg: run.progress(d, t, msg),
+                                log=run.log, check_stop=lambda: run.check_stop("cancelled before the version was "
+                                                                               "activated"),
+                                near_duplicate_progress=near_duplicate_progress)
+    except IndexBuildError as exc:
+        raise runner.JobFailed(str(exc)) from None
+    result = {"embedded": done, "failed": failed, "index_created": finished.index_created,
+              "activated": finished.activated}
+    if finished.near_duplicates is not None:
+        result["near_duplicates"] = finished.near_duplicates
+    run.succeed(result=result, message=f"{done} embedded" + (f", {failed} unreadable" if failed else ""),
+                progress_done=done, progress_total=images_total)
+    run.log(f"done: {done} embedded, {failed} unreadable{', index built' if finished.index_created else ''}"
+            f"{', now active for search' if finished.activated else ''}")
+    return "done"

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 
 from search import calibration, hnsw
-from search.duplicates import flag_new_near_duplicates
+from search.duplicates import flag_new_near_duplicates, flags_with
 from search.models import Dataset, Embedding, Image
 from search.neighbours import ef_search_for
 from training.core.inference import embed_batch, loader_workers, network_for, preprocessing_for
@@ -160,10 +160,6 @@ class EmbedReport:
     index_created: bool = False
     near_duplicates: int = 0  # pairs flagged
 
-    def as_dict(self) -> dict:
-        return {"embedded": self.embedded, "failed": len(self.failed),
-                "failures": [{"image_id": i, "reason": r} for i, r in self.failed]}
-
 
 def _datasets_of(image_ids: Sequence[int]) -> dict[int, int]:
     """{image id: dataset id} of the images that exist (the embedding row's copy)."""
@@ -256,17 +252,73 @@ def missing_image_ids(dataset: Dataset | None, version: ModelVersion) -> list[in
 
 def build_index(dataset: Dataset, version: ModelVersion, *, batch_size: int | None = None,
                 progress: Progress = _noop) -> EmbedReport:
-    """Embed what is missing for (dataset, version), then make sure the HNSW index
-    exists. Running it again embeds nothing new."""
+    """Embed what is missing for (dataset, version), then finish its index
+    (finish_index: indexes, calibration, activation when no version is active,
+    near-duplicates). Running it again embeds nothing new."""
     missing = missing_image_ids(dataset, version)
     report = embed_images(version, missing, batch_size=batch_size, progress=progress)
-    report.index_created = ensure_hnsw_index(version)
     failed = {image_id for image_id, _ in report.failed}
-    report.near_duplicates = flag_new_near_duplicates(version, [i for i in missing if i not in failed])
-    if ModelVersion.active() is None:
-        # The first version ever indexed becomes the one search uses.
-        version.activate()
+    finished = finish_index(version, [i for i in missing if i not in failed], activate=False)
+    report.index_created, report.near_duplicates = finished.index_created, finished.near_duplicates or 0
     return report
+
+
+@dataclass
+class FinishReport:
+    """What finish_index did: one hnsw.BuildReport per index (the version's
+    first), whether it activated the version, the near-duplicate pairs flagged
+    (None when this version does not flag them: search.duplicates.flags_with)."""
+
+    builds: list[hnsw.BuildReport]
+    activated: bool
+    near_duplicates: int | None
+
+    @property
+    def index_created(self) -> bool:
+        return self.builds[0].created
+
+
+def finish_index(version: ModelVersion, new_image_ids: Sequence[int], *, activate: bool,
+                 progress: Progress | None = None, log: Callable[[str], None] | None = None,
+                 check_stop: Callable[[], None] | None = None,
+                 near_duplicate_progress: Callable[[int, int], None] | None = None) -> FinishReport:
+    """What follows an embedding, written once (build_index and the embed job's
+    finishing step call it):
+
+    1. the version's HNSW indexes, built where missing, and its search breadth
+       calibrated when stale (build_hnsw_indexes);
+    2. activation: with `activate`, or when no version is active yet (the
+       first version ever indexed becomes the one search uses);
+    3. near-duplicates of `new_image_ids` flagged (search.duplicates), when
+       this version is the one that flags them.
+
+    progress(done, total, message) follows the index build; log(message) gets
+    each step's outcome; check_stop() is called before activating and before
+    the near-duplicate pass (it raises to stop: a cancelled job does not
+    activate). Raises hnsw.IndexBuildError when the version's index fails."""
+    log = log or (lambda message: None)
+    builds = build_hnsw_indexes(version, progress=progress, log=log)
+    for report in builds:
+        if report.created or report.error:
+            log(f"index {report.describe()}")
+    if check_stop is not None:
+        check_stop()
+    activated = False
+    if activate or ModelVersion.active() is None:
+        version.activate()
+        activated = True
+        log(f"{version.name} is now active for search")
+    if check_stop is not None:
+        check_stop()
+    near_duplicates = None
+    if flags_with(version):
+        log(f"near-duplicates: looking up {len(new_image_ids):,} image(s) with {version.name}")
+        near_duplicates = flag_new_near_duplicates(version, list(new_image_ids), progress=near_duplicate_progress)
+        log(f"{near_duplicates} near-duplicate pair(s) flagged (see admin: Near duplicates)")
+    else:
+        log(f"near-duplicates not flagged: {version.name} is not the version they are flagged with "
+            "(CBIR_NEAR_DUPLICATE_VERSION, default the active one)")
+    return FinishReport(builds, activated, near_duplicates)
 
 
 def coverage(dataset: Dataset) -> list[tuple[ModelVersion, int]]:

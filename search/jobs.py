@@ -75,6 +75,11 @@ class JobKind:
     - exclusive: a job of this kind has its dataset and model version to
       itself: it starts only when no other job is active on them, and no other
       job starts on them until it ends (the "delete" kind).
+    - time_limit_setting: the setting that bounds `task` (named in the
+      failure message when a task runs past it).
+
+    A kind with chunks runs `task` as its finishing step once every chunk has
+    succeeded (search.runner.queue_finish), through search.runner.execute.
     """
 
     name: str
@@ -83,6 +88,7 @@ class JobKind:
     chunk_task: str | None = None
     requeue: Callable[[Job], object] | None = None
     exclusive: bool = False
+    time_limit_setting: str = ""
 
 
 KINDS: dict[str, JobKind] = {}
@@ -292,9 +298,11 @@ def recover_stale() -> int:
                 add_log(chunk.job_id, f"chunk {chunk.index}: worker {chunk.worker} stopped answering; queued again")
                 send_chunk(chunk)
                 count += 1
-    # Whole-job tasks whose worker died (split jobs are recovered chunk by chunk above).
+    # Whole-job tasks, and finishing steps of split jobs (`claimed` set), whose
+    # worker died; split jobs' chunks are recovered chunk by chunk above.
     whole = [name for name, kind in KINDS.items() if kind.chunk_task is None]
-    for job in Job.objects.filter(status=S.RUNNING, heartbeat__lt=stale_before, kind__in=whole):
+    for job in Job.objects.filter(status=S.RUNNING, heartbeat__lt=stale_before).filter(
+            Q(kind__in=whole) | Q(claimed__isnull=False)):
         with transaction.atomic():
             if Job.objects.filter(pk=job.pk, status=S.RUNNING, heartbeat=job.heartbeat).update(
                     status=S.QUEUED, heartbeat=timezone.now()):

@@ -127,6 +127,10 @@ class Job(models.Model):
     started = models.DateTimeField(null=True, blank=True)
     finished = models.DateTimeField(null=True, blank=True)
     heartbeat = models.DateTimeField(null=True, blank=True)
+    # When the run now holding the job claimed it (search.runner.execute): a run
+    # is identified by it. None while a split job's chunks run (their rows are
+    # claimed instead), set once its finishing step has claimed the job.
+    claimed = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["-created"]

@@ -7,7 +7,9 @@
 search.jobs.transition), keeps its heartbeat fresh from a thread, gives the
 body a `Run` (progress, log, should_stop) and records the outcome: succeeded,
 failed with a message, or stopped. `execute_chunk` does the same for one
-JobChunk of a split job. Knows no job kind."""
+JobChunk of a split job; when the last chunk succeeds it queues the job's
+finishing step (its kind's `task`, with a time limit of its own), which runs
+through `execute` like any whole job. Knows no job kind."""
 
 from __future__ import annotations
 
@@ -19,11 +21,11 @@ from datetime import datetime
 from typing import Any
 
 from django.conf import settings
-from django.db import close_old_connections, connection
+from django.db import close_old_connections, connection, transaction
 from django.db.models import F
 from django.utils import timezone
 
-from search.jobs import ACTIVE, S, add_log, is_stopped, set_progress, transition, worker_name
+from search.jobs import ACTIVE, S, add_log, is_stopped, kind_of, send, set_progress, transition, worker_name
 from search.models import Job, JobChunk
 
 logger = logging.getLogger(__name__)
@@ -108,7 +110,7 @@ class Run:
         now = time.monotonic()
         if now - self._last_check >= STOP_CHECK_SECONDS:
             self._last_check = now
-            self._mine = Job.objects.filter(pk=self.job_id, status=S.RUNNING, started=self.claimed_at).exists()
+            self._mine = Job.objects.filter(pk=self.job_id, status=S.RUNNING, claimed=self.claimed_at).exists()
         return not self._mine
 
     def check_stop(self, message: str = "stopped") -> None:
@@ -145,13 +147,15 @@ def execute(job_id: int, body: Callable[[Run], str | None], *,
     if job is None:
         return "gone"
     claimed_at = timezone.now()
-    if not transition(job_id, S.RUNNING, expect=[S.QUEUED], started=claimed_at):
+    # A split job's finishing step keeps the job's start (its chunks' first claim).
+    started = job.started if job.started and JobChunk.objects.filter(job_id=job_id).exists() else claimed_at
+    if not transition(job_id, S.RUNNING, expect=[S.QUEUED], started=started, claimed=claimed_at):
         return "not claimed"
     add_log(job_id, f"started on {worker_name()}")
     run = Run(job, claimed_at)
 
     def beat() -> None:
-        Job.objects.filter(pk=job_id, status=S.RUNNING, started=claimed_at).update(heartbeat=timezone.now())
+        Job.objects.filter(pk=job_id, status=S.RUNNING, claimed=claimed_at).update(heartbeat=timezone.now())
 
     try:
         with _Heartbeat(beat, f"cbir-heartbeat-job-{job_id}"):
@@ -168,7 +172,8 @@ def execute(job_id: int, body: Callable[[Run], str | None], *,
         if isinstance(exc, user_errors):
             run.fail(str(exc))
         elif isinstance(exc, SoftTimeLimitExceeded):
-            run.fail("the task ran past its time limit (CBIR_TRAIN_TIME_LIMIT); Run again continues from "
+            setting = kind_of(job.kind).time_limit_setting or "its time limit"
+            run.fail(f"the task ran past its time limit ({setting}); Run again continues from "
                      "where it stopped where the job can")
         else:
             run.fail(f"{type(exc).__name__}: {exc}")
@@ -179,11 +184,10 @@ def execute(job_id: int, body: Callable[[Run], str | None], *,
 
 
 def execute_chunk(chunk_id: int, body: Callable[[JobChunk, Callable[[int, str], None], Callable[[], bool]],
-                                                tuple[int, int]],
-                  on_all_done: Callable[[int], object]) -> str:
+                                                tuple[int, int]]) -> str:
     """Claim one chunk of a split job, run `body(chunk, progress, should_stop)`,
-    which returns (done, failed) counts, and call `on_all_done(job_id)` after
-    every chunk that succeeds (it decides whether the whole job is finished).
+    which returns (done, failed) counts; after the chunk that completes the job's
+    chunks, queue the job's finishing step (queue_finish).
 
     progress(done, message) records the chunk's count and a heartbeat. An
     exception fails the chunk and its job with "<Type>: <message>" and is raised
@@ -201,7 +205,7 @@ def execute_chunk(chunk_id: int, body: Callable[[JobChunk, Callable[[int, str], 
         status=S.RUNNING, worker=worker_name(), heartbeat=timezone.now(), attempts=F("attempts") + 1)
     if not claimed:
         return "already claimed"
-    if transition(job.pk, S.RUNNING, expect=[S.QUEUED]):
+    if transition(job.pk, S.RUNNING, expect=[S.QUEUED], claimed=None):
         add_log(job.pk, f"started on {worker_name()}")
     throttle = settings.CBIR_EMBED_THROTTLE_SECONDS
 
@@ -229,7 +233,24 @@ def execute_chunk(chunk_id: int, body: Callable[[JobChunk, Callable[[int, str], 
         return "stopped"
     JobChunk.objects.filter(pk=chunk_id, status=S.RUNNING).update(
         status=S.SUCCEEDED, done=done, failed=failed, heartbeat=timezone.now())
-    on_all_done(job.pk)
+    queue_finish(job.pk)
     return "done"
+
+
+def queue_finish(job_id: int) -> bool:
+    """When every chunk of the job has succeeded, move it back to QUEUED and
+    send its kind's `task` (the finishing step), once: the conditional UPDATE
+    matches only a running job whose finish has not claimed it (`claimed` is
+    None), so of two chunks ending together only one queues it. Returns
+    whether this call queued it."""
+    if JobChunk.objects.filter(job_id=job_id).exclude(status=S.SUCCEEDED).exists():
+        return False
+    with transaction.atomic():
+        if not Job.objects.filter(pk=job_id, status=S.RUNNING, claimed__isnull=True).update(
+                status=S.QUEUED, message="chunks done; the finishing step is queued"):
+            return False
+        add_log(job_id, "all chunks done; finishing step queued")
+        send(Job.objects.get(pk=job_id))
+    return True
 
 

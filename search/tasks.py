@@ -15,16 +15,19 @@ def embed_chunk(chunk_id: int) -> str:
     return embed_jobs.run_chunk(chunk_id)
 
 
-@shared_task(acks_late=True)
-def finish_embed_job(job_id: int) -> bool:
+@shared_task(acks_late=True, time_limit=settings.CBIR_FINISH_TIME_LIMIT + 60,
+             soft_time_limit=settings.CBIR_FINISH_TIME_LIMIT)
+def finish_embed_job(job_id: int) -> str:
     return embed_jobs.finish_embed_job(job_id)
 
 
-@shared_task(acks_late=True, time_limit=settings.CBIR_TRAIN_TIME_LIMIT)
+@shared_task(acks_late=True, time_limit=settings.CBIR_IMPORT_TIME_LIMIT + 60,
+             soft_time_limit=settings.CBIR_IMPORT_TIME_LIMIT)
 def run_import(job_id: int) -> str:
     return import_jobs.run_import_job(job_id)
 
 
-@shared_task(acks_late=True, time_limit=settings.CBIR_TRAIN_TIME_LIMIT)
+@shared_task(acks_late=True, time_limit=settings.CBIR_DELETE_TIME_LIMIT + 60,
+             soft_time_limit=settings.CBIR_DELETE_TIME_LIMIT)
 def run_delete(job_id: int) -> str:
     return delete_jobs.run_delete_job(job_id)

@@ -173,7 +173,8 @@ def test_the_embed_job_builds_outside_its_transaction_and_shows_the_build_as_pro
     settings.CBIR_INDEX_PROGRESS_INTERVAL = 0.01
     ids = _load(version_256, 4000)
     # The job embedded 3 images; the index it builds covers all 4,000 rows of the version.
-    job = Job.objects.create(kind=KIND, model_version=version_256, status=jobs.S.RUNNING,
+    # As the kernel leaves it once every chunk succeeded: queued for its finishing step.
+    job = Job.objects.create(kind=KIND, model_version=version_256, status=jobs.S.QUEUED,
                              params={"dataset_id": None, "activate": True}, progress_total=3)
     JobChunk.objects.create(job=job, index=0, image_ids=ids[:3], status=jobs.S.SUCCEEDED, done=3)
     seen: list[dict] = []

@@ -47,14 +47,28 @@ def test_the_log_keeps_the_last_lines():
     assert job.message == f"line {jobs.LOG_LIMIT + 4}"
 
 
+def _run_chunk_as_a_worker(chunk_id: int) -> str:
+    """run_chunk, then the finishing step when the kernel queued it (what a
+    worker does when the finish task it was sent arrives)."""
+    outcome = run_chunk(chunk_id)
+    job = JobChunk.objects.get(pk=chunk_id).job
+    if job.status == S.QUEUED and not job.chunks.exclude(status=S.SUCCEEDED).exists():
+        assert any(line["msg"] == "all chunks done; finishing step queued" for line in job.log)
+        assert embed_jobs.finish_embed_job(job.pk) == "done"
+    return outcome
+
+
 def test_an_embed_job_is_split_into_chunks_and_finishes_with_the_index(imported, tiny_version,
                                                                         django_capture_on_commit_callbacks):
     job = _embed_job(tiny_version, imported)
     chunks = list(job.chunks.order_by("index"))
     assert [len(c.image_ids) for c in chunks] == [5, 5, 2]
     assert job.progress_total == 12
-    for chunk in chunks:
+    for chunk in chunks[:-1]:
         assert run_chunk(chunk.pk) == "done"
+    job.refresh_from_db()
+    assert job.status == S.RUNNING and job.claimed is None  # the chunks' phase
+    assert _run_chunk_as_a_worker(chunks[-1].pk) == "done"
     job.refresh_from_db()
     assert job.status == S.SUCCEEDED and job.result["embedded"] == 12
     assert tiny_version.index_exists()
@@ -96,7 +110,7 @@ def test_a_failed_chunk_fails_the_job_and_a_rerun_does_only_the_missing_work(imp
     assert job.status == S.QUEUED and job.progress_total == 6  # only the missing images
     (chunk,) = job.chunks.all()
     assert set(chunk.image_ids) == set(second.image_ids)
-    run_chunk(chunk.pk)
+    _run_chunk_as_a_worker(chunk.pk)
     job.refresh_from_db()
     assert job.status == S.SUCCEEDED
     assert Embedding.objects.filter(model_version=tiny_version).count() == 12
@@ -127,7 +141,7 @@ def test_activation_switches_only_when_complete(imported, tiny_version):
         from training.models import ModelVersion
 
         assert ModelVersion.active() == tiny_version  # search still uses the complete version
-    run_chunk(chunks[-1].pk)
+    _run_chunk_as_a_worker(chunks[-1].pk)
     from training.models import ModelVersion
 
     assert ModelVersion.active() == newer and newer.index_exists()
@@ -178,3 +192,22 @@ def test_an_empty_job_finishes_at_once(imported, tiny_version, django_capture_on
     finish_embed_job(job.pk)
     job.refresh_from_db()
     assert job.status == S.SUCCEEDED
+
+
+def test_the_finishing_step_is_queued_once_and_never_while_it_runs(imported, tiny_version,
+                                                                 django_capture_on_commit_callbacks):
+    """Two chunks ending together both ask; only one queues the finish, and a
+    finish that has claimed the job is never queued again by a late chunk."""
+    from search.runner import queue_finish
+
+    job = _embed_job(tiny_version, imported, chunk_size=12)
+    (chunk,) = job.chunks.all()
+    assert not queue_finish(job.pk)  # a chunk is not done yet
+    Job.objects.filter(pk=job.pk).update(status=S.RUNNING, claimed=None)
+    JobChunk.objects.filter(pk=chunk.pk).update(status=S.SUCCEEDED)
+    with django_capture_on_commit_callbacks() as sent:
+        assert queue_finish(job.pk)
+        assert not queue_finish(job.pk)
+    assert len(sent) == 1  # one message to the broker
+    Job.objects.filter(pk=job.pk).update(status=S.RUNNING, claimed=timezone.now())  # the finish has it
+    assert not queue_finish(job.pk)

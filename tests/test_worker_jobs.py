@@ -180,3 +180,39 @@ def test_a_large_enough_embedding_job_runs_the_compiled_network_on_the_worker(ma
     stored = dict(Embedding.objects.filter(model_version=tiny_version).values_list("image_id", "vector"))
     got = np.stack([np.asarray(stored[pk], dtype=np.float32) for pk, _ in items])
     np.testing.assert_allclose(got, expected, rtol=0, atol=2e-3)
+
+
+def test_a_finishing_step_longer_than_the_chunk_time_limit_still_succeeds(many_images, tiny_version, worker_env,
+                                                                          tmp_path, session_worker):
+    """The index build runs as a task of its own under CBIR_FINISH_TIME_LIMIT, not
+    inside the last chunk's task: with chunks limited to 10 s, a build held up
+    for longer (a transaction holding the lock CREATE INDEX CONCURRENTLY needs)
+    still ends succeeded, and the chunks' limit is not what ends it."""
+    import time
+
+    import psycopg
+    from django.db import connection
+
+    from tests.workers import database_url, worker_in_place_of
+
+    env = dict(worker_env, CBIR_CHUNK_TIME_LIMIT="10", CBIR_FINISH_TIME_LIMIT="120")
+    held_for = 14.0
+    with worker_in_place_of(session_worker, "finisher", env, tmp_path / "finisher.log"), \
+            psycopg.connect(database_url(connection.settings_dict)) as blocker:
+        blocker.execute("LOCK TABLE search_embedding IN SHARE UPDATE EXCLUSIVE MODE")  # conflicts with the build
+        job = embed_jobs.start_embed_job(tiny_version, many_images, chunk_size=20)
+        wait_for(lambda: Job.objects.filter(pk=job.pk, message__startswith="building the HNSW index").exists(),
+                 timeout=120, message="the finishing step to start building")
+        time.sleep(held_for)
+        blocker.rollback()  # releases the lock: the build goes on
+        job = wait_for(lambda: _finished(job.pk), timeout=120, message="the job to finish")
+        log = (tmp_path / "finisher.log").read_text()
+    assert job.status == S.SUCCEEDED, (job.error, job.log, log[-2000:])
+    assert job.result["index_created"] and tiny_version.index_exists()
+    from datetime import datetime
+
+    queued = datetime.fromisoformat(next(line["t"] for line in job.log
+                                         if line["msg"] == "all chunks done; finishing step queued"))
+    assert "TimeLimitExceeded" not in log
+    # The finishing step alone ran longer than a chunk may.
+    assert (job.finished - queued).total_seconds() > held_for > 10

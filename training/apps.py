@@ -12,8 +12,10 @@ class TrainingConfig(AppConfig):
 
         runtime.configure(site_runtime)
 
-        jobs.register_kind(jobs.JobKind("train", task="training.tasks.run_training", queue="train"))
-        jobs.register_kind(jobs.JobKind("evaluate", task="training.tasks.run_evaluation", queue="train"))
+        jobs.register_kind(jobs.JobKind("train", task="training.tasks.run_training", queue="train",
+                                          time_limit_setting="CBIR_TRAIN_TIME_LIMIT"))
+        jobs.register_kind(jobs.JobKind("evaluate", task="training.tasks.run_evaluation", queue="train",
+                                          time_limit_setting="CBIR_TRAIN_TIME_LIMIT"))
 
 
 def site_runtime():
