@@ -7,7 +7,7 @@ An offline probe on a head-only run's feature cache (training/core/features.py:
 ids, content hashes, (N, D) float32 backbone features). For each head
 configuration (kind:dimension:learning rate, optionally :weight decay) it
 trains a ProjectionHead (training/core/networks/head.py) with the objective
-head-only training uses by default (training.core.plan.class_objective
+head-only training uses by default (training.core.objectives.get_objective(name).build
 "normalized_softmax": pytorch-metric-learning's NormalizedSoftmaxLoss) on
 the train split's cached features (Adam, batches of 256, seed 0), and after every
 epoch prints the validation loss and the validation P@10 (each validation
@@ -45,7 +45,7 @@ def main(argv=None) -> int:
     from search.models import Image
     from training.core.head_training import feature_precision_at_k
     from training.core.networks.head import ProjectionHead
-    from training.core.plan import class_objective
+    from training.core.objectives import get_objective
 
     torch.set_num_threads(args.threads)
     data = torch.load(args.cache, map_location="cpu", weights_only=True)
@@ -67,7 +67,7 @@ def main(argv=None) -> int:
         weight_decay = float(rest[0]) if rest else 0.0
         torch.manual_seed(0)
         head = ProjectionHead(x.shape[1], int(dimension), kind)
-        objective = class_objective("normalized_softmax", head, len(classes))
+        objective = get_objective("normalized_softmax").build(head, len(classes))
         optimizer = torch.optim.Adam(list(head.parameters()) + list(objective.parameters()), lr=float(lr),
                                      weight_decay=weight_decay)
         cpu = torch.device("cpu")

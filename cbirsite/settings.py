@@ -3,7 +3,6 @@ work on a laptop; see docs/configuration.md for the full list."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from django.core.exceptions import ImproperlyConfigured
@@ -86,11 +85,12 @@ TEMPLATES = [
 
 # --- Database: PostgreSQL with pgvector, never SQLite -----------------------
 DATABASE_URL = env_str("DATABASE_URL")
-if not DATABASE_URL:
-    # Starts (or re-attaches to) the embedded server under var/pg.
-    DATABASE_URL = embedded.postgres_url()
-    os.environ["DATABASE_URL"] = DATABASE_URL  # child processes attach to the same server
-DATABASES = {"default": database_from_url(DATABASE_URL)}
+EMBEDDED_POSTGRES = not DATABASE_URL
+DATABASES = {"default": database_from_url(DATABASE_URL or embedded.POSTGRES_URL)}
+if EMBEDDED_POSTGRES:
+    # The embedded server under var/pg, started (or re-attached to) before the
+    # first connection of each process, not by importing these settings.
+    DATABASES["default"]["ENGINE"] = "cbirsite.embedded_db"
 # A read replica (streaming replication of the primary) for the nearest-neighbour
 # queries; writes and every other read stay on the primary (cbirsite/routers.py).
 DATABASE_REPLICA_URL = env_str("DATABASE_REPLICA_URL")

@@ -7,7 +7,7 @@ from django.shortcuts import redirect, render
 from django.urls import path
 from django.utils.html import format_html, format_html_join
 
-from search import import_jobs, jobs
+from search import hnsw, import_jobs, jobs
 from search.admin_deletes import DeleteThroughJobsMixin, dataset_summary, image_counts
 from search.admin_jobs import intermediate, jobs_link, redirect_to_job, save_upload, start_or_report
 from search.delete_jobs import Outcome, delete_or_start
@@ -15,6 +15,14 @@ from search.forms import ImageUploadForm, SetLabelForm, SetSplitForm, ZipImportF
 from search.indexing import coverage
 from search.ingest import add_image
 from search.models import Dataset, Embedding, Image, Split
+
+INDEX_WORDS = {hnsw.VALID: "ready", hnsw.MISSING: "no index", hnsw.BUILDING: "index building",
+               hnsw.INVALID: "index invalid (a failed build; the next build replaces it)"}
+
+
+def _index_words(version) -> str:
+    """The version's index state (search.hnsw.index_state, what search reads), in words."""
+    return INDEX_WORDS[hnsw.index_state(version)]
 
 
 @admin.register(Dataset)
@@ -138,7 +146,7 @@ class DatasetAdmin(DeleteThroughJobsMixin, admin.ModelAdmin):
         if not obj.pk:
             return "—"
         total = obj.images.count()
-        rows = [(v.name, " (active)" if v.is_active else "", n, total, "ready" if v.index_exists() else "no index")
+        rows = [(v.name, " (active)" if v.is_active else "", n, total, _index_words(v))
                 for v, n in coverage(obj)]
         return format_html("<table>{}</table>", format_html_join(
             "", "<tr><td>{}{}</td><td>{} / {}</td><td>{}</td></tr>", rows)) if rows else "no model version yet"

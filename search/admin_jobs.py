@@ -3,7 +3,6 @@ import a zip, activate a model version, train, evaluate)."""
 
 from __future__ import annotations
 
-import os
 import uuid
 
 from django.contrib import admin, messages
@@ -95,8 +94,3 @@ def redirect_to_job(job: Job | None, fallback: str):
     return redirect("job-detail", job_id=job.pk) if job else redirect(fallback)
 
 
-def remove_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass

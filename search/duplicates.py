@@ -190,11 +190,6 @@ def with_images(groups: Sequence[Sequence[int]]) -> list[list[Image]]:
     return [[images[pk] for pk in ids if pk in images] for ids in groups]
 
 
-def near_duplicate_groups(dataset: Dataset, version: ModelVersion | None = None) -> list[list[Image]]:
-    """group_ids(dataset, version) as Image rows (every group: for small datasets and tests)."""
-    return with_images(group_ids(dataset, version))
-
-
 def delete_extras(dataset: Dataset, keep_ids: Sequence[int], version: ModelVersion | None = None) -> list[int]:
     """For each group whose first (kept) image id is in `keep_ids`, delete the
     group's other images, in one transaction (files go once it commits, see

@@ -1,4 +1,5 @@
-"""Building a model version's HNSW indexes at scale.
+"""A model version's HNSW indexes: the one owner of their names, indexed
+expression, state and DDL, and their builds at scale.
 
 One partial expression index per version, and one more for each of its large
 datasets (`WHERE model_version_id = V AND dataset_id = D`: a filtered search
@@ -25,6 +26,9 @@ from typing import Any
 
 from django.conf import settings
 from django.db import connection
+from django.db.models import Q
+from django.db.models.functions import Cast
+from pgvector.django import HalfVectorField, HnswIndex
 
 from cbirsite import machine
 from search.models import Dataset, Embedding
@@ -78,28 +82,74 @@ def build_workers() -> int:
     return max(0, min(machine.cores() - 1, 8))
 
 
-# --- State --------------------------------------------------------------------
+# --- Names, expression, state --------------------------------------------------
 
-MISSING, VALID, INVALID = "missing", "valid", "invalid"
+MISSING, VALID, INVALID, BUILDING = "missing", "valid", "invalid", "building"
+INDEX_PREFIX = "search_embedding_hnsw_v"
 
 
-def index_name(version: ModelVersion, dataset: Dataset | None = None) -> str:
+def index_name(version: ModelVersion | int, dataset: Dataset | int | None = None) -> str:
     """The version's index ("search_embedding_hnsw_v7"), or its index of one
-    dataset ("search_embedding_hnsw_v7_d3")."""
-    return version.index_name if dataset is None else f"{version.index_name}_d{int(dataset.pk)}"
+    dataset ("search_embedding_hnsw_v7_d3"); rows or their ids."""
+    version_pk = int(getattr(version, "pk", version))
+    if dataset is None:
+        return f"{INDEX_PREFIX}{version_pk}"
+    return f"{INDEX_PREFIX}{version_pk}_d{int(getattr(dataset, 'pk', dataset))}"
 
 
-def index_state(version: ModelVersion, dataset: Dataset | None = None) -> str:
-    """"valid", "missing", or "invalid" (left by a failed or interrupted
-    CREATE INDEX CONCURRENTLY: PostgreSQL keeps it, unused by queries), for
-    the version's index or, with `dataset`, its index of that dataset."""
+def _name_pattern(version: ModelVersion | None, dataset_pk: int | None) -> str:
+    """The regular expression of index_name's per-dataset names (either part a wildcard when None)."""
+    return (rf"^{INDEX_PREFIX}{int(version.pk) if version else '[0-9]+'}"
+            rf"_d{int(dataset_pk) if dataset_pk is not None else '[0-9]+'}$")
+
+
+def dataset_of(name: str) -> int:
+    """The dataset id in a per-dataset index name (index_name's inverse)."""
+    return int(name.rsplit("_d", 1)[1])
+
+
+def indexed_expression(version: ModelVersion) -> Cast:
+    """The indexed expression: the stored vector cast to the version's
+    halfvec(D) (HNSW indexes at most 2,000 dimensions of `vector`, 4,000 of
+    `halfvec`). A search must order by this very expression for PostgreSQL to
+    use the index (search/neighbours.py does)."""
+    return Cast("vector", HalfVectorField(dimensions=int(version.dimension)))
+
+
+def index_definition(version: ModelVersion, m: int, ef_construction: int,
+                     dataset: Dataset | None = None) -> HnswIndex:
+    """pgvector-python's HnswIndex for the version's partial cosine index
+    (`WHERE model_version_id = V`, with `dataset` also `AND dataset_id = D`):
+    its name, build parameters and condition (create_index_sql writes the statement)."""
+    condition = Q(model_version_id=int(version.pk))
+    if dataset is not None:
+        condition &= Q(dataset_id=int(dataset.pk))
+    return HnswIndex(indexed_expression(version), name=index_name(version, dataset), m=int(m),
+                     ef_construction=int(ef_construction), condition=condition)
+
+
+def index_state(version: ModelVersion | int, dataset: Dataset | None = None) -> str:
+    """The state of the version's index or, with `dataset`, of its index of
+    that dataset: "valid" (searches use it), "missing", "building" (a CREATE
+    INDEX CONCURRENTLY is running on it: listed, not yet used), or "invalid"
+    (left by a failed or interrupted concurrent build: PostgreSQL keeps it,
+    unused by queries; the next build drops it). Search, the admin and
+    evaluation all read this."""
     with connection.cursor() as cursor:
-        cursor.execute("SELECT i.indisvalid FROM pg_index i WHERE i.indexrelid = to_regclass(%s)",
-                       [index_name(version, dataset)])
+        cursor.execute("SELECT i.indisvalid, EXISTS (SELECT 1 FROM pg_stat_progress_create_index p "
+                       "WHERE p.index_relid = i.indexrelid) "
+                       "FROM pg_index i WHERE i.indexrelid = to_regclass(%s)", [index_name(version, dataset)])
         row = cursor.fetchone()
     if row is None:
         return MISSING
-    return VALID if row[0] else INVALID
+    if row[0]:
+        return VALID
+    return BUILDING if row[1] else INVALID
+
+
+def is_ready(version: ModelVersion) -> bool:
+    """Whether searches can use the version's index (index_state is "valid")."""
+    return index_state(version) == VALID
 
 
 @contextmanager
@@ -216,23 +266,37 @@ class BuildReport:
                 f"{', an invalid index from a failed build dropped first' if self.dropped_invalid else ''})")
 
 
-def create_index_sql(version: ModelVersion, expression: str, m: int, ef_construction: int, *,
+def create_index_sql(version: ModelVersion, m: int, ef_construction: int, *,
                      concurrently: bool, dataset: Dataset | None = None) -> str:
-    where = f"model_version_id = {int(version.pk)}"
-    if dataset is not None:
-        where += f" AND dataset_id = {int(dataset.pk)}"
-    return (f"CREATE INDEX {'CONCURRENTLY ' if concurrently else ''}IF NOT EXISTS {index_name(version, dataset)} "
-            f"ON search_embedding USING hnsw ({expression} halfvec_cosine_ops) "
-            f"WITH (m = {int(m)}, ef_construction = {int(ef_construction)}) WHERE {where}")
+    """The CREATE INDEX statement of index_definition, e.g.
+    CREATE INDEX CONCURRENTLY "search_embedding_hnsw_v7" ON "search_embedding" USING hnsw
+    ((("vector")::halfvec(1280)) halfvec_cosine_ops) WITH (m = 16, ef_construction = 128)
+    WHERE "model_version_id" = 7.
+
+    The expression and the condition are compiled by Django, the WITH clause is
+    HnswIndex.get_with_params(); the statement itself is written here because
+    Django 5.2's schema editor puts an operator class on an expression inside
+    the element's parentheses (`((expr halfvec_cosine_ops))`, which PostgreSQL
+    refuses), and HNSW on halfvec needs halfvec_cosine_ops."""
+    from django.db.models.sql import Query
+
+    index = index_definition(version, m, ef_construction, dataset)
+    query = Query(Embedding, alias_cols=False)
+    compiler = query.get_compiler(connection=connection)
+    expression, params = compiler.compile(indexed_expression(version).resolve_expression(query))
+    where = index._get_condition_sql(Embedding, connection.schema_editor(collect_sql=True))
+    assert not params
+    return (f'CREATE INDEX {"CONCURRENTLY " if concurrently else ""}{connection.ops.quote_name(index.name)} '
+            f'ON "search_embedding" USING hnsw (({expression}) halfvec_cosine_ops) '
+            f"WITH ({', '.join(index.get_with_params())}) WHERE {where}")
 
 
-def ensure_index(version: ModelVersion, expression: str, *, m: int, ef_construction: int,
+def ensure_index(version: ModelVersion, *, m: int, ef_construction: int,
                  progress: Progress | None = None, dataset: Dataset | None = None) -> BuildReport:
     """Build the version's HNSW index (with `dataset`: its index of that
     dataset's rows) unless a valid one exists; an INVALID one (a failed
     concurrent build) is dropped and built again.
 
-    `expression`: the indexed SQL expression, e.g. "(vector::halfvec(1280))".
     Outside a transaction the build is CONCURRENTLY (writes go on); inside one
     it is a plain CREATE INDEX. `progress(done, total, message)` is called from
     a thread every CBIR_INDEX_PROGRESS_INTERVAL seconds during the build.
@@ -245,7 +309,7 @@ def ensure_index(version: ModelVersion, expression: str, *, m: int, ef_construct
         if state == VALID:
             return report
         with connection.cursor() as cursor:
-            if state == INVALID:
+            if state in (INVALID, BUILDING):  # BUILDING under our lock: a build whose session is ending
                 cursor.execute(f"DROP INDEX {'' if in_transaction else 'CONCURRENTLY '}IF EXISTS {name}")
                 report.dropped_invalid = True
             rows = Embedding.objects.filter(model_version=version)
@@ -268,8 +332,8 @@ def ensure_index(version: ModelVersion, expression: str, *, m: int, ef_construct
             try:
                 if poller:
                     poller.start()
-                cursor.execute(create_index_sql(version, expression, m, ef_construction,
-                                                concurrently=not in_transaction, dataset=dataset))
+                cursor.execute(create_index_sql(version, m, ef_construction, concurrently=not in_transaction,
+                                                dataset=dataset))
             except Exception as exc:
                 raise IndexBuildError(f"building {name} failed: {exc}") from exc
             finally:
@@ -289,8 +353,7 @@ def dataset_indexes(*, version: ModelVersion | None = None, dataset: Dataset | i
     """Names of the per-dataset indexes (valid or not) of `version`, of
     `dataset` (a Dataset or its id), or of both, read from the catalogue."""
     dataset_pk = dataset.pk if isinstance(dataset, Dataset) else dataset
-    pattern = (rf"^search_embedding_hnsw_v{int(version.pk) if version else '[0-9]+'}"
-               rf"_d{int(dataset_pk) if dataset_pk is not None else '[0-9]+'}$")
+    pattern = _name_pattern(version, dataset_pk)
     with connection.cursor() as cursor:
         cursor.execute("SELECT indexname FROM pg_indexes WHERE tablename = 'search_embedding' "
                        "AND indexname ~ %s ORDER BY indexname", [pattern])
@@ -301,7 +364,7 @@ def drop_index(version: ModelVersion) -> None:
     """Drop the version's index and its per-dataset indexes (valid or not);
     nothing when there are none."""
     with connection.cursor() as cursor:
-        for name in [version.index_name, *dataset_indexes(version=version)]:
+        for name in [index_name(version), *dataset_indexes(version=version)]:
             cursor.execute(f"DROP INDEX IF EXISTS {name}")
 
 
@@ -348,7 +411,7 @@ def drop_orphan_indexes(version: ModelVersion) -> list[str]:
     """Drop the version's per-dataset indexes whose dataset no longer exists
     (one deleted while its index was being built, or whose drop timed out),
     without blocking searches; returns their names."""
-    names = {name: int(name.rsplit("_d", 1)[1]) for name in dataset_indexes(version=version)}
+    names = {name: dataset_of(name) for name in dataset_indexes(version=version)}
     alive = set(Dataset.objects.filter(pk__in=list(names.values())).values_list("pk", flat=True))
     return _drop_without_blocking([name for name, pk in names.items() if pk not in alive])
 
@@ -359,6 +422,6 @@ def sizes(version: ModelVersion) -> dict[str, Any]:
     with connection.cursor() as cursor:
         cursor.execute("SELECT coalesce(pg_relation_size(to_regclass(%s)), 0), "
                        "pg_table_size('search_embedding'), pg_indexes_size('search_embedding')",
-                       [version.index_name])
+                       [index_name(version)])
         index, table, indexes = cursor.fetchone()
     return {"index_bytes": int(index), "table_bytes": int(table), "all_indexes_bytes": int(indexes)}

@@ -117,21 +117,6 @@ def read_images_and_labels(images_path: str | Path, labels_path: str | Path, *,
     return images, labels
 
 
-def write_idx(path: str | Path, array: np.ndarray, *, compress: bool | None = None) -> None:
-    """Write `array` as an IDX file (for tests and for exporting). dtype must
-    be one of IDX_DTYPES' (native or big-endian); gzipped when `compress`, or
-    when it is None and the name ends in .gz."""
-    path = Path(path)
-    code = {np.dtype(v).newbyteorder("="): k for k, v in IDX_DTYPES.items()}.get(array.dtype.newbyteorder("="))
-    if code is None:
-        raise ValueError(f"IDX has no element type for {array.dtype}")
-    data = (bytes([0, 0, code, array.ndim]) + np.asarray(array.shape, dtype=">u4").tobytes()
-            + np.ascontiguousarray(array, dtype=IDX_DTYPES[code]).tobytes())
-    if compress or (compress is None and path.suffix == ".gz"):
-        data = gzip.compress(data, mtime=0)
-    path.write_bytes(data)
-
-
 # Class names in label order, for --classes presets. Fashion-MNIST: Xiao, Rasul
 # and Vollgraf (2017), github.com/zalandoresearch/fashion-mnist.
 CLASS_PRESETS = {

@@ -239,9 +239,3 @@ def make_thumbnail(rgb: Image.Image, size: int | None = None) -> bytes:
     return out.getvalue()
 
 
-def read_limited(fileobj, limit: int) -> bytes:
-    """Read at most `limit` bytes; raise ImageRejected when there is more."""
-    data = fileobj.read(limit + 1)
-    if len(data) > limit:
-        raise ImageRejected(f"the file is larger than the limit of {limit:,} bytes")
-    return data

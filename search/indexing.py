@@ -35,10 +35,6 @@ def _noop(done: int, total: int, message: str) -> None:
 
 # --- HNSW index ---------------------------------------------------------------
 
-def vector_expression(version: ModelVersion) -> str:
-    return f"(vector::halfvec({int(version.dimension)}))"
-
-
 def build_hnsw_index(version: ModelVersion, *, progress: Progress | None = None,
                      dataset: Dataset | None = None) -> hnsw.BuildReport:
     """Create the version's partial HNSW cosine index (with `dataset`: its
@@ -46,7 +42,7 @@ def build_hnsw_index(version: ModelVersion, *, progress: Progress | None = None,
     ef_construction = CBIR_HNSW_EF_CONSTRUCTION), sized and run as
     search/hnsw.py says: CONCURRENTLY outside a transaction, memory from the
     rows, progress(done, total, message) from pg_stat_progress_create_index."""
-    return hnsw.ensure_index(version, vector_expression(version), m=settings.CBIR_HNSW_M,
+    return hnsw.ensure_index(version, m=settings.CBIR_HNSW_M,
                              ef_construction=settings.CBIR_HNSW_EF_CONSTRUCTION, progress=progress,
                              dataset=dataset)
 

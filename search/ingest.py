@@ -14,7 +14,6 @@ import struct
 import tempfile
 import unicodedata
 import zlib
-from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,9 +61,6 @@ class ImportReport:
         text = (f"imported {self.imported}, duplicates skipped {self.duplicates}, "
                 f"unreadable skipped {self.rejected_count - self.not_images}")
         return text + (f", other files (not images) skipped {self.not_images}" if self.not_images else "")
-
-    def reason_counts(self) -> Counter:
-        return Counter(reason for _, reason in self.rejected)
 
 
 class StorageError(Exception):

@@ -56,6 +56,7 @@ from pgvector.django import CosineDistance, HalfVectorField
 from pgvector.psycopg import register_vector
 
 from cbirsite.routers import SEARCH_HINT
+from search import hnsw
 from search.models import Dataset, Embedding
 from training.models import ModelVersion
 
@@ -116,8 +117,8 @@ class QueryVector(Expression):
 
 
 def stored_vector(version: ModelVersion) -> Cast:
-    """The indexed expression: the stored vector cast to the version's dimension."""
-    return Cast("vector", HalfVectorField(dimensions=int(version.dimension)))
+    """The indexed expression (search.hnsw.indexed_expression): what a search orders by."""
+    return hnsw.indexed_expression(version)
 
 
 def _search_rows(model):

@@ -17,6 +17,16 @@ if not os.environ.get("XDG_RUNTIME_DIR"):
     os.environ["XDG_RUNTIME_DIR"] = str(_xdg)
 
 
+if not os.environ.get("DATABASE_URL"):
+    # The embedded server (the settings start nothing): started here, and its URL
+    # exported for what the tests start (workers, `manage.py` subprocesses).
+    from cbirsite import embedded
+    from cbirsite.embedded_db.base import ensure_started
+
+    ensure_started()
+    os.environ["DATABASE_URL"] = embedded.POSTGRES_URL
+
+
 @pytest.fixture(scope="session")
 def django_db_modify_db_settings():
     """A test database of this run's own, so two test runs on one server do not collide."""

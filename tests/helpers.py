@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import gzip
 import io
 import time
+from pathlib import Path
 
 import numpy as np
 from PIL import Image as PILImage
+
+from search.idx import IDX_DTYPES
 
 
 def image_bytes(color=(200, 30, 30), size=(32, 32), fmt="PNG", mode="RGB", pattern: int | None = None) -> bytes:
@@ -58,3 +62,18 @@ def wait_for(predicate, timeout: float = 60, interval: float = 0.2, message: str
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout} s waiting for {message}")
+
+
+def write_idx(path: str | Path, array: np.ndarray, *, compress: bool | None = None) -> None:
+    """Write `array` as an IDX file (the tests' fixtures; search/idx.py reads them). dtype must
+    be one of IDX_DTYPES' (native or big-endian); gzipped when `compress`, or
+    when it is None and the name ends in .gz."""
+    path = Path(path)
+    code = {np.dtype(v).newbyteorder("="): k for k, v in IDX_DTYPES.items()}.get(array.dtype.newbyteorder("="))
+    if code is None:
+        raise ValueError(f"IDX has no element type for {array.dtype}")
+    data = (bytes([0, 0, code, array.ndim]) + np.asarray(array.shape, dtype=">u4").tobytes()
+            + np.ascontiguousarray(array, dtype=IDX_DTYPES[code]).tobytes())
+    if compress or (compress is None and path.suffix == ".gz"):
+        data = gzip.compress(data, mtime=0)
+    path.write_bytes(data)

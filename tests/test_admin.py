@@ -14,6 +14,7 @@ from django.core.files.uploadedfile import SimpleUploadedFile
 from django.test import Client
 from django.urls import reverse
 
+from search import hnsw
 from search.indexing import build_index
 from search.ingest import add_image
 from search.models import Dataset, Embedding, Image, Split
@@ -489,17 +490,17 @@ def test_the_active_version_cannot_be_deleted(admin_client, indexed, tiny_versio
     assert ModelVersion.objects.filter(pk=second_version.pk).exists()  # all or nothing
 
     tiny_version.refresh_from_db()
-    assert tiny_version.is_active and tiny_version.index_exists()
+    assert tiny_version.is_active and hnsw.is_ready(tiny_version)
     assert Embedding.objects.filter(model_version=tiny_version).count() == 12
 
 
 def test_an_inactive_version_can_be_deleted_with_its_index(admin_client, indexed, tiny_version, second_version):
-    assert second_version.index_exists()
+    assert hnsw.is_ready(second_version)
     response = admin_client.post(_delete("modelversion", second_version.pk), {"post": "yes"})
     assert response.status_code == 302
     assert not ModelVersion.objects.filter(pk=second_version.pk).exists()
     assert not Embedding.objects.filter(model_version_id=second_version.pk).exists()
-    assert not second_version.index_exists()
+    assert hnsw.index_state(second_version) == hnsw.MISSING
     assert Embedding.objects.filter(model_version=tiny_version).count() == 12
 
 

@@ -6,6 +6,7 @@ import zipfile
 import pytest
 from django.urls import reverse
 
+from search import hnsw
 from search.indexing import build_index
 from search.ingest import import_folder
 from search.jobs import S
@@ -44,7 +45,7 @@ def test_build_index_action_starts_a_job_that_builds_the_index(staff, small_set,
     assert response["Location"] == reverse("job-detail", args=[job.pk])
     assert job.created_by.username == "admin"
     job = wait_for(lambda: _done(job.pk), message="the index job")
-    assert job.status == S.SUCCEEDED and tiny_version.index_exists()
+    assert job.status == S.SUCCEEDED and hnsw.is_ready(tiny_version)
     assert Embedding.objects.filter(model_version=tiny_version).count() == 12
     # Links from the dataset and the version lead to their jobs.
     jobs_page = staff.get(reverse("admin:search_job_changelist") + f"?dataset__id__exact={small_set.pk}")
@@ -90,7 +91,7 @@ def test_activate_action_runs_an_activation_job_and_switches_when_complete(staff
     assert job.params["activate"] is True
     job = wait_for(lambda: _done(job.pk), message="the activation job")
     assert job.status == S.SUCCEEDED, job.error
-    assert ModelVersion.active() == newer and newer.index_exists()
+    assert ModelVersion.active() == newer and hnsw.is_ready(newer)
     assert Embedding.objects.filter(model_version=newer).count() == 12
 
 
@@ -132,7 +133,7 @@ def test_train_action_shows_a_form_and_creates_a_training_job(staff, small_set):
     assert response["Location"] == reverse("job-detail", args=[job.pk])
     job = wait_for(lambda: _done(job.pk), timeout=150, message="the training job")
     assert job.status == S.SUCCEEDED, (job.error, job.log[-5:])
-    assert job.model_version is not None and job.model_version.index_exists()
+    assert job.model_version is not None and hnsw.is_ready(job.model_version)
     assert len(job.result["history"]) == 1
 
 

@@ -8,7 +8,7 @@ import pytest
 from django.core.management import CommandError, call_command
 from django.db import connection
 
-from search import calibration
+from search import calibration, hnsw
 from search.calibration import choose_ef_search, lower_bound, recall_with_ties
 from search.indexing import build_hnsw_indexes
 from search.models import Dataset, Embedding
@@ -218,7 +218,7 @@ def test_a_failing_measurement_never_fails_the_build(dataset, tiny_version, sett
     monkeypatch.setattr(calibration, "calibrate", broken)
     logged: list[str] = []
     reports = build_hnsw_indexes(tiny_version, log=logged.append)
-    assert reports[0].name == tiny_version.index_name
+    assert reports[0].name == hnsw.index_name(tiny_version)
     assert logged == ["search breadth not calibrated (RuntimeError('injected')); searches keep ef_search 200"]
     monkeypatch.undo()
     settings.CBIR_HNSW_EF_SEARCH = 60  # a fixed breadth: nothing to measure

@@ -13,6 +13,7 @@ import pytest
 from django.core.management import CommandError, call_command
 from PIL import Image as PILImage
 
+from search import hnsw
 from search.indexing import build_index
 from search.ingest import add_image
 from search.jobs import JobError, S
@@ -210,9 +211,9 @@ def test_explain_shows_the_split_filtered_query_uses_the_hnsw_index(large_labell
     query = Image.objects.filter(dataset=large_labelled, split="test").first()
     query_args = {"image_id": query.pk, "dataset": large_labelled, "splits": splits, "exclude_image_id": query.pk}
     plan = explain(neighbours_queryset(tiny_version, **query_args), 50)
-    assert f"Index Scan using {tiny_version.index_name}" in plan, plan
+    assert f"Index Scan using {hnsw.index_name(tiny_version)}" in plan, plan
     exact_plan = explain(neighbours_queryset(tiny_version, **query_args, exact=True), 50, exact=True)
-    assert tiny_version.index_name not in exact_plan
+    assert hnsw.index_name(tiny_version) not in exact_plan
 
 
 def test_on_many_vectors_the_index_finds_nearly_the_exact_top_k(large_labelled, tiny_version):

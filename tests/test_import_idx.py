@@ -18,9 +18,9 @@ from search.idx import (
     parse_classes,
     read_idx,
     read_images_and_labels,
-    write_idx,
 )
 from search.models import Dataset, Image, split_for
+from tests.helpers import write_idx
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 

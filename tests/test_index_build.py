@@ -36,7 +36,7 @@ def _load(version, n: int, *, seed: int = 0, name: str = "bulk") -> list[int]:
 
 def _indexdef(version) -> str:
     with connection.cursor() as cursor:
-        cursor.execute("SELECT indexdef FROM pg_indexes WHERE indexname = %s", [version.index_name])
+        cursor.execute("SELECT indexdef FROM pg_indexes WHERE indexname = %s", [hnsw.index_name(version)])
         row = cursor.fetchone()
     return row[0] if row else ""
 
@@ -128,7 +128,7 @@ def test_a_build_outside_a_transaction_runs_concurrently_and_is_used(tiny_versio
     assert report.memory >= hnsw.MIN_BUILD_MEMORY
     assert hnsw.index_state(tiny_version) == hnsw.VALID
     queryset = neighbours_queryset(tiny_version, vector=np.ones(32))
-    assert f"Index Scan using {tiny_version.index_name}" in explain(queryset, 10)
+    assert f"Index Scan using {hnsw.index_name(tiny_version)}" in explain(queryset, 10)
     assert not build_hnsw_index(tiny_version).created  # a valid index is kept
 
 
@@ -137,7 +137,7 @@ def test_an_invalid_index_from_a_failed_concurrent_build_is_dropped_and_rebuilt(
     _load(tiny_version, 50)
     with connection.cursor() as cursor, pytest.raises(Exception, match="could not create unique index"):
         # A concurrent build that fails half-way leaves an INVALID index behind.
-        cursor.execute(f"CREATE UNIQUE INDEX CONCURRENTLY {tiny_version.index_name} "
+        cursor.execute(f"CREATE UNIQUE INDEX CONCURRENTLY {hnsw.index_name(tiny_version)} "
                        f"ON search_embedding (model_version_id)")
     assert hnsw.index_state(tiny_version) == hnsw.INVALID
     report = build_hnsw_index(tiny_version)
@@ -194,4 +194,48 @@ def test_the_embed_job_builds_outside_its_transaction_and_shows_the_build_as_pro
     assert all(st["total"] == len(ids) and 0 <= st["done"] <= st["total"] for st in seen)
     assert max(st["done"] for st in seen) > 3, "the bar showed the chunks' sum, not the build"
     assert any("loading tuples" in st["message"] for st in seen)
-    assert any(f"index {version_256.index_name} built: 4,000 rows" in entry["msg"] for entry in job.log)
+    assert any(f"index {hnsw.index_name(version_256)} built: 4,000 rows" in entry["msg"] for entry in job.log)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_index_being_built_reads_building_and_search_does_not_use_it(version_256):
+    """pg_indexes lists an index from the start of CREATE INDEX CONCURRENTLY;
+    index_state says "building" (not ready) until it is valid: the admin,
+    evaluation and search all read this one state."""
+    import psycopg
+
+    from search.services import IndexNotReady, ready_version
+    from tests.helpers import wait_for
+    from tests.workers import database_url
+
+    _load(version_256, 300)
+    version_256.activate()
+    assert hnsw.index_state(version_256) == hnsw.MISSING
+    with psycopg.connect(database_url(connection.settings_dict)) as writer:
+        writer.execute("LOCK TABLE search_embedding IN ROW EXCLUSIVE MODE")  # a writer the build waits for
+        builder = threading.Thread(target=lambda: (build_hnsw_index(version_256), connection.close()))
+        builder.start()
+        try:
+            wait_for(lambda: hnsw.index_state(version_256) == hnsw.BUILDING, timeout=30,
+                     message="the build to wait for the writer")
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT 1 FROM pg_indexes WHERE indexname = %s", [hnsw.index_name(version_256)])
+                assert cursor.fetchone() is not None  # listed, yet not usable
+            assert not hnsw.is_ready(version_256)
+            with pytest.raises(IndexNotReady):
+                ready_version()
+        finally:
+            writer.rollback()
+            builder.join(60)
+    assert hnsw.index_state(version_256) == hnsw.VALID and ready_version() == version_256
+
+
+def test_the_index_ddl_comes_from_one_definition(version_256):
+    """Name, expression, parameters and condition from search.hnsw's definition (pgvector-python's HnswIndex)."""
+    sql = hnsw.create_index_sql(version_256, 16, 64, concurrently=True)
+    assert sql == (f'CREATE INDEX CONCURRENTLY "{hnsw.index_name(version_256)}" ON "search_embedding" USING hnsw '
+                   f'((("vector")::halfvec(256)) halfvec_cosine_ops) WITH (m = 16, ef_construction = 64) '
+                   f'WHERE "model_version_id" = {version_256.pk}')
+    dataset = Dataset.objects.create(name="d")
+    assert hnsw.create_index_sql(version_256, 16, 64, concurrently=False, dataset=dataset).endswith(
+        f'WHERE ("model_version_id" = {version_256.pk} AND "dataset_id" = {dataset.pk})')

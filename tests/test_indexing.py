@@ -5,6 +5,7 @@ from pathlib import Path
 import numpy as np
 from django.core.management import call_command
 
+from search import hnsw
 from search.indexing import build_index, ensure_hnsw_index, missing_image_ids
 from search.ingest import import_folder
 from search.models import Embedding, Image
@@ -15,7 +16,7 @@ def test_build_index_embeds_every_image_once_and_creates_the_index(dataset, imag
     import_folder(image_folder, dataset)
     report = build_index(dataset, tiny_version)
     assert report.embedded == 12 and report.failed == [] and report.index_created
-    assert tiny_version.index_exists()
+    assert hnsw.is_ready(tiny_version)
     assert Embedding.objects.filter(model_version=tiny_version).count() == 12
     vectors = np.array([np.asarray(e.vector, dtype=np.float32) for e in Embedding.objects.all()], dtype=np.float32)
     assert vectors.shape == (12, 32)
@@ -64,7 +65,7 @@ def test_ensure_index_is_idempotent(tiny_version):
 def test_deleting_a_version_drops_its_index(dataset, image_folder, tiny_version):
     import_folder(image_folder, dataset)
     build_index(dataset, tiny_version)
-    name = tiny_version.index_name
+    name = hnsw.index_name(tiny_version)
     tiny_version.delete()
     from django.db import connection
 

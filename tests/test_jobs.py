@@ -4,7 +4,7 @@ recovery; and the refusal to start a job that no worker would run."""
 import pytest
 from django.utils import timezone
 
-from search import embed_jobs, jobs
+from search import embed_jobs, hnsw, jobs
 from search.embed_jobs import run_chunk
 from search.ingest import import_folder
 from search.jobs import S, transition
@@ -71,7 +71,7 @@ def test_an_embed_job_is_split_into_chunks_and_finishes_with_the_index(imported,
     assert _run_chunk_as_a_worker(chunks[-1].pk) == "done"
     job.refresh_from_db()
     assert job.status == S.SUCCEEDED and job.result["embedded"] == 12
-    assert tiny_version.index_exists()
+    assert hnsw.is_ready(tiny_version)
     assert Embedding.objects.filter(model_version=tiny_version).count() == 12
     assert jobs.job_status(job)["percent"] == 100.0
 
@@ -144,7 +144,7 @@ def test_activation_switches_only_when_complete(imported, tiny_version):
     _run_chunk_as_a_worker(chunks[-1].pk)
     from training.models import ModelVersion
 
-    assert ModelVersion.active() == newer and newer.index_exists()
+    assert ModelVersion.active() == newer and hnsw.is_ready(newer)
 
 
 def test_stale_running_chunks_are_queued_again(imported, tiny_version, settings, django_capture_on_commit_callbacks):

@@ -1,10 +1,13 @@
 """The layout's dependency rules, checked on the source with `ast` (no imports
-run): the ML core imports nothing from `search`; the job kernel imports no
-tasks module and no feature module; tasks are one-line wrappers; and the
-import graph of cbirsite/, search/ and training/ has no circle.
+run): the ML core (training/core/) imports neither `search` nor Django;
+`search` imports nothing of training but the core and training.models; only
+search/hnsw.py builds an index name; the job kernel imports no tasks module
+and no feature module; tasks are one-line wrappers; and the import graph of
+cbirsite/, search/ and training/ has no circle.
 
-`python -m tests.test_layers` prints the graph's circles (none) and the lines
-per module."""
+`python -m tests.test_layers` prints the graph's circles (none), the import
+arrows between search/ and training/, the functions over 60 lines and the
+lines per module."""
 
 from __future__ import annotations
 
@@ -18,9 +21,11 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("cbirsite", "search", "training")
 
-# The ML core: networks, preprocessing, losses, samplers, the loop.
-ML_CORE = ("training.core.networks", "training.core.preprocessing", "training.core.losses", "training.core.samplers",
-           "training.core.loop", "training.core.objectives", "training.core.data")
+# The ML core: every module under training/core/ (networks, preprocessing, losses,
+# samplers, the loop, objectives, the trainer, the plan, head training, distributed, inference).
+ML_CORE = ("training.core",)
+# What of training `search` may import: the core and the model rows.
+SEARCH_MAY_IMPORT_FROM_TRAINING = ("training.core", "training.models")
 KERNEL = ("search.jobs", "search.runner", "search.broker", "search.worker")
 # What the kernel may import from the project: itself, its own rows and the Celery app.
 KERNEL_MAY_IMPORT = {*KERNEL, "search.models", "cbirsite.celery"}
@@ -122,12 +127,55 @@ def test_the_circle_finder_finds_a_circle():
     assert circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 
-def test_the_ml_core_imports_nothing_from_search():
+def third_party_imports(path: Path) -> Iterator[tuple[str, int]]:
+    """(top-level package, line) of every absolute import in the file, those inside functions included."""
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield alias.name.split(".")[0], node.lineno
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            yield node.module.split(".")[0], node.lineno
+
+
+def test_the_ml_core_covers_every_module_under_training_core():
+    core = sorted(name for name in project_modules() if _inside(name, ML_CORE))
+    assert "training.core.trainer" in core and "training.core.head_training" in core and len(core) > 20
+    assert all(path.is_relative_to(ROOT / "training" / "core")
+               for name, path in project_modules().items() if name in core)
+
+
+def test_the_ml_core_imports_neither_search_nor_django():
     modules = project_modules()
     offending = [f"{name} imports {target} (line {line})"
                  for name, path in modules.items() if _inside(name, ML_CORE)
-                 for target, line in imports_of(path, modules) if _inside(target, ("search",))]
+                 for target, line in imports_of(path, modules)
+                 if not _inside(target, ML_CORE)]
+    offending += [f"{name} imports {package} (line {line})"
+                  for name, path in modules.items() if _inside(name, ML_CORE)
+                  for package, line in third_party_imports(path) if package in ("django", "search", "cbirsite")]
     assert offending == []
+
+
+def test_the_layer_check_sees_a_django_import_inside_a_function(tmp_path):
+    module = tmp_path / "m.py"
+    module.write_text("def f():\n    from django.conf import settings\n    return settings\n")
+    assert ("django", 2) in list(third_party_imports(module))
+
+
+def test_search_imports_only_the_core_and_the_model_rows_of_training():
+    modules = project_modules()
+    offending = [f"{name} imports {target} (line {line})"
+                 for name, path in modules.items() if _inside(name, ("search",))
+                 for target, line in imports_of(path, modules)
+                 if _inside(target, ("training",)) and not _inside(target, SEARCH_MAY_IMPORT_FROM_TRAINING)]
+    assert offending == []
+
+
+def test_only_search_hnsw_builds_an_index_name():
+    """The index name's text appears in no other module: every other one asks search.hnsw.index_name."""
+    builders = sorted(name for name, path in project_modules().items()
+                      if "search_embedding_hnsw" in path.read_text() and name != "search.hnsw")
+    assert builders == []
 
 
 @pytest.mark.parametrize("module", KERNEL)
@@ -175,8 +223,33 @@ def test_model_versions_are_created_only_in_training_versions():
     assert creators == ["training.versions"]
 
 
+def arrows(source: str, target: str) -> list[tuple[str, str]]:
+    """Distinct (importing module, imported module) pairs from package `source` into package `target`."""
+    graph = import_graph()
+    return sorted((name, to) for name, targets in graph.items() if _inside(name, (source,))
+                  for to in targets if _inside(to, (target,)))
+
+
+def long_functions(limit: int = 60) -> list[tuple[int, str]]:
+    """(lines, module.function) of every function longer than `limit` lines, longest first."""
+    found = []
+    for name, path in project_modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno:
+                lines = node.end_lineno - node.lineno + 1
+                if lines > limit:
+                    found.append((lines, f"{name}.{node.name}"))
+    return sorted(found, reverse=True)
+
+
 if __name__ == "__main__":
     graph = import_graph()
     print("circles:", circles(graph) or "none")
+    for source, target in (("search", "training"), ("training", "search")):
+        found = arrows(source, target)
+        print(f"import arrows {source}/ -> {target}/: {len(found)}")
+        for name, to in found:
+            print(f"    {name} -> {to}")
+    print("functions over 60 lines:", ", ".join(f"{name} ({n})" for n, name in long_functions()) or "none")
     for name, path in sorted(project_modules().items(), key=lambda item: -len(item[1].read_text().splitlines())):
         print(f"{len(path.read_text().splitlines()):5d}  {name}")

@@ -6,6 +6,7 @@ import torch
 from training.core.networks.autoencoder import ConvAutoencoder
 from training.core.networks.registry import ARCHITECTURES, build_network
 from training.core.networks.siamese import SiameseNet
+from training.core.objectives import OBJECTIVES_NEEDING_LABELS
 
 
 def assert_unit_norm(embeddings: torch.Tensor) -> None:
@@ -78,7 +79,7 @@ def test_autoencoder_defaults_and_size_check():
 @pytest.mark.parametrize("name", ["siamese", "siamese_pretrained", "autoencoder"])
 def test_trainable_architectures_are_registered_as_label_free(name):
     architecture = ARCHITECTURES[name]
-    assert architecture.needs_labels is False
+    assert architecture.default_objective not in OBJECTIVES_NEEDING_LABELS
     assert architecture.defaults["dimension"] == architecture.default_dimension
 
 

@@ -48,3 +48,54 @@ def test_pretrained_weights_are_not_replaced_by_random_ones_silently(settings, t
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     with pytest.raises(WeightsUnavailable):
         build_network("resnet50", weights="pretrained")
+
+
+def test_objectives_are_registered_once_and_read_by_the_config_form_command_and_docs():
+    from pathlib import Path
+
+    from training.core.config import HEAD_OBJECTIVES, LABELLED_OBJECTIVES, OBJECTIVES, TrainConfig
+    from training.core.objectives import OBJECTIVES as REGISTERED
+    from training.core.objectives import get_objective
+    from training.forms import TrainForm
+    from training.management.commands.train import Command
+
+    assert OBJECTIVES == ("auto", *REGISTERED)
+    assert set(LABELLED_OBJECTIVES) == {name for name, o in REGISTERED.items() if o.needs_labels}
+    assert set(HEAD_OBJECTIVES) <= set(LABELLED_OBJECTIVES)
+    form_choices = [value for value, _ in TrainForm().fields["objective"].choices]
+    assert form_choices == list(OBJECTIVES)
+    parser = Command().create_parser("manage.py", "train")
+    objective_action = next(a for a in parser._actions if "--objective" in a.option_strings)
+    assert list(objective_action.choices) == list(OBJECTIVES)
+    docs = (Path(__file__).resolve().parent.parent / "docs" / "training.md").read_text()
+    assert all(name in docs for name in REGISTERED)
+    for name, objective in REGISTERED.items():
+        assert objective.plan in ("pairs", "pk", "images")
+        built = objective.build(_Dimensioned(), 3)
+        assert isinstance(built, torch.nn.Module), name
+    with pytest.raises(ValueError, match="unknown objective 'nope'"):
+        get_objective("nope")
+    with pytest.raises(ValueError, match="unknown objective"):
+        TrainConfig("tiny", objective="nope")
+
+
+class _Dimensioned(torch.nn.Module):
+    dimension = 8
+
+
+def test_the_form_and_the_command_read_the_train_config_defaults():
+    from training.core.config import TrainConfig
+    from training.forms import TrainForm
+    from training.management.commands.train import Command
+
+    defaults = TrainConfig.defaults()
+    form = TrainForm()
+    for name in ("objective", "epochs", "batch_size", "learning_rate", "scheduler", "early_stopping_patience",
+                 "select_by", "processes"):
+        assert form.fields[name].initial == defaults[name], name
+    parsed = Command().create_parser("manage.py", "train").parse_args(["--dataset", "d"])
+    assert (parsed.epochs, parsed.batch_size, parsed.lr, parsed.objective, parsed.scheduler, parsed.patience,
+            parsed.select_by, parsed.seed, parsed.processes) == (
+        defaults["epochs"], defaults["batch_size"], defaults["learning_rate"], defaults["objective"],
+        defaults["scheduler"], defaults["early_stopping_patience"], defaults["select_by"], defaults["seed"],
+        defaults["processes"])

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from search import services
+from search import hnsw, services
 from search.models import Dataset, Embedding, Image
 from search.neighbours import explain, nearest, neighbours_queryset
 from tests.helpers import store_embeddings
@@ -77,13 +77,13 @@ def large_index(dataset, tiny_version):
 def test_explain_shows_the_search_uses_the_versions_hnsw_index(large_index, tiny_version, dataset, with_dataset):
     queryset = neighbours_queryset(tiny_version, vector=large_index[0], dataset=dataset if with_dataset else None)
     plan = explain(queryset, 10)
-    assert f"Index Scan using {tiny_version.index_name}" in plan, plan
+    assert f"Index Scan using {hnsw.index_name(tiny_version)}" in plan, plan
 
 
 def test_explain_more_like_this_uses_the_index(large_index, tiny_version):
     image_id = Embedding.objects.filter(model_version=tiny_version).first().image_id
     queryset = neighbours_queryset(tiny_version, image_id=image_id, exclude_image_id=image_id)
-    assert f"Index Scan using {tiny_version.index_name}" in explain(queryset, 10)
+    assert f"Index Scan using {hnsw.index_name(tiny_version)}" in explain(queryset, 10)
 
 
 def test_hnsw_results_on_many_vectors_agree_with_brute_force(large_index, tiny_version):

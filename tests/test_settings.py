@@ -250,3 +250,19 @@ def test_database_from_url_refuses_other_databases(url):
 def test_database_from_url_refuses_a_bad_port(url):
     with pytest.raises(ImproperlyConfigured, match="DATABASE_URL has an invalid port"):
         database_from_url(url)
+
+
+def test_importing_the_settings_without_database_url_starts_no_database(tmp_path):
+    """The embedded PostgreSQL starts on a process's first connection
+    (cbirsite.embedded_db), not when the settings are imported (a notebook, a
+    distributed rank, `manage.py help`)."""
+    code = ("import django; django.setup(); from django.conf import settings; "
+            "print(settings.DATABASES['default']['ENGINE'], settings.DATABASES['default']['HOST'])")
+    env = {k: v for k, v in os.environ.items() if k not in (*TESTED, "DATABASE_URL")}
+    env.update(DJANGO_SETTINGS_MODULE="cbirsite.settings", CBIR_VAR_DIR=str(tmp_path / "var"),
+               XDG_RUNTIME_DIR=env.get("XDG_RUNTIME_DIR", "/tmp"))
+    done = subprocess.run([sys.executable, "-c", code], env=env, cwd=django_settings.BASE_DIR,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["cbirsite.embedded_db", str(tmp_path / "var" / "pg")]
+    assert not (tmp_path / "var" / "pg").exists()

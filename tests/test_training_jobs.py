@@ -11,6 +11,7 @@ import torch
 from django.core.management import CommandError, call_command
 from PIL import Image as PILImage
 
+from search import hnsw
 from search.ingest import import_folder
 from search.jobs import S
 from search.models import Dataset, Embedding, Image, Job
@@ -300,7 +301,7 @@ def test_a_training_job_runs_on_a_worker_end_to_end(live_worker, tmp_path):
     version = job.model_version
     assert version.weights_source == "checkpoint" and len(job.result["history"]) == 2
     assert Embedding.objects.filter(model_version=version).count() == dataset.images.count()
-    assert version.index_exists()
+    assert hnsw.is_ready(version)
     assert any(line["msg"].startswith("epoch 2:") for line in job.log)
 
 

@@ -14,7 +14,6 @@ from training.core.loop import (
     evaluate,
     fit,
     load_checkpoint,
-    mixed_precision,
     save_checkpoint,
     train_one_epoch,
 )
@@ -25,6 +24,7 @@ from training.core.objectives import (
     ReconstructionObjective,
     TripletObjective,
 )
+from training.core.precision import mixed_precision
 from training.core.preprocessing import Preprocessing
 from training.core.samplers import PKSampler, make_augmented_pairs, make_pairs
 

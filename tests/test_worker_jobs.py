@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from django.db.models import Count
 
-from search import embed_jobs, import_jobs
+from search import embed_jobs, hnsw, import_jobs
 from search.ingest import import_folder
 from search.jobs import S
 from search.models import Dataset, Embedding, Image, Job, JobChunk
@@ -46,7 +46,7 @@ def test_an_embedding_job_runs_on_a_worker_end_to_end(many_images, tiny_version)
     job = wait_for(lambda: _finished(job.pk), message="the job to finish")
     assert job.status == S.SUCCEEDED, (job.error, job.log)
     assert job.result["embedded"] == 40 and job.progress_done == 40
-    assert tiny_version.index_exists()
+    assert hnsw.is_ready(tiny_version)
     _assert_each_image_embedded_once(tiny_version, many_images)
     assert set(JobChunk.objects.filter(job=job).values_list("status", flat=True)) == {S.SUCCEEDED}
     assert any("started on" in line["msg"] for line in job.log)
@@ -208,7 +208,7 @@ def test_a_finishing_step_longer_than_the_chunk_time_limit_still_succeeds(many_i
         job = wait_for(lambda: _finished(job.pk), timeout=120, message="the job to finish")
         log = (tmp_path / "finisher.log").read_text()
     assert job.status == S.SUCCEEDED, (job.error, job.log, log[-2000:])
-    assert job.result["index_created"] and tiny_version.index_exists()
+    assert job.result["index_created"] and hnsw.is_ready(tiny_version)
     from datetime import datetime
 
     queued = datetime.fromisoformat(next(line["t"] for line in job.log

@@ -5,8 +5,9 @@ import json
 from django.contrib import admin, messages
 from django.utils.html import format_html
 
-from search import embed_jobs
+from search import embed_jobs, hnsw
 from search.admin import DatasetAdmin as SearchDatasetAdmin
+from search.admin import _index_words
 from search.admin_deletes import DeleteThroughJobsMixin
 from search.admin_jobs import intermediate, redirect_to_job, start_or_report
 from search.delete_jobs import Outcome
@@ -60,9 +61,9 @@ class ModelVersionAdmin(DeleteThroughJobsMixin, admin.ModelAdmin):
     def n_embeddings(self, obj):
         return obj.embeddings.count()
 
-    @admin.display(description="index", boolean=True)
+    @admin.display(description="index")
     def index_ready(self, obj):
-        return obj.index_exists()
+        return _index_words(obj)
 
     @admin.display(description="metrics")
     def metrics_pretty(self, obj):
@@ -87,7 +88,7 @@ class ModelVersionAdmin(DeleteThroughJobsMixin, admin.ModelAdmin):
         if version.is_active:
             self.message_user(request, f"{version} is already active.", messages.INFO)
             return
-        if version.index_exists() and not missing_image_ids(None, version):
+        if hnsw.is_ready(version) and not missing_image_ids(None, version):
             version.activate()
             self.message_user(request, f"{version} is now used for search.", messages.SUCCESS)
             return

@@ -29,20 +29,15 @@ from training.core.networks.registry import (
     pretrained_architectures,
     sizable_architectures,
 )
+from training.core.objectives import OBJECTIVES as REGISTERED_OBJECTIVES
 from training.models import ModelVersion
 from training.rows import check_dataset
 from training.versions import get_or_create_version
 
-OBJECTIVE_LABELS = {
-    "auto": "automatic (autoencoder: reconstruction; siamese: pairs; others: classification over the labels)",
-    "reconstruction": "reconstruction (autoencoder, no labels)",
-    "contrastive": "contrastive pairs (labels, or two augmentations of one image)",
-    "classification": "classification over the labels (cosine classifier)",
-    "triplet": "triplet, batch-hard over P×K batches (labels)",
-    "normalized_softmax": "normalized softmax (cosine softmax, pytorch-metric-learning; labels)",
-    "arcface": "ArcFace, additive angular margin (pytorch-metric-learning; labels)",
-    "proxy_anchor": "Proxy Anchor (pytorch-metric-learning; labels)",
-}
+DEFAULTS = TrainConfig.defaults()
+OBJECTIVE_LABELS = {"auto": "automatic (autoencoder: reconstruction; siamese: pairs; others: classification over "
+                           "the labels)",
+                    **{name: objective.description for name, objective in REGISTERED_OBJECTIVES.items()}}
 
 
 SELECT_BY_LABELS = {"val_loss": "lowest validation loss (the study's protocol)",
@@ -70,11 +65,11 @@ class TrainForm(forms.Form):
                   "only a projection head on them: seconds instead of hours; augmentation is off")
     head = forms.ChoiceField(choices=[(h, h) for h in HEADS], initial="linear", required=False,
                              help_text="head-only training: linear projection, or a small MLP")
-    objective = forms.ChoiceField(choices=[(o, OBJECTIVE_LABELS[o]) for o in OBJECTIVES], initial="auto")
-    epochs = forms.IntegerField(min_value=1, max_value=10_000, initial=10)
-    batch_size = forms.IntegerField(min_value=2, max_value=4096, initial=32,
+    objective = forms.ChoiceField(choices=[(o, OBJECTIVE_LABELS[o]) for o in OBJECTIVES], initial=DEFAULTS["objective"])
+    epochs = forms.IntegerField(min_value=1, max_value=10_000, initial=DEFAULTS["epochs"])
+    batch_size = forms.IntegerField(min_value=2, max_value=4096, initial=DEFAULTS["batch_size"],
                                     help_text="images per batch (pairs for the contrastive objective)")
-    learning_rate = forms.FloatField(min_value=1e-8, max_value=1.0, initial=1e-4)
+    learning_rate = forms.FloatField(min_value=1e-8, max_value=1.0, initial=DEFAULTS["learning_rate"])
     embedding_dim = forms.IntegerField(
         required=False, min_value=1, max_value=4000, label="Embedding size",
         help_text=f"only for networks with a settable size ({', '.join(sizable_architectures('dimension'))}); "
@@ -85,19 +80,19 @@ class TrainForm(forms.Form):
                   "unticked, or for the others, training starts from random weights")
     image_size = forms.IntegerField(required=False, min_value=MIN_IMAGE_SIZE, max_value=MAX_IMAGE_SIZE,
                                     help_text="input side in pixels; empty: the network's default (224)")
-    scheduler = forms.ChoiceField(choices=[(s, s) for s in SCHEDULERS], initial="none",
+    scheduler = forms.ChoiceField(choices=[(s, s) for s in SCHEDULERS], initial=DEFAULTS["scheduler"],
                                   help_text="cosine: the learning rate decays to 0 over the epochs")
-    early_stopping_patience = forms.IntegerField(min_value=0, initial=3,
+    early_stopping_patience = forms.IntegerField(min_value=0, initial=DEFAULTS["early_stopping_patience"],
                                                  help_text="stop after this many epochs without a better one "
                                                            "by the rule below (0: never)")
     select_by = forms.ChoiceField(
         choices=[(s, SELECT_BY_LABELS[s]) for s in SELECT_BY],
-        initial="val_loss", required=False, label="Keep the epoch with",
+        initial=DEFAULTS["select_by"], required=False, label="Keep the epoch with",
         help_text="head-only training can rank the cached validation features against the train features after "
                   "every epoch (a few seconds for 14,000 against 42,000 images on 2 CPU cores) and keep the epoch "
                   "that retrieves best")
     augment = forms.BooleanField(required=False, initial=True, label="Augment training images")
-    processes = forms.IntegerField(min_value=1, max_value=MAX_PROCESSES, initial=1, required=False,
+    processes = forms.IntegerField(min_value=1, max_value=MAX_PROCESSES, initial=DEFAULTS["processes"], required=False,
                                    help_text="training processes on the worker's host (DistributedDataParallel, one "
                                              "per GPU); the batch size is the global batch")
 

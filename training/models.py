@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from django.db import connection, models, transaction
+from django.db import models, transaction
 from django.db.models import Q
 
 
@@ -43,15 +43,6 @@ class ModelVersion(models.Model):
 
     def __str__(self) -> str:
         return self.name
-
-    @property
-    def index_name(self) -> str:
-        return f"search_embedding_hnsw_v{self.pk}"
-
-    def index_exists(self) -> bool:
-        with connection.cursor() as cursor:
-            cursor.execute("SELECT 1 FROM pg_indexes WHERE indexname = %s", [self.index_name])
-            return cursor.fetchone() is not None
 
     @classmethod
     def active(cls) -> ModelVersion | None:

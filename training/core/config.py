@@ -6,14 +6,14 @@ objective and whether it has pretrained weights all come from its
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields, replace
+from dataclasses import MISSING, dataclass, fields, replace
 from typing import Any
 
 import torch
 
 from training.core.loop import VAL_PRECISION
 from training.core.networks import head as head_network
-from training.core.networks.base import CLASS_OBJECTIVES, OBJECTIVES_NEEDING_LABELS, EmbeddingNet
+from training.core.networks.base import EmbeddingNet
 from training.core.networks.registry import (
     ARCHITECTURES,
     MAX_DIMENSION,
@@ -21,12 +21,13 @@ from training.core.networks.registry import (
     get_architecture,
     sizable_architectures,
 )
+from training.core.objectives import OBJECTIVES as REGISTERED_OBJECTIVES
 
-OBJECTIVES = ("auto", "reconstruction", "contrastive", "classification", "triplet", "normalized_softmax",
-              "arcface", "proxy_anchor")
-HEAD_OBJECTIVES = tuple(sorted(CLASS_OBJECTIVES | {"triplet"}))
+# "auto" (the architecture's default) and the registered objectives (training/core/objectives.py).
+OBJECTIVES = ("auto", *REGISTERED_OBJECTIVES)
+HEAD_OBJECTIVES = tuple(sorted(name for name, o in REGISTERED_OBJECTIVES.items() if o.head))
 MAX_PROCESSES = 64
-LABELLED_OBJECTIVES = tuple(sorted(OBJECTIVES_NEEDING_LABELS))
+LABELLED_OBJECTIVES = tuple(sorted(name for name, o in REGISTERED_OBJECTIVES.items() if o.needs_labels))
 SCHEDULERS = ("none", "cosine")
 SELECT_BY = ("val_loss", VAL_PRECISION)  # which epoch a run keeps: training.core.loop.best_epoch
 MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 16, 1024
@@ -193,6 +194,12 @@ class TrainConfig:
         if self.objective not in HEAD_OBJECTIVES:
             raise ValueError(f"objective {self.objective} does not apply to head-only training; choose one of "
                              f"{', '.join(HEAD_OBJECTIVES)}")
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """Each setting's default, as written once above: the admin form's
+        initial values and the train command's defaults read these."""
+        return {f.name: f.default for f in fields(cls) if f.default is not MISSING}
 
     @classmethod
     def from_params(cls, params: dict) -> TrainConfig:

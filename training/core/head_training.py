@@ -32,7 +32,8 @@ from training.core.features import FeatureCache
 from training.core.inference import resolve_device
 from training.core.loop import VAL_PRECISION, evaluate, fit
 from training.core.networks.head import HeadNet
-from training.core.plan import VALIDATION_EVERY, check_train_labels, class_objective, epoch_seed, readable
+from training.core.objectives import get_objective
+from training.core.plan import VALIDATION_EVERY, check_train_labels, epoch_seed, readable
 from training.core.runs import (
     EpochHooks,
     TrainingStopped,
@@ -111,10 +112,10 @@ class FeaturePlan:
         self.train_set = train_set = TensorDataset(features[:len(train)], labels[:len(train)])
         self.val_set = TensorDataset(features[len(train):], labels[len(train):])
         torch.manual_seed(config.seed)  # the same from here on whether the features were cached or embedded
-        self.objective: torch.nn.Module = class_objective(config.objective, head, len(self.classes))
+        self.objective: torch.nn.Module = get_objective(config.objective).build(head, len(self.classes))
         self.generator = torch.Generator()
         batch = config.batch_size
-        if config.objective == "triplet":
+        if get_objective(config.objective).plan == "pk":
             k = 4 if batch >= 8 else 2
             train_labels = labels[:len(train)].tolist()
             eligible = sum(1 for indices in group_by_label(train_labels).values() if len(indices) >= 2)

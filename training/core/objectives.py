@@ -16,6 +16,8 @@ cached backbone features for a projection head (head-only training).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -134,3 +136,62 @@ class MetricLossObjective(nn.Module):
     def forward(self, model: nn.Module, batch: Any, device: torch.device) -> torch.Tensor:
         x, labels = _labelled(batch, device, f"{self.name} training")
         return self.loss(model(x).float(), labels)
+
+
+# --- The registry -----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Objective:
+    """A registered training objective, as architectures are registered
+    (training/core/networks/registry.py); the config, the admin form, the
+    train command's choices and docs/training.md read these records.
+
+    - description: one line for people (form choices, docs);
+    - needs_labels: trains only on labelled images;
+    - plan: how batches are drawn (training.core.plan): "pairs" (PairDataset:
+      (x1, x2, same)), "pk" (labelled (x, label) batches of P classes × K
+      images, PKSampler) or "images" ((x, label) batches, shuffled);
+    - per_class: owns a learned weight or proxy per class of the train split
+      (so the classes are fixed when training starts and checked on resume);
+    - head: usable for head-only training on cached features;
+    - build(model, num_classes): the objective module (model has `.dimension`)."""
+
+    name: str
+    description: str
+    needs_labels: bool
+    plan: str
+    per_class: bool
+    head: bool
+    build: Callable[[nn.Module, int], nn.Module]
+
+
+def _metric_loss(name: str) -> Callable[[nn.Module, int], nn.Module]:
+    return lambda model, classes: MetricLossObjective(name, classes, int(model.dimension))  # type: ignore[arg-type]
+
+
+OBJECTIVES: dict[str, Objective] = {o.name: o for o in (
+    Objective("reconstruction", "reconstruction (autoencoder, no labels)", False, "images", False, False,
+              lambda model, classes: ReconstructionObjective()),
+    Objective("contrastive", "contrastive pairs (labels, or two augmentations of one image)", False, "pairs", False,
+              False, lambda model, classes: ContrastiveObjective()),
+    Objective("classification", "classification over the labels (cosine classifier)", True, "images", True, True,
+              lambda model, classes: ClassificationObjective(model, num_classes=classes)),  # type: ignore[arg-type]
+    Objective("triplet", "triplet, batch-hard over P×K batches (labels)", True, "pk", False, True,
+              lambda model, classes: TripletObjective()),
+    Objective("normalized_softmax", "normalized softmax (cosine softmax, pytorch-metric-learning; labels)", True,
+              "images", True, True, _metric_loss("normalized_softmax")),
+    Objective("arcface", "ArcFace, additive angular margin (pytorch-metric-learning; labels)", True, "images", True,
+              True, _metric_loss("arcface")),
+    Objective("proxy_anchor", "Proxy Anchor (pytorch-metric-learning; labels)", True, "images", True, True,
+              _metric_loss("proxy_anchor")),
+)}
+OBJECTIVES_NEEDING_LABELS = frozenset(name for name, o in OBJECTIVES.items() if o.needs_labels)
+CLASS_OBJECTIVES = frozenset(name for name, o in OBJECTIVES.items() if o.per_class)
+
+
+def get_objective(name: str) -> Objective:
+    """The registered objective `name`; ValueError naming the known ones otherwise."""
+    try:
+        return OBJECTIVES[name]
+    except KeyError:
+        raise ValueError(f"unknown objective {name!r}; choose one of {', '.join(OBJECTIVES)}") from None

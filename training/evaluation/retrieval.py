@@ -29,6 +29,7 @@ from typing import Any
 from django.conf import settings
 from django.utils import timezone
 
+from search import hnsw
 from search.models import Dataset, Image, Split
 from search.neighbours import Hit, ef_search_for, fetch, nearest, neighbours_queryset
 from training.core.inference import embed_query
@@ -72,8 +73,10 @@ def check_indexed(version: ModelVersion, dataset: Dataset) -> None:
         raise EvaluationError(
             f"{version.name} has embedded {embedded} of the {total} images of {dataset.name!r}; "
             f"index them first: {_build_index_hint(version, dataset)}")
-    if not version.index_exists():
-        raise EvaluationError(f"{version.name} has no HNSW index yet; build it: {_build_index_hint(version, dataset)}")
+    state = hnsw.index_state(version)
+    if state != hnsw.VALID:
+        raise EvaluationError(f"{version.name}'s HNSW index is {state}, not ready for search; "
+                              f"build it: {_build_index_hint(version, dataset)}")
 
 
 def check_evaluable(version: ModelVersion, dataset: Dataset, *, against: str = "trainval") -> None:

@@ -61,9 +61,6 @@ def sha256_of(path: str | Path, _cache: dict = {}) -> str:  # noqa: B006 - delib
     return _cache[key]
 
 
-OBJECTIVES_NEEDING_LABELS = frozenset({"classification", "triplet", "normalized_softmax", "arcface", "proxy_anchor"})
-# Objectives with one learned weight (or proxy) per class of the train split.
-CLASS_OBJECTIVES = frozenset({"classification", "normalized_softmax", "arcface", "proxy_anchor"})
 
 
 @dataclass(frozen=True)
@@ -94,7 +91,3 @@ class Architecture:
     default_objective: str = "classification"
     defaults: dict = field(default_factory=dict)
 
-    @property
-    def needs_labels(self) -> bool:
-        """Whether its default objective needs labelled images."""
-        return self.default_objective in OBJECTIVES_NEEDING_LABELS

@@ -79,9 +79,6 @@ class HeadNet(EmbeddingNet):
         for parameter in self.backbone.parameters():
             parameter.requires_grad_(False)
 
-    def backbone_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, C, H, W) → (N, backbone.dimension) raw pooled features (what the feature cache holds)."""
-        return self.backbone.features(x)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.head.project(self.backbone.features(x))

@@ -25,6 +25,7 @@ from training.pipeline import index_and_evaluate, train_and_publish
 from training.rows import check_dataset
 from training.versions import create_initial_version
 
+DEFAULTS = TrainConfig.defaults()
 PAIRS = {"labels": "; pairs from labels", "augmented": "; pairs of two augmented views of one image"}
 
 
@@ -46,27 +47,27 @@ class Command(BaseCommand):
         parser.add_argument("--head", choices=head_network.HEADS, default=None,
                             help="with --head-only: linear (default) or mlp; --embedding-dim sets its output size "
                                  f"(default {head_network.DEFAULT_DIMENSION})")
-        parser.add_argument("--processes", type=int, default=1,
+        parser.add_argument("--processes", type=int, default=DEFAULTS["processes"],
                             help="train with DistributedDataParallel over this many processes on this host (one "
                                  "per GPU; gloo on the CPU); --batch-size is the global batch")
-        parser.add_argument("--epochs", type=int, default=10)
-        parser.add_argument("--batch-size", type=int, default=32, help="images per batch (pairs for contrastive)")
-        parser.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate")
+        parser.add_argument("--epochs", type=int, default=DEFAULTS["epochs"])
+        parser.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"], help="images per batch (pairs for contrastive)")
+        parser.add_argument("--lr", type=float, default=DEFAULTS["learning_rate"], help="Adam learning rate")
         parser.add_argument("--embedding-dim", type=int, default=None)
         parser.add_argument("--image-size", type=int, default=None, help="input side in pixels (default 224)")
         parser.add_argument("--random-weights", action="store_true",
                             help="start from random weights even where pretrained ones exist")
-        parser.add_argument("--objective", choices=OBJECTIVES, default="auto")
-        parser.add_argument("--scheduler", choices=SCHEDULERS, default="none")
-        parser.add_argument("--patience", type=int, default=3, help="early stopping patience in epochs (0: off)")
-        parser.add_argument("--select-by", choices=SELECT_BY, default="val_loss",
+        parser.add_argument("--objective", choices=OBJECTIVES, default=DEFAULTS["objective"])
+        parser.add_argument("--scheduler", choices=SCHEDULERS, default=DEFAULTS["scheduler"])
+        parser.add_argument("--patience", type=int, default=DEFAULTS["early_stopping_patience"], help="early stopping patience in epochs (0: off)")
+        parser.add_argument("--select-by", choices=SELECT_BY, default=DEFAULTS["select_by"],
                             help="which epoch is kept: the lowest validation loss (the study's protocol), or with "
                                  "--head-only the highest validation P@10 (validation images as queries against the "
                                  "train images, on the cached features)")
         parser.add_argument("--time-limit", type=float, default=None, help="seconds of training at most")
         parser.add_argument("--no-augment", action="store_true")
         parser.add_argument("--num-workers", type=int, default=None)
-        parser.add_argument("--seed", type=int, default=0)
+        parser.add_argument("--seed", type=int, default=DEFAULTS["seed"])
         parser.add_argument("--checkpoint-dir", default=None,
                             help="where checkpoints go; one holding last.pt is resumed "
                                  "(default: a new folder under CBIR_WEIGHTS_DIR/runs/)")
