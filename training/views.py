@@ -284,7 +284,7 @@ def report_csv(request: HttpRequest) -> HttpResponse:
     response = HttpResponse(content_type="text/csv; charset=utf-8")
     name = f"models-{context['dataset'] or 'none'}.csv"
     # Any dataset name (quotes, CR/LF, non-ASCII) makes a valid header this way (RFC 6266 filename*).
-    response["Content-Disposition"] = content_disposition_header(True, name)
+    response["Content-Disposition"] = content_disposition_header(True, name) or "attachment"
     writer = csv.DictWriter(response, fieldnames=CSV_FIELDS, extrasaction="ignore")
     writer.writeheader()
     for data in _export_rows(context):
