@@ -269,3 +269,16 @@ def test_the_report_csv_of_a_dataset_with_a_line_break_is_no_500(db, client):
     assert response.status_code in (200, 400, 404)
     if response.status_code == 200:
         assert "\n" not in response["Content-Disposition"]
+
+
+@pytest.mark.parametrize("raw", ["", "   ", "x" * 101, "line1\nline2"])
+def test_the_admin_refuses_a_bad_dataset_name_with_words(raw, admin_client):
+    response = admin_client.post("/admin/search/dataset/add/", {"name": raw, "description": ""})
+    assert response.status_code == 200 and response.context["adminform"].form.errors["name"]
+    assert not Dataset.objects.exists()
+
+
+def test_the_admin_stores_a_padded_nfd_name_as_nfc(admin_client):
+    admin_client.post("/admin/search/dataset/add/", {"name": " " + unicodedata.normalize("NFD", "café"),
+                                                     "description": ""})
+    assert list(Dataset.objects.values_list("name", flat=True)) == ["café"]
