@@ -79,3 +79,26 @@ class ApiBadRequestMiddleware:
         else:
             return None
         return JsonResponse({"error": f"the request could not be read: {exception}"}, status=status)
+
+
+NUL_MESSAGE = ("The address holds a NUL character (%00), which no name, label or filter value can contain; "
+               "remove it and try again. Nothing was changed.")
+
+
+class AdminNulQueryMiddleware:
+    """In the admin, a NUL character in the query string (a list filter such
+    as ?status=%00, the search box ?q=%00, any lookup) answers 400 with words.
+    PostgreSQL refuses NUL in text (psycopg DataError, so a 500), and each
+    admin list builds its own lookups from the query string, so the one guard
+    is here, before any of them runs."""
+
+    def __init__(self, get_response):
+        self.get_response = get_response
+
+    def __call__(self, request: HttpRequest) -> HttpResponse:
+        from django.urls import reverse
+
+        if request.path.startswith(reverse("admin:index")) and any(
+                "\x00" in key or any("\x00" in value for value in values) for key, values in request.GET.lists()):
+            return HttpResponse(NUL_MESSAGE, status=400, content_type="text/plain; charset=utf-8")
+        return self.get_response(request)

@@ -63,6 +63,7 @@ MIDDLEWARE = [
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "cbirsite.middleware.DatabaseUnavailableMiddleware",  # 503, not 500, while the database is down
     "cbirsite.middleware.ApiBadRequestMiddleware",  # an unreadable request body: JSON 400/413 under /api/
+    "cbirsite.middleware.AdminNulQueryMiddleware",  # a NUL in an admin list's query string: 400, not 500
 ]
 
 ROOT_URLCONF = "cbirsite.urls"

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from django import forms
 from django.contrib import admin, messages
 from django.db import transaction
 from django.db.models import Count, Q
@@ -14,7 +15,21 @@ from search.delete_jobs import Outcome, delete_or_start
 from search.forms import ImageUploadForm, SetLabelForm, SetSplitForm, ZipImportForm
 from search.indexing import coverage
 from search.ingest import add_image
-from search.models import Dataset, Embedding, Image, Split
+from search.models import Dataset, DatasetNameError, Embedding, Image, Split, normalise_dataset_name
+
+
+class DatasetForm(forms.ModelForm):
+    """The admin's dataset form: the name normalised as every creation path does (normalise_dataset_name)."""
+
+    class Meta:
+        model = Dataset
+        fields = ["name", "description"]
+
+    def clean_name(self) -> str:
+        try:
+            return normalise_dataset_name(self.cleaned_data.get("name") or "")
+        except DatasetNameError as exc:
+            raise forms.ValidationError(str(exc)) from None
 
 INDEX_WORDS = {hnsw.VALID: "ready", hnsw.MISSING: "no index", hnsw.BUILDING: "index building",
                hnsw.INVALID: "index invalid (a failed build; the next build replaces it)"}
@@ -27,6 +42,7 @@ def _index_words(version) -> str:
 
 @admin.register(Dataset)
 class DatasetAdmin(DeleteThroughJobsMixin, admin.ModelAdmin):
+    form = DatasetForm
     list_display = ["name", "n_images", "n_train", "n_val", "n_test", "n_labels", "coverage_summary", "job_links",
                     "created"]
     search_fields = ["name", "description"]

@@ -4,10 +4,12 @@ a message a person can act on; nothing here writes to disk."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import logging
 import mimetypes
+import random
 import struct
 import warnings
 from dataclasses import dataclass
@@ -160,7 +162,55 @@ def _header_error_message(exc: BaseException) -> str:
     return "the image header is corrupt (it cannot be read)"
 
 
+_EOI = b"\xff\xd9"
+# Entropy-coded bytes that a decoder still missing blocks would decode into
+# other pixels; fixed (seeded) so the decision is the same on every run. No 0xFF (a marker).
+_FILLERS = [bytes(random.Random(seed).randrange(0, 255) for _ in range(512)) for seed in (22, 23, 24)]
+
+
+def _pixels(data: bytes) -> bytes | None:
+    try:
+        with Image.open(io.BytesIO(data), formats=["JPEG"]) as image:
+            image.load()
+            return image.tobytes()
+    except Exception:  # noqa: BLE001 - any failure means "not this way"
+        return None
+
+
+def only_eoi_missing(data: bytes) -> bool:
+    """Whether a baseline JPEG that does not end with its EOI marker (FFD9)
+    is complete otherwise (Pillow#2717: some cameras and encoders drop it;
+    browsers show such files). Appending EOI alone would also "repair" a cut
+    file (the decoder fills the missing blocks with grey), so the bytes are
+    decoded three more times with arbitrary entropy data before the EOI: a
+    file still missing blocks decodes them into other pixels; a complete one
+    ignores them. Progressive JPEGs are never taken for complete: one cut
+    between two scans is indistinguishable from a whole one."""
+    if data.endswith(_EOI) or not data.startswith(b"\xff\xd8"):
+        return False
+    with contextlib.suppress(Exception), Image.open(io.BytesIO(data), formats=["JPEG"]) as image:
+        if image.info.get("progressive") or image.info.get("progression"):
+            return False
+    base = _pixels(data + _EOI)
+    return base is not None and all(_pixels(data + filler + _EOI) == base for filler in _FILLERS)
+
+
 def decode_image(data: bytes, *, max_pixels: int | None = None, draft_size: int | None = None) -> DecodedImage:
+    """Decode and fully load an image from bytes, or raise ImageRejected; see
+    _decode_image. A baseline JPEG missing only its final EOI marker is decoded
+    as if it had one (only_eoi_missing); the original bytes are what is stored
+    and hashed."""
+    try:
+        return _decode_image(data, max_pixels=max_pixels, draft_size=draft_size)
+    except ImageRejected as exc:
+        if "truncated" not in str(exc) or not only_eoi_missing(data):
+            raise
+    decoded = _decode_image(data + _EOI, max_pixels=max_pixels, draft_size=draft_size)
+    decoded.sha256 = hashlib.sha256(data).hexdigest()
+    return decoded
+
+
+def _decode_image(data: bytes, *, max_pixels: int | None = None, draft_size: int | None = None) -> DecodedImage:
     """Decode and fully load an image from bytes, or raise ImageRejected.
 
     Checks, in order: not empty; a format we accept (ACCEPTED_FORMATS, by

@@ -7,9 +7,12 @@ leaves no file and no row behind."""
 
 from __future__ import annotations
 
+import errno
 import functools
+import hashlib
 import logging
 import os
+import stat
 import struct
 import tempfile
 import unicodedata
@@ -100,15 +103,25 @@ def _write_atomically(relative: str, data: bytes) -> Path:
     return target
 
 
+# C0 controls (but NUL, dropped), DEL, C1 controls, and the Unicode bidi
+# controls (LRM, RLM, ALM, embeddings, overrides, isolates): in a name they
+# forge report lines (LF, CR), drive the terminal (ESC, OSC, BEL) or reverse
+# what a reader sees (U+202E "gnp.exe"). `unzip` replaces them too.
+_BIDI_CONTROLS = "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
+_UNSAFE = {c: "\ufffd" for c in [*range(1, 0x20), *range(0x7F, 0xA0), *map(ord, _BIDI_CONTROLS)]} | {0: None}
+
+
 def printable_name(text: str) -> str:
-    """A file name as text PostgreSQL and terminals accept: bytes that are not
-    UTF-8 (legal in Linux file names, seen here as surrogates) become U+FFFD,
-    NUL characters are dropped."""
+    """A name (a file's, a zip entry's, a label) as text PostgreSQL, terminals
+    and pages show safely, the one "safe display name" of the project: bytes
+    that are not UTF-8 (legal in Linux file names, seen here as surrogates)
+    become U+FFFD, NUL characters are dropped, every other C0/C1 control, DEL
+    and bidi control character becomes U+FFFD. Never raises."""
     try:
         raw = text.encode("utf-8", "surrogateescape")
     except UnicodeEncodeError:
         raw = text.encode("utf-8", "replace")
-    return raw.decode("utf-8", "replace").replace("\x00", "")
+    return raw.decode("utf-8", "replace").translate(_UNSAFE)
 
 
 def nfc(text: str) -> str:
@@ -179,10 +192,11 @@ def add_image(dataset: Dataset, data: bytes, original_filename: str, label: str 
     max_bytes = settings.CBIR_MAX_IMPORT_FILE_BYTES
     if len(data) > max_bytes:
         raise ImageRejected(f"the file is larger than the limit of {max_bytes:,} bytes")
-    decoded = decode_image(data)
-    existing = Image.objects.filter(dataset=dataset, sha256=decoded.sha256).first()
+    # The duplicate check before decoding: a copy costs a hash, not a decode (a zip of many copies).
+    existing = Image.objects.filter(dataset=dataset, sha256=hashlib.sha256(data).hexdigest()).first()
     if existing:
         return existing, False
+    decoded = decode_image(data)
     file_path, thumb_path = storage_paths(dataset.pk, decoded.sha256, decoded.extension)
     label = printable_name(label or "").strip()[:200] or None
     written: list[Path] = []
@@ -216,17 +230,40 @@ def _remove_unreferenced(paths: Iterable[Path]) -> None:
             path.unlink(missing_ok=True)
 
 
+SYMLINK_REASON = "a symbolic link (not followed: it could publish a file from outside the folder)"
+
+
 def iter_folder(root: Path) -> Iterator[Path]:
-    """Every regular file below root, sorted, not following directory symlinks
-    (so a symlink loop cannot trap the walk). Hidden files and folders are skipped."""
+    """Every regular file below root, and every symbolic link to a file, sorted
+    (the links are yielded so that import_folder reports them; it never reads
+    through one). Symlinks to folders are not descended into (no loops, nothing
+    from outside the root). Hidden files and folders are skipped."""
     for folder, dirs, files in os.walk(root, followlinks=False):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not (Path(folder) / d).is_symlink())
         for name in sorted(files):
             if name.startswith("."):
                 continue
             path = Path(folder) / name
-            if path.is_file():
+            if path.is_file():  # a link to a regular file too (reported, not read)
                 yield path
+
+
+def _read_no_follow(path: Path) -> bytes:
+    """The bytes of a regular file, refusing a symbolic link even if one replaced
+    the file since the walk (O_NOFOLLOW). Raises ImageRejected, OSError."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_NONBLOCK", 0))
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ImageRejected(SYMLINK_REASON) from None
+        raise
+    with os.fdopen(fd, "rb") as handle:
+        info = os.fstat(handle.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise ImageRejected("not a regular file")
+        if info.st_size > settings.CBIR_MAX_IMPORT_FILE_BYTES:
+            raise ImageRejected(f"the file is larger than the limit of {settings.CBIR_MAX_IMPORT_FILE_BYTES:,} bytes")
+        return handle.read(settings.CBIR_MAX_IMPORT_FILE_BYTES + 1)
 
 
 def label_for(path: Path, root: Path, depth: int | None = None) -> str | None:
@@ -297,12 +334,7 @@ def import_folder(root: str | Path, dataset: Dataset, *, labels_from_folders: bo
     for index, path in enumerate(files, start=1):
         relative = nfc(printable_name(str(path.relative_to(root))))
         label = label_for(path, root, label_depth) if labels_from_folders else None
-        def read(path: Path = path) -> bytes:
-            if path.stat().st_size > settings.CBIR_MAX_IMPORT_FILE_BYTES:
-                raise ImageRejected(f"the file is larger than the limit of {settings.CBIR_MAX_IMPORT_FILE_BYTES:,} bytes")
-            return path.read_bytes()
-
-        _import_one(report, dataset, relative, label, read, unreadable=(OSError,),
+        _import_one(report, dataset, relative, label, functools.partial(_read_no_follow, path), unreadable=(OSError,),
                     describe=lambda exc: f"cannot be read ({getattr(exc, 'strerror', None) or exc})")
         progress(index, len(files), relative)
     return report
@@ -325,7 +357,34 @@ def _zip_entry_problem(exc: BaseException) -> str:
 
 
 class ZipRejected(ValueError):
-    """The archive as a whole is refused (not a zip, too many entries, too big)."""
+    """The archive as a whole is refused (not a zip, too many entries, too big, overlapping entries)."""
+
+
+_LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, 22 bytes, name length, extra length (APPNOTE 4.3.7)
+
+
+def check_no_overlap(archive, fp) -> None:
+    """Refuse (ZipRejected) a zip whose entries share bytes: two central
+    directory records pointing at one local header, or a local header plus
+    its declared compressed data running into the next entry or into the
+    central directory (the "overlapping files" zip bomb, cpython#109858;
+    Python 3.11's zipfile does not check it). `fp` is the open zip file;
+    each local header is read (30 bytes and its name/extra lengths), nothing
+    is decompressed."""
+    entries = sorted(archive.infolist(), key=lambda info: info.header_offset)
+    end_of_data = archive.start_dir
+    for index, info in enumerate(entries):
+        fp.seek(info.header_offset)
+        header = fp.read(_LOCAL_HEADER.size)
+        if len(header) < _LOCAL_HEADER.size or header[:4] != b"PK\x03\x04":
+            raise ZipRejected(f"not a readable zip file (the entry {printable_name(info.filename)[:100]!r} "
+                              f"has no local header where the directory says)")
+        name_length, extra_length = _LOCAL_HEADER.unpack(header)[1:]
+        end = info.header_offset + _LOCAL_HEADER.size + name_length + extra_length + info.compress_size
+        following = entries[index + 1].header_offset if index + 1 < len(entries) else end_of_data
+        if end > following:
+            raise ZipRejected("the zip's entries overlap (several entries share the same data, a zip bomb "
+                              "that `unzip -t` calls \"possible zip bomb\"); nothing was imported")
 
 
 def import_zip(zip_path: str | Path, dataset: Dataset, *, labels_from_folders: bool = False,
@@ -353,13 +412,14 @@ def import_zip(zip_path: str | Path, dataset: Dataset, *, labels_from_folders: b
         entries = [info for info in archive.infolist() if not info.is_dir()]
         if len(entries) > max_entries:
             raise ZipRejected(f"the zip holds {len(entries):,} files; the limit is {max_entries:,}")
+        check_no_overlap(archive, archive.fp)
         declared = sum(info.file_size for info in entries)
         if declared > max_total:
             # Refused before anything is stored; reads below never exceed the declared sizes.
             raise ZipRejected(f"the zip unpacks to {declared:,} bytes, more than the limit of {max_total:,}")
         total_read = 0
         for index, info in enumerate(entries, start=1):
-            name = zip_entry_name(info).replace("\\", "/")
+            name = printable_name(zip_entry_name(info)).replace("\\", "/")
             parts = [p for p in name.split("/") if p not in ("", ".", "..")]
             display = "/".join(parts) or "(unnamed)"
             if should_stop and should_stop():

@@ -8,9 +8,50 @@ from pgvector.django import HalfVectorField
 
 from training.models import ModelVersion
 
+DATASET_NAME_MAX = 100  # characters, after normalising (Dataset.name's max_length)
+
+
+class DatasetNameError(ValueError):
+    """A dataset name that cannot be stored: empty, too long, or holding a control character."""
+
+
+def normalise_dataset_name(raw: object) -> str:
+    """The one spelling of a dataset name, used by every path that creates a
+    dataset (import_images, import_idx, the admin) and every lookup by name
+    (search, the API, the commands): Unicode NFC (macOS's decomposed "café" is
+    the composed one), surrounding white space stripped. Raises
+    DatasetNameError, with words, for a name that is empty or only spaces
+    (it would look like "All datasets"), longer than 100 characters, or that
+    holds a control character (C0, DEL, C1: a NUL, a line break, an escape)
+    or a bidi control (U+202E and kin)."""
+    import unicodedata
+
+    from search.ingest import printable_name
+
+    name = unicodedata.normalize("NFC", str(raw)).strip()
+    if not name:
+        raise DatasetNameError("a dataset name cannot be empty or only spaces")
+    if printable_name(name) != name:
+        raise DatasetNameError(f"a dataset name cannot hold control characters (line breaks, tabs, escapes, "
+                               f"NUL or bidi controls); got {ascii(name)[:120]}")
+    if len(name) > DATASET_NAME_MAX:
+        raise DatasetNameError(f"a dataset name can be at most {DATASET_NAME_MAX} characters; "
+                               f"this one has {len(name)}")
+    return name
+
+
+def dataset_named(raw: object) -> Dataset | None:
+    """The dataset whose name is `raw` once normalised (normalise_dataset_name),
+    or None, also for a name no dataset can have (empty, NUL, too long)."""
+    try:
+        name = normalise_dataset_name(raw)
+    except DatasetNameError:
+        return None
+    return Dataset.objects.filter(name=name).first()
+
 
 class Dataset(models.Model):
-    name = models.CharField(max_length=100, unique=True)
+    name = models.CharField(max_length=DATASET_NAME_MAX, unique=True)
     description = models.TextField(blank=True)
     created = models.DateTimeField(auto_now_add=True)
 

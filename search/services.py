@@ -10,7 +10,7 @@ from django.conf import settings
 
 from search.hnsw import VALID, index_state
 from search.imaging import ImageRejected, decode_image
-from search.models import Dataset, Image
+from search.models import Dataset, Image, dataset_named
 from search.neighbours import Hit, nearest
 from training.core.inference import embed_query
 from training.models import ModelVersion
@@ -87,8 +87,8 @@ def parse_k(raw) -> int:
 def parse_dataset(name) -> Dataset | None:
     if name is None or str(name).strip() == "":
         return None
-    # PostgreSQL refuses NUL in text (a DataError, so a 500); no dataset has one in its name.
-    dataset = None if "\x00" in str(name) else Dataset.objects.filter(name=str(name).strip()).first()
+    # The spelling datasets are created with (NFC, stripped); a name none can have (NUL, ...) is unknown.
+    dataset = dataset_named(name)
     if dataset is None:
         raise BadParameter(f"unknown dataset {str(name)[:100]!r}")
     return dataset

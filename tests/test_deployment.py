@@ -107,3 +107,31 @@ def test_the_database_gets_the_settings_the_embedded_one_gets(compose):
     flags = {argv[i + 1].split("=", 1)[0] for i, a in enumerate(argv) if a == "-c"}
     assert set(postgres_settings()) <= flags
     assert db["shm_size"]
+
+
+def _ensure_test_packages(tmp_path, fashion_dir):
+    """Run scripts/cbir's ensure_test_packages as root with a fake apt-get that records its arguments
+    (Chromium, its driver and Redis faked present), and return what it was asked to install."""
+    import os
+    import subprocess
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    log = tmp_path / "apt.log"
+    log.unlink(missing_ok=True)
+    fakes = {"apt-get": f'echo "$@" >> {shlex.quote(str(log))}', "id": "echo 0",
+             "chromium": "true", "chromedriver": "true", "redis-server": "true"}
+    for name, body in fakes.items():
+        (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    script = f"source scripts/cbir && FASHION_PACKAGE_DIR={shlex.quote(str(fashion_dir))} && ensure_test_packages"
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "CBIR_VAR_DIR": str(tmp_path / "var")}
+    subprocess.run(["bash", "-c", script], cwd=ROOT, env=env, check=True, capture_output=True, timeout=60)
+    return log.read_text().splitlines() if log.exists() else []
+
+
+def test_the_test_command_installs_fashion_mnist_when_it_is_missing(tmp_path):
+    calls = _ensure_test_packages(tmp_path, tmp_path / "no-such-dir")
+    assert any(c.startswith("install") and "dataset-fashion-mnist" in c.split() for c in calls), calls
+    (tmp_path / "present").mkdir()
+    assert _ensure_test_packages(tmp_path, tmp_path / "present") == []

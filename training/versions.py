@@ -17,6 +17,7 @@ import json
 import math
 import os
 import re
+import secrets
 from dataclasses import asdict
 from pathlib import Path
 
@@ -170,7 +171,10 @@ def _publish(config: TrainConfig, state_dict: dict, prefix: str, source: str, me
         while ModelVersion.objects.filter(name=f"{prefix}{n}").exists():
             n += 1
         name = f"{prefix}{n}"
-        path = folder / f"{_file_safe(name)}.pt"
+        # A file name no other publisher can pick (the version name alone is
+        # only reserved when the row commits): the loser of a race for `name`
+        # deletes its own file below, never the one the winner's row points to.
+        path = folder / f"{_file_safe(name)}-{secrets.token_hex(4)}.pt"
         save_atomically({"model": state_dict, "architecture": config.architecture, "config": model.config}, path)
         try:
             with transaction.atomic():

@@ -15,6 +15,7 @@ from django.conf import settings
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import get_object_or_404, render
 from django.utils import timezone
+from django.utils.http import content_disposition_header
 from django.views.decorators.http import require_GET
 
 from search.models import Job
@@ -282,7 +283,8 @@ def report_csv(request: HttpRequest) -> HttpResponse:
     context = comparison(request.GET.get("dataset"))
     response = HttpResponse(content_type="text/csv; charset=utf-8")
     name = f"models-{context['dataset'] or 'none'}.csv"
-    response["Content-Disposition"] = f'attachment; filename="{name}"'
+    # Any dataset name (quotes, CR/LF, non-ASCII) makes a valid header this way (RFC 6266 filename*).
+    response["Content-Disposition"] = content_disposition_header(True, name) or "attachment"
     writer = csv.DictWriter(response, fieldnames=CSV_FIELDS, extrasaction="ignore")
     writer.writeheader()
     for data in _export_rows(context):

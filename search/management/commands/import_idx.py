@@ -18,7 +18,7 @@ from search.idx import (
 )
 from search.ingest import StorageError, import_blobs
 from search.management.progress import progress_bar
-from search.models import Dataset, Image
+from search.models import Dataset, DatasetNameError, Image, normalise_dataset_name
 
 
 def png_bytes(pixels: np.ndarray) -> bytes:
@@ -49,6 +49,10 @@ class Command(BaseCommand):
         parser.add_argument("--no-progress", action="store_true")
 
     def handle(self, *args, **options):
+        try:
+            options["dataset"] = normalise_dataset_name(options["dataset"])
+        except DatasetNameError as exc:
+            raise CommandError(str(exc)) from None
         limit = options["limit"]
         if limit is not None and limit < 1:
             raise CommandError("--limit must be at least 1")

@@ -10,7 +10,7 @@ from django.core.management.base import BaseCommand, CommandError
 from search import import_jobs, jobs
 from search.ingest import StorageError, ZipRejected, import_folder, import_zip
 from search.management.progress import progress_bar, wait_for_job
-from search.models import Dataset
+from search.models import Dataset, DatasetNameError, normalise_dataset_name
 
 
 class Command(BaseCommand):
@@ -31,6 +31,10 @@ class Command(BaseCommand):
         parser.add_argument("--no-wait", action="store_true", help="zip: start the job and return")
 
     def handle(self, *args, **options):
+        try:
+            options["dataset"] = normalise_dataset_name(options["dataset"])
+        except DatasetNameError as exc:
+            raise CommandError(str(exc)) from None
         path = Path(options["path"])
         if not path.exists():
             raise CommandError(f"{path} does not exist")

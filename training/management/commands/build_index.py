@@ -6,7 +6,7 @@ from django.core.management.base import BaseCommand, CommandError
 
 from search.indexing import build_index
 from search.management.progress import progress_bar
-from search.models import Dataset
+from search.models import dataset_named
 from training.core.networks.base import WeightsUnavailable
 from training.core.networks.registry import UnknownArchitecture
 from training.versions import resolve_version
@@ -28,7 +28,7 @@ class Command(BaseCommand):
         parser.add_argument("--no-progress", action="store_true")
 
     def handle(self, *args, **options):
-        dataset = Dataset.objects.filter(name=options["dataset"]).first()
+        dataset = dataset_named(options["dataset"])
         if dataset is None:
             raise CommandError(f"unknown dataset {options['dataset']!r}; import images first (import_images)")
         try:

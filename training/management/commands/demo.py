@@ -8,7 +8,7 @@ from django.core.management.base import BaseCommand, CommandError
 from search import embed_jobs, jobs
 from search.idx import IdxError, read_idx
 from search.management.progress import wait_for_job
-from search.models import Dataset
+from search.models import Dataset, normalise_dataset_name
 from training.versions import resolve_version
 
 FASHION_DEFAULT_LIMIT = 10_000
@@ -46,7 +46,7 @@ class Command(BaseCommand):
                 raise CommandError(f"{path} is not a folder (on Debian: apt-get install tuxpaint-stamps-default)")
             call_command("import_images", str(path), dataset=options["dataset"], labels_from_folders=True,
                          description=f"Demo images from {path}", stdout=self.stdout)
-        dataset = Dataset.objects.get(name=options["dataset"])
+        dataset = Dataset.objects.get(name=normalise_dataset_name(options["dataset"]))
         version = resolve_version(options["model"])
         try:
             job = embed_jobs.start_embed_job(version, dataset)

@@ -5,7 +5,7 @@ import json
 from django.core.management.base import BaseCommand, CommandError
 
 from search.management.progress import progress_bar
-from search.models import Dataset
+from search.models import Dataset, dataset_named
 from training.evaluation.copies import KINDS
 from training.evaluation.retrieval import (
     AGAINST,
@@ -50,7 +50,7 @@ class Command(BaseCommand):
         parser.add_argument("--no-progress", action="store_true")
 
     def handle(self, *args, **options):
-        dataset = Dataset.objects.filter(name=options["dataset"]).first()
+        dataset = dataset_named(options["dataset"])
         if dataset is None:
             known = ", ".join(Dataset.objects.values_list("name", flat=True)) or "none yet"
             raise CommandError(f"unknown dataset {options['dataset']!r} (datasets: {known})")

@@ -15,7 +15,7 @@ from django.utils import timezone
 from tqdm import tqdm
 
 from search.management.progress import progress_bar
-from search.models import Dataset, Job
+from search.models import Dataset, Job, dataset_named
 from training.core.config import OBJECTIVES, SCHEDULERS, SELECT_BY, TrainConfig, check_pretrained_available
 from training.core.networks import head as head_network
 from training.core.networks.base import WeightsUnavailable
@@ -79,7 +79,7 @@ class Command(BaseCommand):
         parser.add_argument("--no-progress", action="store_true")
 
     def handle(self, *args, **options):
-        dataset = Dataset.objects.filter(name=options["dataset"]).first()
+        dataset = dataset_named(options["dataset"])
         if dataset is None:
             known = ", ".join(Dataset.objects.values_list("name", flat=True)) or "none yet"
             raise CommandError(f"unknown dataset {options['dataset']!r} (datasets: {known})")
