@@ -91,10 +91,10 @@ INDEX_PREFIX = "search_embedding_hnsw_v"
 def index_name(version: ModelVersion | int, dataset: Dataset | int | None = None) -> str:
     """The version's index ("search_embedding_hnsw_v7"), or its index of one
     dataset ("search_embedding_hnsw_v7_d3"); rows or their ids."""
-    version_pk = int(getattr(version, "pk", version))
+    version_pk = version if isinstance(version, int) else int(version.pk)
     if dataset is None:
         return f"{INDEX_PREFIX}{version_pk}"
-    return f"{INDEX_PREFIX}{version_pk}_d{int(getattr(dataset, 'pk', dataset))}"
+    return f"{INDEX_PREFIX}{version_pk}_d{dataset if isinstance(dataset, int) else int(dataset.pk)}"
 
 
 def _name_pattern(version: ModelVersion | None, dataset_pk: int | None) -> str:
@@ -284,7 +284,7 @@ def create_index_sql(version: ModelVersion, m: int, ef_construction: int, *,
     query = Query(Embedding, alias_cols=False)
     compiler = query.get_compiler(connection=connection)
     expression, params = compiler.compile(indexed_expression(version).resolve_expression(query))
-    where = index._get_condition_sql(Embedding, connection.schema_editor(collect_sql=True))
+    where = index._get_condition_sql(Embedding, connection.schema_editor(collect_sql=True))  # type: ignore[attr-defined]
     assert not params
     return (f'CREATE INDEX {"CONCURRENTLY " if concurrently else ""}{connection.ops.quote_name(index.name)} '
             f'ON "search_embedding" USING hnsw (({expression}) halfvec_cosine_ops) '

@@ -26,7 +26,7 @@ def normalise_dataset_name(raw: object) -> str:
     or a bidi control (U+202E and kin)."""
     import unicodedata
 
-    from search.ingest import printable_name
+    from search.names import printable_name
 
     name = unicodedata.normalize("NFC", str(raw)).strip()
     if not name:

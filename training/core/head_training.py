@@ -87,7 +87,8 @@ class FeaturePlan:
             self.warnings.append(f"{unlabelled} unlabelled training image(s) left out ({config.objective} needs labels)")
         # Only images the cache lacks are opened: check those are readable.
         known = cache.cached_hashes()
-        to_check = [(pk, path, label) for pk, path, label, sha in train + val if known.get(pk) != sha]
+        to_check: list[tuple[int, str, str | None]] = [(pk, path, label) for pk, path, label, sha in train + val
+                                                      if known.get(pk) != sha]
         good = {pk for pk, _, _ in readable(to_check, self.warnings)}
         bad = {pk for pk, _, _ in to_check} - good
         train = [row for row in train if row[0] not in bad]

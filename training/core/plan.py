@@ -100,6 +100,7 @@ class _Plan:
         self.generator = torch.Generator()
         self.val_generator = torch.Generator()
         self.batch = config.batch_size // world  # per process; TrainConfig checks it divides evenly
+        self.val_loader: DataLoader  # each plan's own
         # The classifier's classes are fixed here (they are checked again on resume).
         self.objective: torch.nn.Module = self.spec.build(model, len(self.classes or []))
 
@@ -179,8 +180,8 @@ class PairPlan(_Plan):
         augment = self.config.augment or self.pairs == "augmented"
         pair_set = PairDataset(self.train_items, pairs, self.preprocessing, augment=augment)
         # Each process takes every world-th pair: together they cover each global batch once.
-        shard = DistributedSampler(pair_set, num_replicas=self.world, rank=self.rank, shuffle=False) \
-            if self.world > 1 else None
+        shard: DistributedSampler | None = DistributedSampler(
+            pair_set, num_replicas=self.world, rank=self.rank, shuffle=False) if self.world > 1 else None
         return DataLoader(pair_set, batch_size=self.batch, shuffle=False, sampler=shard, generator=self.generator,
                           **self.loader_args)
 

@@ -31,7 +31,7 @@ from training.core.data import TrainingData
 from training.core.distributed import STOP_REASONS, Dist, joint_loss
 from training.core.inference import resolve_device
 from training.core.loop import fit
-from training.core.plan import DataPlan, plan_rows
+from training.core.plan import DataPlan, LabelledPlan, PairPlan, plan_rows
 from training.core.precision import mixed_precision
 from training.core.runs import (  # noqa: F401 - TrainingStopped, TrainResult, best_epoch: this module's API as before
     EpochHooks,
@@ -46,7 +46,7 @@ from training.core.runs import (  # noqa: F401 - TrainingStopped, TrainResult, b
 
 logger = logging.getLogger(__name__)
 
-def _checkpoint_config(config: TrainConfig, plan: DataPlan) -> dict:
+def _checkpoint_config(config: TrainConfig, plan: LabelledPlan | PairPlan) -> dict:
     return {"train": asdict(config), "classes": plan.classes, "pairs": plan.pairs}
 
 
