@@ -120,17 +120,7 @@ class Command(BaseCommand):
             f"{'pretrained' if config.pretrained else 'random'} initial weights"
             f"{f', {config.image_size} px' if config.image_size else ''}; checkpoints in {directory}")
         if options["baseline"]:
-            try:
-                # A head run starts from its frozen backbone: that is the network to compare with.
-                baseline = create_initial_version(TrainConfig(
-                    config.backbone, epochs=1, image_size=config.image_size, seed=config.seed)
-                    if config.head_only and config.backbone else config, dataset)
-            except WeightsUnavailable as exc:
-                raise CommandError(str(exc)) from None
-            with progress_bar(f"embedding {dataset.name} with {baseline.name}", disable=options["no_progress"]) as b:
-                _, evaluation = index_and_evaluate(baseline, dataset, progress=b)
-            self.stdout.write(f"before training: model version {baseline.name}")
-            self._print_evaluation(evaluation)
+            self._baseline(dataset, config, options)
         bar = tqdm(total=config.epochs, desc="epochs", unit="epoch", file=sys.stderr, dynamic_ncols=True,
                    disable=options["no_progress"])
         printed = [0]
@@ -199,6 +189,20 @@ class Command(BaseCommand):
         self.stdout.write(f"embedded {report.embedded} image(s){failed}")
         self._print_evaluation(evaluation)
         self.stdout.write(self.style.SUCCESS(f"model version {outcome.version.name}"))
+
+    def _baseline(self, dataset: Dataset, config: TrainConfig, options) -> None:
+        """Publish, embed and evaluate the untrained starting network (--baseline)."""
+        try:
+            # A head run starts from its frozen backbone: that is the network to compare with.
+            baseline = create_initial_version(TrainConfig(
+                config.backbone, epochs=1, image_size=config.image_size, seed=config.seed)
+                if config.head_only and config.backbone else config, dataset)
+        except WeightsUnavailable as exc:
+            raise CommandError(str(exc)) from None
+        with progress_bar(f"embedding {dataset.name} with {baseline.name}", disable=options["no_progress"]) as b:
+            _, evaluation = index_and_evaluate(baseline, dataset, progress=b)
+        self.stdout.write(f"before training: model version {baseline.name}")
+        self._print_evaluation(evaluation)
 
     def _print_evaluation(self, evaluation: dict | None) -> None:
         if evaluation is None:
