@@ -139,3 +139,30 @@ def test_plain_progress_lines_are_throttled_and_the_end_is_printed():
     # ~1.1 s at one line per 0.2 s at most, plus the first and the last.
     assert 2 <= len(lines) <= 10, lines
     assert lines[0].startswith("probe: 1/1000 step") and lines[-1] == "probe: 1000/1000 step (100 %) step 1000"
+
+
+def test_an_import_job_keeps_the_first_reasons_and_counts_per_reason_of_many_bad_entries(dataset, tmp_path,
+                                                                                          settings):
+    from search.import_jobs import run_import_job
+    from search.models import Job
+    from tests.badinput import _zip_bytes, good_png
+
+    settings.MEDIA_ROOT = tmp_path / "media"
+    bad = 1500  # the result keeps the first 1,000 (file, reason) pairs and counts per reason
+    entries = {f"bad/{i:05}.png": b"" for i in range(bad)}  # empty files
+    entries.update({f"text/{i:05}.png": b"not a picture at all" for i in range(300)})
+    entries["ok.png"] = good_png(7)
+    zip_path = tmp_path / "many-bad.zip"
+    zip_path.write_bytes(_zip_bytes(entries))
+    job = Job.objects.create(kind=Job.Kind.IMPORT, dataset=dataset, params={"zip_path": str(zip_path)})
+    run_import_job(job.pk)
+    job.refresh_from_db()
+    assert job.status == Job.Status.SUCCEEDED, job.error
+    result = job.result
+    assert result["imported"] == 1 and result["rejected"] == bad + 300
+    assert len(result["reasons"]) == 1000
+    assert result["reasons_left_out"] == bad + 300 - 1000
+    assert [r["file"] for r in result["reasons"][:2]] == ["bad/00000.png", "bad/00001.png"]
+    assert sum(result["reason_counts"].values()) == bad + 300
+    assert len(result["reason_counts"]) <= 101  # the 100 commonest, the rest summed
+    assert max(result["reason_counts"].values()) == bad  # every empty file has the same reason
