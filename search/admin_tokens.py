@@ -26,8 +26,11 @@ class ApiTokenAdmin(admin.ModelAdmin):
         return ["name", "prefix", "user", "created", "last_used", "revoked"]
 
     def get_readonly_fields(self, request, obj=None):
-        # The owner and the key never change: a new key is a new token.
-        return [] if obj is None else ["prefix", "user", "created", "last_used"]
+        # The owner and the key never change: a new key is a new token. Revocation is final
+        # (ApiToken.save refuses to undo it), so once revoked the box is no longer a box.
+        if obj is None:
+            return []
+        return ["prefix", "user", "created", "last_used", *(["revoked"] if obj.revoked else [])]
 
     def get_changeform_initial_data(self, request):
         return {"user": request.user.pk}

@@ -37,6 +37,13 @@ def _noop(done: int, total: int, message: str) -> None:
     pass
 
 
+# What an import's result (a Job row's JSON, shown on its page) keeps of its skipped files:
+# the first REASONS_KEPT (file, reason) pairs, and a count for each of the COUNTED_REASONS
+# commonest reasons (the rest summed), so a zip of a million bad entries stays a small row.
+REASONS_KEPT = 1000
+COUNTED_REASONS = 100
+
+
 @dataclass
 class ImportReport:
     imported: int = 0
@@ -54,8 +61,16 @@ class ImportReport:
             "duplicates": self.duplicates,
             "rejected": self.rejected_count,
             "not_images": self.not_images,
-            "reasons": [{"file": name, "reason": reason} for name, reason in self.rejected],
+            "reasons": [{"file": name, "reason": reason} for name, reason in self.rejected[:REASONS_KEPT]],
+            "reasons_left_out": max(0, self.rejected_count - REASONS_KEPT),
+            "reason_counts": self._capped_reason_counts(),
         }
+
+    def _capped_reason_counts(self) -> dict[str, int]:
+        counts = self.reason_counts()
+        kept = dict(counts.most_common(COUNTED_REASONS))
+        other = sum(counts.values()) - sum(kept.values())
+        return {**kept, "(other reasons)": other} if other else kept
 
     @property
     def not_images(self) -> int:

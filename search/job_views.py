@@ -1,9 +1,16 @@
-"""Staff pages for jobs: the list, one job with live progress, cancel, re-run."""
+"""Staff pages for jobs: the list, one job with live progress, cancel, re-run.
+
+Staff only, and by Django permissions like the admin: reading jobs (their pages,
+logs, progress) needs search.view_job, cancelling or re-running one
+search.change_job (a superuser has both). A staff user without them gets 403."""
 
 from __future__ import annotations
 
+from functools import wraps
+
 from django.contrib import messages
 from django.contrib.admin.views.decorators import staff_member_required
+from django.core.exceptions import PermissionDenied
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_GET, require_POST
@@ -11,8 +18,26 @@ from django.views.decorators.http import require_GET, require_POST
 from search import jobs
 from search.models import Job
 
+VIEW_JOB = "search.view_job"
+CHANGE_JOB = "search.change_job"
 
-@staff_member_required
+
+def _staff_with(permission: str):
+    """Staff only (others go to the admin's login page), then `permission` or 403."""
+
+    def decorator(view):
+        @wraps(view)
+        def checked(request: HttpRequest, *args, **kwargs):
+            if not request.user.has_perm(permission):
+                raise PermissionDenied(f"this needs the {permission} permission")
+            return view(request, *args, **kwargs)
+
+        return staff_member_required(checked)
+
+    return decorator
+
+
+@_staff_with(VIEW_JOB)
 @require_GET
 def job_list(request: HttpRequest) -> HttpResponse:
     status = request.GET.get("status", "")
@@ -23,19 +48,23 @@ def job_list(request: HttpRequest) -> HttpResponse:
                                                 "statuses": Job.Status.choices})
 
 
-@staff_member_required
+@_staff_with(VIEW_JOB)
 @require_GET
 def job_detail(request: HttpRequest, job_id: int) -> HttpResponse:
     job = get_object_or_404(Job.objects.select_related("dataset", "model_version", "created_by"), pk=job_id)
-    return render(request, "search/job.html", {"job": job, "status": jobs.job_status(job)})
+    return render(request, "search/job.html", {"job": job, "status": jobs.job_status(job),
+                                               "can_change": request.user.has_perm(CHANGE_JOB)})
 
 
 def _staff_json(view):
-    """Staff only, answered in JSON (no redirect to a login page)."""
+    """Staff with search.view_job only, answered in JSON (no redirect to a login page)."""
 
+    @wraps(view)
     def wrapped(request: HttpRequest, *args, **kwargs):
         if not (request.user.is_authenticated and request.user.is_staff):
             return JsonResponse({"error": "staff login required"}, status=403)
+        if not request.user.has_perm(VIEW_JOB):
+            return JsonResponse({"error": f"this needs the {VIEW_JOB} permission"}, status=403)
         return view(request, *args, **kwargs)
 
     return wrapped
@@ -50,7 +79,7 @@ def job_status(request: HttpRequest, job_id: int) -> JsonResponse:
     return JsonResponse(jobs.job_status(job))
 
 
-@staff_member_required
+@_staff_with(CHANGE_JOB)
 @require_POST
 def job_cancel(request: HttpRequest, job_id: int) -> HttpResponse:
     job = get_object_or_404(Job, pk=job_id)
@@ -61,7 +90,7 @@ def job_cancel(request: HttpRequest, job_id: int) -> HttpResponse:
     return redirect("job-detail", job_id=job.pk)
 
 
-@staff_member_required
+@_staff_with(CHANGE_JOB)
 @require_POST
 def job_rerun(request: HttpRequest, job_id: int) -> HttpResponse:
     job = get_object_or_404(Job, pk=job_id)

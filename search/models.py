@@ -3,6 +3,7 @@ from __future__ import annotations
 import hashlib
 
 from django.conf import settings
+from django.core.exceptions import ValidationError
 from django.db import models
 from pgvector.django import HalfVectorField
 
@@ -253,7 +254,8 @@ class ApiToken(models.Model):
     a staff member in the admin. Only the SHA-256 of the key is stored: the key
     itself is shown once, on creation. A token works while it is not revoked and
     its owner is an active staff member; it opens the search API and /media/,
-    never the admin or the job pages."""
+    never the admin or the job pages. Revocation is final: a revoked token is
+    never un-revoked (clean and save refuse; the admin shows the field read-only)."""
 
     KEY_PREFIX = "cbir_"
 
@@ -271,8 +273,25 @@ class ApiToken(models.Model):
         ordering = ["-created"]
         verbose_name = "API token"
 
+    REVOCATION_IS_FINAL = "this API token was revoked, and revocation is final: create a new token instead"
+
     def __str__(self) -> str:
         return f"{self.name} ({self.prefix}…)"
+
+    def _unrevokes(self) -> bool:
+        """True when this unsaved state would un-revoke a token revoked in the database."""
+        return (not self.revoked and self.pk is not None
+                and ApiToken.objects.filter(pk=self.pk, revoked=True).exists())
+
+    def clean(self) -> None:
+        super().clean()
+        if self._unrevokes():
+            raise ValidationError({"revoked": self.REVOCATION_IS_FINAL})
+
+    def save(self, *args, **kwargs) -> None:
+        if self._unrevokes():
+            raise ValidationError(self.REVOCATION_IS_FINAL)
+        super().save(*args, **kwargs)
 
     @staticmethod
     def hash_key(key: str) -> str:

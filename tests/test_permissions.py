@@ -176,6 +176,47 @@ def test_a_non_staff_user_cannot_cancel_or_rerun_a_job(visitor, dataset):
     assert job.status == Job.Status.RUNNING
 
 
+def _staff_user(django_user_model, name, *permissions):
+    from django.contrib.auth.models import Permission
+
+    user = django_user_model.objects.create_user(name, password="a-long-password-1", is_staff=True)
+    user.user_permissions.set([Permission.objects.get(content_type__app_label="search", codename=codename)
+                               for codename in permissions])
+    return user
+
+
+def test_job_pages_need_the_view_permission_and_cancel_rerun_the_change_permission(client, django_user_model,
+                                                                                    dataset):
+    job = Job.objects.create(kind=Job.Kind.IMPORT, dataset=dataset, status=Job.Status.RUNNING)
+    failed = Job.objects.create(kind=Job.Kind.IMPORT, dataset=dataset, status=Job.Status.FAILED)
+    # Staff without either permission: 403 everywhere (never a 500, never a login redirect loop).
+    client.force_login(_staff_user(django_user_model, "bare-staff"))
+    for url in ("/jobs/", f"/jobs/{job.pk}/"):
+        assert client.get(url).status_code == 403, url
+    status = client.get(f"/jobs/{job.pk}/status")
+    assert status.status_code == 403 and "search.view_job" in status.json()["error"]
+    assert client.post(f"/jobs/{job.pk}/cancel").status_code == 403
+    assert client.post(f"/jobs/{failed.pk}/rerun").status_code == 403
+    # May read, not change: the pages and the log, no buttons, cancel and rerun refused.
+    client.force_login(_staff_user(django_user_model, "reader", "view_job"))
+    assert client.get("/jobs/").status_code == 200
+    page = client.get(f"/jobs/{job.pk}/")
+    assert page.status_code == 200 and 'id="cancel-form"' not in page.content.decode()
+    assert client.get(f"/jobs/{job.pk}/status").json()["status"] == "running"
+    assert client.post(f"/jobs/{job.pk}/cancel").status_code == 403
+    assert client.post(f"/jobs/{failed.pk}/rerun").status_code == 403
+    job.refresh_from_db()
+    failed.refresh_from_db()
+    assert job.status == Job.Status.RUNNING and failed.status == Job.Status.FAILED
+    # May read and change: the buttons, and cancel works.
+    client.force_login(_staff_user(django_user_model, "operator", "view_job", "change_job"))
+    assert 'id="cancel-form"' in client.get(f"/jobs/{job.pk}/").content.decode()
+    response = client.post(f"/jobs/{job.pk}/cancel")
+    assert response.status_code == 302 and response["Location"] == f"/jobs/{job.pk}/"
+    job.refresh_from_db()
+    assert job.status == Job.Status.CANCELLED
+
+
 # --- CSRF -------------------------------------------------------------------------
 
 def _post_forms(text: str) -> list[str]:

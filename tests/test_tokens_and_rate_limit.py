@@ -108,6 +108,37 @@ def test_the_revoke_action_in_the_admin(client, staff, token_and_key):
     assert token.revoked
 
 
+def test_revocation_is_final_in_the_admin_the_model_and_the_api(client, staff, indexed, token_and_key):
+    from django.core.exceptions import ValidationError
+
+    token, key = token_and_key
+    url = f"/api/images/{Image.objects.first().pk}/similar"
+    change = f"/admin/search/apitoken/{token.pk}/change/"
+    assert client.get(url, **_bearer(key)).status_code == 200
+    # Before revocation the admin offers the box; tick it.
+    assert b'name="revoked"' in client.get(change).content
+    response = client.post(change, {"name": "partner", "revoked": "on"})
+    assert response.status_code == 302, response.content.decode()[-2000:]
+    token.refresh_from_db()
+    assert token.revoked and client.get(url, **_bearer(key)).status_code == 401
+    # Revoked: the box is gone; a form posted without it (unticked) changes the name, never the revocation.
+    page = client.get(change)
+    assert page.status_code == 200 and b'name="revoked"' not in page.content
+    assert client.post(change, {"name": "partner, renamed"}).status_code == 302
+    token.refresh_from_db()
+    assert token.name == "partner, renamed" and token.revoked
+    assert client.get(url, **_bearer(key)).status_code == 401
+    # The model refuses too, with words (a script, the shell, another form).
+    token.revoked = False
+    with pytest.raises(ValidationError, match="revocation is final"):
+        token.full_clean()
+    with pytest.raises(ValidationError, match="revocation is final"):
+        token.save()
+    assert ApiToken.objects.get(pk=token.pk).revoked
+    response = client.get(url, **_bearer(key))
+    assert response.status_code == 401 and "revoked" in response.json()["error"]
+
+
 def test_a_token_never_opens_staff_pages(client, token_and_key):
     _, key = token_and_key
     assert client.get("/jobs/", **_bearer(key)).status_code == 302
