@@ -17,6 +17,7 @@ import struct
 import tempfile
 import unicodedata
 import zlib
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,7 +68,7 @@ class ImportReport:
         }
 
     def _capped_reason_counts(self) -> dict[str, int]:
-        counts = self.reason_counts()
+        counts = Counter(reason for _, reason in self.rejected)
         kept = dict(counts.most_common(COUNTED_REASONS))
         other = sum(counts.values()) - sum(kept.values())
         return {**kept, "(other reasons)": other} if other else kept
