@@ -31,15 +31,6 @@ class DatasetForm(forms.ModelForm):
         except DatasetNameError as exc:
             raise forms.ValidationError(str(exc)) from None
 
-INDEX_WORDS = {hnsw.VALID: "ready", hnsw.MISSING: "no index", hnsw.BUILDING: "index building",
-               hnsw.INVALID: "index invalid (a failed build; the next build replaces it)"}
-
-
-def _index_words(version) -> str:
-    """The version's index state (search.hnsw.index_state, what search reads), in words."""
-    return INDEX_WORDS[hnsw.index_state(version)]
-
-
 @admin.register(Dataset)
 class DatasetAdmin(DeleteThroughJobsMixin, admin.ModelAdmin):
     form = DatasetForm
@@ -162,7 +153,7 @@ class DatasetAdmin(DeleteThroughJobsMixin, admin.ModelAdmin):
         if not obj.pk:
             return "—"
         total = obj.images.count()
-        rows = [(v.name, " (active)" if v.is_active else "", n, total, _index_words(v))
+        rows = [(v.name, " (active)" if v.is_active else "", n, total, hnsw.state_in_words(v))
                 for v, n in coverage(obj)]
         return format_html("<table>{}</table>", format_html_join(
             "", "<tr><td>{}{}</td><td>{} / {}</td><td>{}</td></tr>", rows)) if rows else "no model version yet"

@@ -129,7 +129,7 @@ def _finish(run: runner.Run) -> str:
 
     image_ids = [i for ids in JobChunk.objects.filter(job_id=job_id).values_list("image_ids", flat=True) for i in ids]
     try:
-        finished = finish_index(version, image_ids, activate=activate, progress=lambda d, t, msg: run.progress(d, t, msg),
+        finished = finish_index(version, image_ids, activate=activate, progress=run.progress,
                                 log=run.log, check_stop=lambda: run.check_stop("cancelled before the version was "
                                                                                "activated"),
                                 near_duplicate_progress=near_duplicate_progress)

@@ -147,6 +147,15 @@ def index_state(version: ModelVersion | int, dataset: Dataset | None = None) -> 
     return BUILDING if row[1] else INVALID
 
 
+STATE_WORDS = {VALID: "ready", MISSING: "no index", BUILDING: "index building",
+               INVALID: "index invalid (a failed build; the next build replaces it)"}
+
+
+def state_in_words(version: ModelVersion) -> str:
+    """index_state for people (the admin's pages)."""
+    return STATE_WORDS[index_state(version)]
+
+
 def is_ready(version: ModelVersion) -> bool:
     """Whether searches can use the version's index (index_state is "valid")."""
     return index_state(version) == VALID

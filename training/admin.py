@@ -7,7 +7,6 @@ from django.utils.html import format_html
 
 from search import embed_jobs, hnsw
 from search.admin import DatasetAdmin as SearchDatasetAdmin
-from search.admin import _index_words
 from search.admin_deletes import DeleteThroughJobsMixin
 from search.admin_jobs import intermediate, redirect_to_job, start_or_report
 from search.delete_jobs import Outcome
@@ -63,7 +62,7 @@ class ModelVersionAdmin(DeleteThroughJobsMixin, admin.ModelAdmin):
 
     @admin.display(description="index")
     def index_ready(self, obj):
-        return _index_words(obj)
+        return hnsw.state_in_words(obj)
 
     @admin.display(description="metrics")
     def metrics_pretty(self, obj):
