@@ -141,6 +141,9 @@ CBIR_CHUNK_SIZE = env_int("CBIR_CHUNK_SIZE", 256, minimum=1)
 # its worker and is queued again (workers check every CBIR_RECOVERY_INTERVAL s).
 CBIR_JOB_STALE_SECONDS = env_int("CBIR_JOB_STALE_SECONDS", 120, minimum=1)
 CBIR_RECOVERY_INTERVAL = env_float("CBIR_RECOVERY_INTERVAL", 30.0, minimum=0.1)
+# A queued job or chunk not picked up for this long whose message the broker no
+# longer holds (Redis flushed, or restarted without its append-only file) is sent again.
+CBIR_JOB_QUEUED_RESEND_SECONDS = env_int("CBIR_JOB_QUEUED_RESEND_SECONDS", 120, minimum=1)
 # Starting a job first checks that a worker answers (seconds to wait for one).
 CBIR_WORKER_PING_TIMEOUT = env_float("CBIR_WORKER_PING_TIMEOUT", 1.5, minimum=0.1)
 # Fault-injection aid for demonstrations and tests: pause between batches

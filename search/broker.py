@@ -3,8 +3,10 @@ after commit, revoke. Knows no job kind and no row but the one it is given."""
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from django.conf import settings
 from django.db import models, transaction
@@ -85,6 +87,38 @@ def send_after_commit(task_name: str, queue: str, row_model: type[models.Model],
         row_model._default_manager.filter(pk=row_id).update(celery_task_id=result.id)
 
     transaction.on_commit(send)
+
+
+def waiting_task_ids(queues: Iterable[str]) -> set[str] | None:
+    """The ids of the tasks the broker holds for `queues`: waiting in a queue
+    (every priority level) or delivered to a worker and not yet acknowledged
+    (with acks_late, until the task ends). None when the transport cannot be
+    listed (not Redis). Raises BrokerUnavailable when the broker does not answer.
+
+    Reads kombu's Redis layout (one list per queue and priority, the "unacked"
+    hash); the messages are JSON with the task id in headers["id"]."""
+    from cbirsite.celery import app
+
+    try:
+        with app.connection_for_write() as conn:
+            channel: Any = conn.default_channel
+            client = getattr(channel, "client", None)
+            if client is None or not hasattr(channel, "_q_for_pri"):
+                return None
+            raw: list[Any] = []
+            for queue in queues:
+                for priority in channel.priority_steps:
+                    raw.extend(client.lrange(channel._q_for_pri(queue, priority), 0, -1))
+            raw.extend(json.loads(entry)[0] for entry in client.hvals(channel.unacked_key))
+    except Exception as exc:  # noqa: BLE001 - kombu and redis raise many kinds
+        raise BrokerUnavailable(f"cannot list the broker's queues ({exc})") from None
+    ids: set[str] = set()
+    for item in raw:
+        message = json.loads(item) if isinstance(item, (str, bytes)) else item
+        task_id = (message.get("headers") or {}).get("id") or (message.get("properties") or {}).get("correlation_id")
+        if task_id:
+            ids.add(str(task_id))
+    return ids
 
 
 def revoke(task_ids: list[str]) -> None:

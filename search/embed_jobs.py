@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from django.conf import settings
 from django.db import transaction
+from django.utils import timezone
 
 from search import jobs, runner
 from search.hnsw import IndexBuildError
@@ -32,8 +33,10 @@ def queue_chunks(job: Job) -> int:
         raise jobs.JobError("the job's model version was deleted")
     ids = missing_image_ids(dataset, job.model_version)
     size = int(job.params.get("chunk_size") or settings.CBIR_CHUNK_SIZE)
+    queued_at = timezone.now()
     chunks = JobChunk.objects.bulk_create(
-        [JobChunk(job=job, index=i, image_ids=part) for i, part in enumerate(_chunks(ids, size))])
+        [JobChunk(job=job, index=i, image_ids=part, heartbeat=queued_at)  # queued since (jobs.resend_lost)
+         for i, part in enumerate(_chunks(ids, size))])
     job.params["compile"] = compile_for(len(ids))
     Job.objects.filter(pk=job.pk).update(progress_done=0, progress_total=len(ids), params=job.params)
     for chunk in chunks:

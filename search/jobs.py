@@ -27,7 +27,8 @@ from typing import Any
 
 from django.conf import settings
 from django.db import connection, transaction
-from django.db.models import Q, Sum
+from django.db.models import Exists, OuterRef, Q, Sum
+from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from search import broker
@@ -142,7 +143,9 @@ def transition(job_id: int, to: str, *, expect: Iterable[str] | None = None, **f
     if to in (S.SUCCEEDED, S.FAILED, S.CANCELLED):
         fields.setdefault("finished", now)
     if to == S.QUEUED:
+        # While queued, `heartbeat` says since when (see resend_lost).
         fields.setdefault("finished", None)
+        fields.setdefault("heartbeat", now)
     return Job.objects.filter(pk=job_id, status__in=sources).update(status=to, **fields) == 1
 
 
@@ -287,7 +290,70 @@ def rerun(job: Job, *, check: bool = True) -> Job:
 
 def recover_stale() -> int:
     """Queue again the chunks and jobs whose worker stopped sending heartbeats
-    (killed, host lost). Safe to run from every worker at once."""
+    (killed, host lost), and send again queued work whose message was lost
+    (resend_lost). Safe to run from every worker at once. Returns how many."""
+    return _requeue_dead() + resend_lost()
+
+
+def resend_lost() -> int:
+    """Send again the queued chunks and jobs (a whole job, or a split job's
+    finishing step) that have waited CBIR_JOB_QUEUED_RESEND_SECONDS or more and
+    whose task id the broker no longer holds, in a queue or delivered to a
+    worker (Redis flushed, or restarted without its data). Returns how many.
+
+    A message merely waiting behind a long task is still in the broker and is
+    left alone. Should a resent message meet its original all the same, the
+    claim (a conditional UPDATE from QUEUED) lets one run and the other finds
+    the work taken and does nothing. Sends nothing when the broker cannot be
+    listed (not Redis) or does not answer."""
+    before = timezone.now() - timedelta(seconds=settings.CBIR_JOB_QUEUED_RESEND_SECONDS)
+    # `heartbeat` of a queued row says since when it is queued (transition, queue_chunks);
+    # rows queued before that was so fall back to their creation.
+    chunks = list(JobChunk.objects.select_related("job").alias(since=Coalesce("heartbeat", "job__created")).filter(
+        status=S.QUEUED, job__status__in=ACTIVE, since__lt=before))
+    whole = [name for name, kind in KINDS.items() if kind.chunk_task is None]
+    unfinished_chunks = JobChunk.objects.filter(job=OuterRef("pk")).exclude(status=S.SUCCEEDED)
+    queued = list(Job.objects.alias(since=Coalesce("heartbeat", "created")).filter(
+        status=S.QUEUED, since__lt=before, kind__in=list(KINDS)).filter(
+        Q(kind__in=whole) | ~Exists(unfinished_chunks)))
+    if not chunks and not queued:
+        return 0
+    try:
+        waiting = broker.waiting_task_ids(queues())
+    except broker.BrokerUnavailable as exc:
+        logger.warning("cannot check for lost messages: %s", exc)
+        return 0
+    if waiting is None:
+        return 0
+    count = 0
+    for chunk in chunks:
+        if chunk.celery_task_id and chunk.celery_task_id in waiting:
+            continue
+        with transaction.atomic():
+            if JobChunk.objects.filter(pk=chunk.pk, status=S.QUEUED, heartbeat=chunk.heartbeat).update(
+                    heartbeat=timezone.now()):
+                add_log(chunk.job_id, f"chunk {chunk.index}: queued {_since(chunk.heartbeat or chunk.job.created)} "
+                                      "and its message is no longer in the broker; sent again")
+                send_chunk(chunk)
+                count += 1
+    for job in queued:
+        if job.celery_task_id and job.celery_task_id in waiting:
+            continue
+        with transaction.atomic():
+            if Job.objects.filter(pk=job.pk, status=S.QUEUED, heartbeat=job.heartbeat).update(
+                    heartbeat=timezone.now()):
+                add_log(job.pk, f"queued {_since(job.heartbeat or job.created)} and its message is no longer "
+                                "in the broker; sent again")
+                send(job)
+                count += 1
+    return count
+
+
+def _since(moment: Any) -> str:
+    return f"for {int((timezone.now() - moment).total_seconds())} s"
+
+
+def _requeue_dead() -> int:
     stale_before = timezone.now() - timedelta(seconds=settings.CBIR_JOB_STALE_SECONDS)
     count = 0
     for chunk in JobChunk.objects.select_related("job").filter(

@@ -247,7 +247,7 @@ def queue_finish(job_id: int) -> bool:
         return False
     with transaction.atomic():
         if not Job.objects.filter(pk=job_id, status=S.RUNNING, claimed__isnull=True).update(
-                status=S.QUEUED, message="chunks done; the finishing step is queued"):
+                status=S.QUEUED, heartbeat=timezone.now(), message="chunks done; the finishing step is queued"):
             return False
         add_log(job_id, "all chunks done; finishing step queued")
         send(Job.objects.get(pk=job_id))

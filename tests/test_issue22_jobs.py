@@ -1,0 +1,136 @@
+"""Issue 22, the job kernel: a queued job whose broker message was lost, a
+worker process lost mid-task, uploads left behind. Real PostgreSQL, the
+test run's real Redis, real Celery workers where a worker is the point."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from django.utils import timezone
+
+from search import broker, jobs, runner
+from search.jobs import S
+from search.models import Job, JobChunk
+
+LOST_QUEUE = "cbir-test-lost"  # no worker consumes it: what is sent there stays
+
+
+@pytest.fixture
+def lost_kinds():
+    """Two job kinds on a queue of their own: a whole job, and a split one."""
+    whole = jobs.JobKind("lostwhole", task="search.tasks.run_import", queue=LOST_QUEUE)
+    split = jobs.JobKind("lostsplit", task="search.tasks.finish_embed_job", queue=LOST_QUEUE,
+                         chunk_task="search.tasks.embed_chunk")
+    for kind in (whole, split):
+        jobs.register_kind(kind)
+    _purge(LOST_QUEUE)
+    yield whole, split
+    _purge(LOST_QUEUE)
+    for kind in (whole, split):
+        jobs.KINDS.pop(kind.name, None)
+
+
+def _purge(queue: str) -> None:
+    """What a Redis flush does to one queue."""
+    from cbirsite.celery import app
+
+    with app.connection_for_write() as conn:
+        conn.default_channel.queue_purge(queue)
+
+
+def _waiting() -> set[str]:
+    ids = broker.waiting_task_ids([LOST_QUEUE])
+    assert ids is not None
+    return ids
+
+
+def _age(model, pk: int, seconds: float) -> None:
+    model.objects.filter(pk=pk).update(heartbeat=timezone.now() - timedelta(seconds=seconds))
+
+
+def test_a_queued_job_whose_message_was_lost_is_sent_again_once(lost_kinds, db, settings,
+                                                                django_capture_on_commit_callbacks):
+    settings.CBIR_JOB_QUEUED_RESEND_SECONDS = 60
+    with django_capture_on_commit_callbacks(execute=True):
+        job = jobs.create("lostwhole", log="created")
+    job.refresh_from_db()
+    assert job.celery_task_id in _waiting()
+
+    _age(Job, job.pk, 30)  # queued, but not for long: left alone
+    assert jobs.resend_lost() == 0
+    _age(Job, job.pk, 3600)  # waiting behind a long task: its message is still there
+    assert jobs.resend_lost() == 0
+    assert Job.objects.get(pk=job.pk).celery_task_id == job.celery_task_id
+
+    _purge(LOST_QUEUE)  # Redis flushed: the message is gone
+    with django_capture_on_commit_callbacks(execute=True):
+        assert jobs.resend_lost() == 1
+    job.refresh_from_db()
+    assert job.status == S.QUEUED and job.celery_task_id in _waiting()
+    assert "no longer in the broker; sent again" in job.log[-1]["msg"]
+    assert len(_waiting()) == 1
+    with django_capture_on_commit_callbacks(execute=True):
+        assert jobs.recover_stale() == 0  # just sent: no second copy
+
+    # Should both copies reach workers, the claim lets only one run it.
+    runs = []
+    assert runner.execute(job.pk, lambda run: runs.append(run.job_id)) == "done"
+    assert runner.execute(job.pk, lambda run: runs.append(run.job_id)) == "not claimed"
+    assert runs == [job.pk]
+
+
+def test_a_lost_chunk_is_sent_again_and_its_split_job_is_not_finished_early(lost_kinds, db, settings,
+                                                                            django_capture_on_commit_callbacks):
+    settings.CBIR_JOB_QUEUED_RESEND_SECONDS = 60
+    with django_capture_on_commit_callbacks(execute=True):
+        job = jobs.create("lostsplit", log="created")
+        chunks = [JobChunk.objects.create(job=job, index=i, image_ids=[], heartbeat=timezone.now())
+                  for i in range(2)]
+        for chunk in chunks:
+            jobs.send_chunk(chunk)
+    assert job.celery_task_id == ""  # a split job sends its chunks, not itself
+    Job.objects.filter(pk=job.pk).update(created=timezone.now() - timedelta(hours=1))
+    for chunk in chunks:
+        _age(JobChunk, chunk.pk, 3600)
+    assert jobs.resend_lost() == 0  # both messages still wait
+
+    _purge(LOST_QUEUE)
+    with django_capture_on_commit_callbacks(execute=True):
+        assert jobs.resend_lost() == 2  # the two chunks; the job's finishing step waits for them
+    sent = set(JobChunk.objects.filter(job=job).values_list("celery_task_id", flat=True))
+    assert sent == _waiting() and len(sent) == 2
+    assert Job.objects.get(pk=job.pk).celery_task_id == ""
+
+    # Once every chunk is done the finishing step is queued; lost too, it is sent again.
+    JobChunk.objects.filter(job=job).update(status=S.SUCCEEDED)
+    Job.objects.filter(pk=job.pk).update(status=S.RUNNING)
+    _purge(LOST_QUEUE)
+    with django_capture_on_commit_callbacks(execute=True):
+        assert runner.queue_finish(job.pk)
+    _age(Job, job.pk, 3600)
+    _purge(LOST_QUEUE)
+    with django_capture_on_commit_callbacks(execute=True):
+        assert jobs.resend_lost() == 1
+    assert Job.objects.get(pk=job.pk).celery_task_id in _waiting()
+
+
+def test_no_broker_means_nothing_is_sent_and_nothing_changes(lost_kinds, db, settings,
+                                                             django_capture_on_commit_callbacks):
+    from cbirsite.celery import app
+
+    settings.CBIR_JOB_QUEUED_RESEND_SECONDS = 60
+    with django_capture_on_commit_callbacks(execute=True):
+        job = jobs.create("lostwhole", log="created")
+    _age(Job, job.pk, 3600)
+    before = Job.objects.get(pk=job.pk)
+    good = app.conf.broker_url
+    app.conf.broker_url = "redis://127.0.0.1:1/0"
+    broker.reset_broker_connections()
+    try:
+        assert jobs.resend_lost() == 0
+    finally:
+        app.conf.broker_url = good
+        broker.reset_broker_connections()
+    after = Job.objects.get(pk=job.pk)
+    assert (after.heartbeat, after.celery_task_id, after.log) == (before.heartbeat, before.celery_task_id, before.log)
