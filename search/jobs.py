@@ -295,6 +295,34 @@ def recover_stale() -> int:
     return _requeue_dead() + resend_lost()
 
 
+def worker_lost(task_name: str, row_id: int, reason: str, *, resend: bool) -> bool:
+    """A worker's pool process died while running `task_name(row_id)` (killed,
+    out of memory), as Celery's main worker process saw at once: queue the
+    running job or chunk again, saying why on the job, instead of waiting
+    CBIR_JOB_STALE_SECONDS for its heartbeat to go stale. Celery itself
+    requeues the message (acks_late with reject_on_worker_lost); with
+    `resend` this sends it again. Returns whether a row was queued again."""
+    message = f"the worker process was lost ({reason}); queued again"
+    for kind in KINDS.values():
+        if task_name == kind.chunk_task:
+            chunk = JobChunk.objects.select_related("job").filter(pk=row_id).first()
+            if chunk is None or not JobChunk.objects.filter(pk=row_id, status=S.RUNNING).update(
+                    status=S.QUEUED, heartbeat=timezone.now()):
+                return False
+            add_log(chunk.job_id, f"chunk {chunk.index}: {message}")
+            if resend:
+                send_chunk(chunk)
+            return True
+        if task_name == kind.task:
+            if not transition(row_id, S.QUEUED, expect=[S.RUNNING], message=message[:300]):
+                return False
+            add_log(row_id, message)
+            if resend:
+                send(Job.objects.get(pk=row_id))
+            return True
+    return False
+
+
 def resend_lost() -> int:
     """Send again the queued chunks and jobs (a whole job, or a split job's
     finishing step) that have waited CBIR_JOB_QUEUED_RESEND_SECONDS or more and

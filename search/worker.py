@@ -1,6 +1,8 @@
 """Hooks of the job kernel into a Celery worker's life cycle, connected from
-SearchConfig.ready(): DataLoader processes in pool processes, and the
-recovery loop that re-queues work whose worker died (search.jobs.recover_stale)."""
+SearchConfig.ready(): DataLoader processes in pool processes, the recovery
+loop that re-queues work whose worker died (search.jobs.recover_stale), and
+the request class (KernelRequest, every task's, see cbirsite/celery.py) that
+re-queues at once the work of a pool process that died."""
 
 from __future__ import annotations
 
@@ -8,12 +10,44 @@ import logging
 import threading
 from typing import Any
 
+from celery.worker.request import Request
 from django.conf import settings
 from django.db import close_old_connections
 
 from search import jobs
 
 logger = logging.getLogger(__name__)
+
+
+class KernelRequest(Request):
+    """Celery's request, which lives in the worker's main process: when the
+    pool process running the task dies (SIGKILL, the out-of-memory killer),
+    Celery calls on_failure with WorkerLostError at once. Before Celery
+    requeues the message, the job or chunk goes back to queued with the
+    reason in its log (search.jobs.worker_lost), so the job page says so and
+    the redelivered message can claim it."""
+
+    def on_failure(self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False) -> Any:
+        from billiard.einfo import ExceptionWithTraceback  # type: ignore[attr-defined]  # not in the stubs
+        from celery.exceptions import WorkerLostError
+
+        exc = exc_info.exception
+        if isinstance(exc, ExceptionWithTraceback):
+            exc = exc.exc
+        cancelled = getattr(self, "_already_cancelled", False) or getattr(self, "_already_revoked", False)
+        # Billiard >= 4.3 may report the child's exit as SystemExit; Celery treats it as a lost worker too.
+        lost = isinstance(exc, WorkerLostError) or (isinstance(exc, (SystemExit, KeyboardInterrupt)) and not cancelled)
+        if lost and len(self.args or ()) == 1:
+            try:
+                close_old_connections()
+                requeued = bool(self.task.acks_late and self.task.reject_on_worker_lost)
+                jobs.worker_lost(self.task_name, int(self.args[0]), f"{type(exc).__name__}: {exc}",
+                                 resend=not requeued)
+            except Exception:  # noqa: BLE001 - the stale-heartbeat scan still recovers it
+                logger.exception("could not record the lost worker of %s %s", self.task_name, self.args)
+        return super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
+
+
 def allow_loader_processes(**kwargs: Any) -> None:
     """Celery's prefork pool runs tasks in daemonic processes, and Python forbids
     daemonic processes to start children, which a DataLoader with workers needs.

@@ -119,6 +119,49 @@ def test_a_worker_killed_mid_job_is_replaced_and_the_job_finishes(many_images, t
         session_worker.wait_ready(app)
 
 
+def _pool_processes(parent: int) -> list[int]:
+    """The pids of a worker's pool processes (its main process's children)."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == parent:
+            children.append(int(stat.parent.name))
+    return children
+
+
+def test_a_killed_pool_process_shows_on_the_job_at_once_and_the_job_finishes(many_images, tiny_version, worker_env,
+                                                                            tmp_path, session_worker):
+    """SIGKILL the pool process running a chunk: Celery's main process sees
+    WorkerLostError at once, and the job says so long before a heartbeat
+    could go stale (600 s here); the redelivered chunk finishes the job."""
+    import os
+    import signal
+    import time
+
+    from tests.workers import worker_in_place_of
+
+    slow_env = dict(worker_env, CBIR_EMBED_THROTTLE_SECONDS="0.4", CBIR_EMBED_BATCH_SIZE="2",
+                    CBIR_JOB_STALE_SECONDS="600")
+    with worker_in_place_of(session_worker, "losing", slow_env, tmp_path / "losing.log") as worker:
+        job = embed_jobs.start_embed_job(tiny_version, many_images, chunk_size=10)
+        wait_for(lambda: JobChunk.objects.filter(job=job, status=S.RUNNING, done__gt=0).exists(),
+                 message="a chunk to be under way")
+        (child,) = _pool_processes(worker.process.pid)
+        os.kill(child, signal.SIGKILL)
+        killed = time.monotonic()
+        wait_for(lambda: any("worker process was lost" in line["msg"] for line in Job.objects.get(pk=job.pk).log),
+                 timeout=30, message="the job to say its worker process was lost")
+        assert time.monotonic() - killed < 30
+        job = wait_for(lambda: _finished(job.pk), timeout=150, message="the job to finish after the kill")
+        assert job.status == S.SUCCEEDED, (job.error, job.log)
+        assert JobChunk.objects.filter(job=job, attempts__gte=2).exists()
+        _assert_each_image_embedded_once(tiny_version, many_images)
+        assert "WorkerLostError" in (tmp_path / "losing.log").read_text()
+
+
 def test_redis_restarted_mid_job_the_job_still_finishes(many_images, tiny_version, redis_server, worker_env,
                                                        tmp_path, session_worker):
     from tests.workers import worker_in_place_of
