@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from django.conf import settings
 from PIL import Image, ImageFile, UnidentifiedImageError, features
 
-from training.core.preprocessing import HEIF_SUPPORTED, MAX_PNG_METADATA_CHUNK, to_rgb
+from training.core.preprocessing import HEIF_SUPPORTED, MAX_PNG_METADATA_CHUNK, exif_orientation, to_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -272,7 +272,7 @@ def _decode_image(data: bytes, *, max_pixels: int | None = None, draft_size: int
 def _upright_size(data: bytes, width: int, height: int) -> tuple[int, int]:
     try:
         with Image.open(io.BytesIO(data)) as image:
-            orientation = image.getexif().get(0x0112, 1)
+            orientation = exif_orientation(image)
     except Exception:  # noqa: BLE001
         orientation = 1
     return (height, width) if orientation in (5, 6, 7, 8) else (width, height)

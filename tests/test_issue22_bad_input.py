@@ -5,6 +5,7 @@ names. Real PostgreSQL, real files, real threads."""
 from __future__ import annotations
 
 import io
+import struct
 import threading
 import unicodedata
 import zipfile
@@ -282,3 +283,59 @@ def test_the_admin_stores_a_padded_nfd_name_as_nfc(admin_client):
     admin_client.post("/admin/search/dataset/add/", {"name": " " + unicodedata.normalize("NFD", "café"),
                                                      "description": ""})
     assert list(Dataset.objects.values_list("name", flat=True)) == ["café"]
+
+
+# --- EXIF orientation stored with another type or count --------------------------
+
+def _exif_orientation_block(tagtype: int, count: int, payload: bytes, order: str = "<") -> bytes:
+    """A TIFF-structured EXIF block, by hand: header, IFD0 with one entry (tag
+    0x0112), the value in place when it fits 4 bytes, else just after the IFD."""
+    mark = b"II" if order == "<" else b"MM"
+    field, extra = (payload.ljust(4, b"\0"), b"") if len(payload) <= 4 else (struct.pack(order + "I", 26), payload)
+    return (mark + struct.pack(order + "HI", 42, 8) + struct.pack(order + "H", 1)
+            + struct.pack(order + "HHI", 0x0112, tagtype, count) + field + struct.pack(order + "I", 0) + extra)
+
+
+ORIENTATION_FORMS = {  # name: (TIFF type, count, payload of orientation 6, or 9), honoured?
+    "SHORT": (3, 1, struct.pack("<H", 6), True),
+    "SHORT big-endian": (3, 1, struct.pack(">H", 6), True),
+    "LONG": (4, 1, struct.pack("<I", 6), False),
+    "SSHORT": (8, 1, struct.pack("<h", 6), False),
+    "FLOAT": (11, 1, struct.pack("<f", 6.0), False),
+    "RATIONAL": (5, 1, struct.pack("<II", 6, 1), False),
+    "SHORT count 2": (3, 2, struct.pack("<HH", 6, 6), False),
+    "SHORT value 9": (3, 1, struct.pack("<H", 9), False),
+}
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
+@pytest.mark.parametrize("form", list(ORIENTATION_FORMS))
+def test_only_a_well_formed_exif_orientation_turns_the_image(form, fmt):
+    from training.core.preprocessing import exif_orientation, to_rgb
+
+    tagtype, count, payload, honoured = ORIENTATION_FORMS[form]
+    block = _exif_orientation_block(tagtype, count, payload, ">" if "big" in form else "<")
+    picture = PILImage.new("RGB", (40, 20), (255, 255, 255))
+    picture.paste((0, 0, 0), (20, 0, 40, 20))  # right half black
+    out = io.BytesIO()
+    picture.save(out, format=fmt, exif=(b"Exif\x00\x00" + block) if fmt == "JPEG" else block, quality=95)
+    data = out.getvalue()
+    with PILImage.open(io.BytesIO(data)) as opened:
+        assert exif_orientation(opened) == (6 if honoured else 1)
+        rgb = to_rgb(opened)
+    assert rgb.size == ((20, 40) if honoured else (40, 20))
+    decoded = decode_image(data)  # the import path: stored size and picture agree
+    assert (decoded.width, decoded.height) == rgb.size == decoded.rgb.size
+    if fmt == "JPEG":
+        drafted = decode_image(data, draft_size=16)  # a search query's draft decode
+        assert (drafted.width, drafted.height) == rgb.size
+
+
+def test_a_broken_exif_block_is_no_orientation_and_no_error():
+    from training.core.preprocessing import exif_orientation
+
+    for block in (b"", b"II*\x00", b"II*\x00\xff\xff\xff\x00", b"XX*\x00\x08\x00\x00\x00",
+                  _exif_orientation_block(3, 1, struct.pack("<H", 6))[:19]):
+        image = PILImage.new("RGB", (4, 2))
+        image.info["exif"] = b"Exif\x00\x00" + block
+        assert exif_orientation(image) == 1

@@ -24,11 +24,12 @@ import functools
 import io
 import logging
 import math
+import struct
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
-from PIL import Image, ImageCms, ImageOps, PngImagePlugin
+from PIL import Image, ImageCms, PngImagePlugin
 
 logger = logging.getLogger(__name__)
 
@@ -85,11 +86,68 @@ def select_displayed_frame(image: Image.Image) -> Image.Image:
     return image
 
 
+ORIENTATION_TAG = 0x0112
+# EXIF orientation → the transposition that shows the picture upright (EXIF 2.3, 4.6.4 A).
+_UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+            5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+            8: Image.Transpose.ROTATE_90}
+_EXIF_SHORT = 3  # TIFF field type
+
+
+def exif_orientation(image: Image.Image) -> int:
+    """The image's EXIF orientation (1–8), honoured only when well formed as
+    the standard says: tag 0x0112 in IFD0 of the EXIF block, type SHORT,
+    count 1, value 1–8. Anything else (LONG, SSHORT, FLOAT or RATIONAL type,
+    count 2, out of range, a broken block, an orientation only in XMP) gives
+    1: browsers (Firefox) ignore such tags too, so the stored picture, its
+    thumbnail and the page agree. Never raises.
+
+    Source: the raw EXIF bytes (``info["exif"]``: JPEG APP1, PNG eXIf, WebP,
+    HEIF), or for a TIFF file its own first IFD."""
+    raw = image.info.get("exif")
+    try:
+        if isinstance(raw, bytes | bytearray):
+            return _ifd0_orientation(bytes(raw.removeprefix(b"Exif\x00\x00")))
+        tags = getattr(image, "tag_v2", None)  # a TIFF file: Pillow parsed its IFD (count not kept)
+        if tags is not None and tags.tagtype.get(ORIENTATION_TAG) == _EXIF_SHORT:
+            value = tags.get(ORIENTATION_TAG)
+            return value if isinstance(value, int) and 1 <= value <= 8 else 1
+    except Exception:  # noqa: BLE001 - broken metadata must not make a readable image unusable
+        return 1
+    return 1
+
+
+def _ifd0_orientation(tiff: bytes) -> int:
+    """Tag 0x0112 of a TIFF-structured block's IFD0, when SHORT, count 1, 1–8; else 1."""
+    order = {b"II": "<", b"MM": ">"}.get(tiff[:2])
+    if order is None or struct.unpack(order + "H", tiff[2:4])[0] != 42:
+        return 1
+    (offset,) = struct.unpack(order + "I", tiff[4:8])
+    (entries,) = struct.unpack(order + "H", tiff[offset:offset + 2])
+    for i in range(entries):
+        start = offset + 2 + 12 * i
+        tag, kind, count = struct.unpack(order + "HHI", tiff[start:start + 8])
+        if tag == ORIENTATION_TAG:
+            if kind != _EXIF_SHORT or count != 1:
+                return 1
+            (value,) = struct.unpack(order + "H", tiff[start + 8:start + 10])
+            return value if 1 <= value <= 8 else 1
+    return 1
+
+
+def upright(image: Image.Image) -> Image.Image:
+    """`image` turned upright by its EXIF orientation (exif_orientation: only
+    a well-formed tag counts); the image itself when there is nothing to do."""
+    method = _UPRIGHT.get(exif_orientation(image))
+    return image if method is None else image.transpose(method)
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
     """The picture a viewer sees, as an sRGB "RGB" image of the upright size.
 
     In order: the displayed frame (`select_displayed_frame`); EXIF orientation
-    1–8 (an invalid or broken EXIF block is ignored); an embedded ICC colour
+    1–8 (`upright`: only a well-formed tag; a malformed one or a broken EXIF
+    block is ignored); an embedded ICC colour
     profile (``info["icc_profile"]``: Display P3, Adobe RGB, ProPhoto, a grey
     or CMYK profile…) converted to sRGB with LittleCMS (Pillow's ImageCms,
     perceptual intent), or the pixels taken as sRGB when there is none or it
@@ -103,10 +161,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
     """
     select_displayed_frame(image)
     _scale_low_bit_depth_trns(image)
-    try:
-        image = ImageOps.exif_transpose(image)
-    except Exception:  # noqa: BLE001 - broken EXIF must not make a readable image unusable
-        image.load()
+    image = upright(image)
     icc = image.info.get("icc_profile")
     colour, alpha = _colour_and_alpha(image)
     rgb = _to_srgb(colour, icc)
