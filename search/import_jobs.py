@@ -27,6 +27,29 @@ def uploads_dir() -> Path:
     return path
 
 
+def owned_upload(job: Job) -> Path | None:
+    """The uploaded zip an import job holds, when it lies in uploads_dir() (a
+    file this project wrote there, never a path of the user's own)."""
+    raw = job.params.get("zip_path") if job.kind == KIND and isinstance(job.params, dict) else None
+    if not raw:
+        return None
+    path = Path(raw)
+    try:
+        path.resolve().relative_to(uploads_dir().resolve())
+    except (OSError, ValueError):
+        return None
+    return path
+
+
+def discard_uploads(jobs_: list[Job]) -> None:
+    """Remove the uploaded zips of import jobs that can no longer use them
+    (their dataset or the job row is being deleted), once the current
+    transaction commits: a rolled-back delete keeps them."""
+    paths = [path for path in map(owned_upload, jobs_) if path is not None]
+    if paths:
+        transaction.on_commit(lambda: [path.unlink(missing_ok=True) for path in paths])
+
+
 @transaction.atomic
 def start_import_job(dataset: Dataset, zip_path: str | Path, *, labels_from_folders: bool = False, user=None,
                      original_name: str = "", check: bool = True) -> Job:
@@ -47,9 +70,10 @@ def run_import_job(job_id: int) -> str:
 
 def _import(run: runner.Run) -> str:
     job = run.job
-    if job.dataset is None:
-        raise runner.JobFailed("the job's dataset was deleted")
     zip_path = Path(job.params["zip_path"])
+    if job.dataset is None:
+        discard_uploads([job])
+        raise runner.JobFailed("the job's dataset was deleted")
 
     throttle = settings.CBIR_EMBED_THROTTLE_SECONDS  # fault injection: slows an import down for tests and demos
 

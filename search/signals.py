@@ -6,7 +6,9 @@ collects the names, and one callback per transaction hands them all to
 `search.deletion.release_files` (one indexed query per 1,000 names), instead
 of a query per image. Embeddings and near-duplicate pairs go by cascade.
 Deleting a model version drops its HNSW indexes; deleting a dataset drops
-every version's HNSW index of that dataset once the delete has committed."""
+every version's HNSW index of that dataset once the delete has committed.
+Deleting a dataset or an import job removes the job's uploaded zip (which a
+failed or cancelled import keeps for Run again) after commit."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from django.db import connection, transaction
 from django.db.models.signals import post_delete, pre_delete
 from django.dispatch import receiver
 
-from search.models import Dataset, Image
+from search.models import Dataset, Image, Job
 from training.models import ModelVersion
 
 _state = threading.local()
@@ -65,3 +67,18 @@ def drop_dataset_indexes(sender, instance: Dataset, **kwargs) -> None:
 
     pk = instance.pk
     transaction.on_commit(lambda: drop(pk))
+
+
+@receiver(pre_delete, sender=Dataset)
+def discard_dataset_uploads(sender, instance: Dataset, **kwargs) -> None:
+    """Its import jobs can no longer be re-run (their dataset is gone): their zips go."""
+    from search.import_jobs import KIND, discard_uploads
+
+    discard_uploads(list(Job.objects.filter(dataset=instance, kind=KIND)))
+
+
+@receiver(post_delete, sender=Job)
+def discard_job_upload(sender, instance: Job, **kwargs) -> None:
+    from search.import_jobs import discard_uploads
+
+    discard_uploads([instance])

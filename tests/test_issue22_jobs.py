@@ -134,3 +134,77 @@ def test_no_broker_means_nothing_is_sent_and_nothing_changes(lost_kinds, db, set
         broker.reset_broker_connections()
     after = Job.objects.get(pk=job.pk)
     assert (after.heartbeat, after.celery_task_id, after.log) == (before.heartbeat, before.celery_task_id, before.log)
+
+
+# --- uploads of import jobs that can no longer run -------------------------------
+
+def _upload(name: str, folder=None):
+    import zipfile
+
+    from search.import_jobs import uploads_dir
+    from tests.helpers import image_bytes
+
+    path = (folder or uploads_dir()) / name
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("a.png", image_bytes(pattern=3))
+    return path
+
+
+def test_a_cancelled_import_keeps_its_upload_until_its_dataset_is_deleted(db, django_capture_on_commit_callbacks):
+    from search import deletion
+    from search.import_jobs import start_import_job
+    from search.models import Dataset
+
+    dataset = Dataset.objects.create(name="uploads")
+    zip_path = _upload("cancelled.zip")
+    with django_capture_on_commit_callbacks(execute=True):
+        job = start_import_job(dataset, zip_path, check=False)
+    assert jobs.cancel(job)
+    assert zip_path.exists()  # Run again still needs it
+    with django_capture_on_commit_callbacks(execute=True):
+        assert deletion.delete_now(dataset=dataset) == 0
+    assert not zip_path.exists()
+    assert Job.objects.get(pk=job.pk).status == S.CANCELLED
+
+
+def test_a_rolled_back_dataset_delete_keeps_the_upload(db, django_capture_on_commit_callbacks):
+    from django.db import transaction
+
+    from search.import_jobs import start_import_job
+    from search.models import Dataset
+
+    dataset = Dataset.objects.create(name="kept")
+    zip_path = _upload("kept.zip")
+    job = start_import_job(dataset, zip_path, check=False)
+    jobs.cancel(job)
+    with django_capture_on_commit_callbacks(execute=True):
+        with pytest.raises(RuntimeError), transaction.atomic():
+            dataset.delete()
+            raise RuntimeError("rolled back")
+    assert zip_path.exists()
+
+
+def test_deleting_an_import_job_removes_its_upload_but_never_a_file_outside_the_uploads(
+        db, tmp_path, django_capture_on_commit_callbacks):
+    from search.import_jobs import run_import_job, start_import_job
+    from search.models import Dataset
+
+    dataset = Dataset.objects.create(name="jobs")
+    ours, theirs = _upload("ours.zip"), _upload("theirs.zip", folder=tmp_path)
+    first = start_import_job(dataset, ours, check=False)
+    second = start_import_job(dataset, theirs, check=False)
+    jobs.cancel(first), jobs.cancel(second)
+    with django_capture_on_commit_callbacks(execute=True):
+        Job.objects.filter(pk__in=[first.pk, second.pk]).delete()
+    assert not ours.exists() and theirs.exists()
+
+    # A queued import whose dataset went meanwhile fails and drops its upload.
+    late = _upload("late.zip")
+    job = start_import_job(dataset, late, check=False)
+    with django_capture_on_commit_callbacks(execute=True):
+        Dataset.objects.filter(pk=dataset.pk).delete()  # the signal removes it too; run once more to be sure
+    late = _upload("late.zip")
+    with django_capture_on_commit_callbacks(execute=True):
+        assert run_import_job(job.pk) == "failed"
+    assert not late.exists()
+    assert Job.objects.get(pk=job.pk).error == "the job's dataset was deleted"
