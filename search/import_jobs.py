@@ -46,8 +46,12 @@ def discard_uploads(jobs_: list[Job]) -> None:
     (their dataset or the job row is being deleted), once the current
     transaction commits: a rolled-back delete keeps them."""
     paths = [path for path in map(owned_upload, jobs_) if path is not None]
+    def remove() -> None:
+        for path in paths:
+            path.unlink(missing_ok=True)
+
     if paths:
-        transaction.on_commit(lambda: [path.unlink(missing_ok=True) for path in paths])
+        transaction.on_commit(remove)
 
 
 @transaction.atomic
