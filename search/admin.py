@@ -26,8 +26,12 @@ class DatasetForm(forms.ModelForm):
         fields = ["name", "description"]
 
     def clean_name(self) -> str:
+        raw = self.cleaned_data.get("name") or ""
+        if self.instance.pk and raw == self.instance.name:
+            # A name stored before the normaliser, left as it is: the rest of the form can still be saved.
+            return raw
         try:
-            return normalise_dataset_name(self.cleaned_data.get("name") or "")
+            return normalise_dataset_name(raw)
         except DatasetNameError as exc:
             raise forms.ValidationError(str(exc)) from None
 

@@ -42,8 +42,17 @@ def normalise_dataset_name(raw: object) -> str:
 
 
 def dataset_named(raw: object) -> Dataset | None:
-    """The dataset whose name is `raw` once normalised (normalise_dataset_name),
-    or None, also for a name no dataset can have (empty, NUL, too long)."""
+    """The dataset named exactly `raw`, else the one whose name is `raw` once
+    normalised (normalise_dataset_name), or None, also for a name no dataset
+    can have (empty, NUL, too long). The exact match keeps a dataset created
+    before the normaliser (padded, decomposed, holding a tab) reachable by
+    the name it is listed with."""
+    text = str(raw)
+    if "\x00" in text or len(text) > DATASET_NAME_MAX:  # PostgreSQL refuses a NUL in a query; no such name
+        return None
+    exact = Dataset.objects.filter(name=text).first()
+    if exact is not None:
+        return exact
     try:
         name = normalise_dataset_name(raw)
     except DatasetNameError:

@@ -285,6 +285,38 @@ def test_the_admin_stores_a_padded_nfd_name_as_nfc(admin_client):
     assert list(Dataset.objects.values_list("name", flat=True)) == ["café"]
 
 
+
+LEGACY_NAMES = ["tab\there", "two\nlines", "  padded  ", unicodedata.normalize("NFD", "café"), "rtl\u202eevil", "x" * 100]
+
+
+@pytest.mark.parametrize("legacy", LEGACY_NAMES)
+def test_a_dataset_named_before_the_normaliser_stays_reachable(legacy, admin_client):
+    from search.services import BadParameter, parse_dataset
+
+    old = Dataset.objects.create(name=legacy)  # as stored before names were normalised
+    assert dataset_named(legacy) == old and parse_dataset(legacy) == old
+    for nothing in ("a\x00b", "x" * 1000):  # no 500 for a name no dataset can have
+        assert dataset_named(nothing) is None
+        with pytest.raises(BadParameter, match="unknown dataset"):
+            parse_dataset(nothing)
+    page = admin_client.get(f"/admin/search/dataset/{old.pk}/change/")
+    assert page.status_code == 200
+    # Its description can be edited without renaming it (a tab or a bidi control survives; padding is stripped).
+    response = admin_client.post(f"/admin/search/dataset/{old.pk}/change/", {"name": legacy, "description": "kept"})
+    assert response.status_code == 302, response.context["adminform"].form.errors
+    old.refresh_from_db()
+    assert old.description == "kept" and old.name in (legacy, legacy.strip())
+    response = admin_client.post(f"/admin/search/dataset/{old.pk}/delete/", {"post": "yes"})
+    assert response.status_code == 302 and not Dataset.objects.filter(pk=old.pk).exists()
+
+
+def test_renaming_a_legacy_dataset_to_a_bad_name_is_refused(admin_client):
+    old = Dataset.objects.create(name="tab\there")
+    response = admin_client.post(f"/admin/search/dataset/{old.pk}/change/", {"name": "new\tname", "description": ""})
+    assert response.status_code == 200 and response.context["adminform"].form.errors["name"]
+    old.refresh_from_db()
+    assert old.name == "tab\there"
+
 # --- EXIF orientation stored with another type or count --------------------------
 
 def _exif_orientation_block(tagtype: int, count: int, payload: bytes, order: str = "<") -> bytes:
