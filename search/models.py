@@ -258,6 +258,16 @@ class NearDuplicate(models.Model):
         return f"image {self.image_id} ≈ image {self.duplicate_of_id} ({self.similarity:.3f})"
 
 
+class ApiTokenQuerySet(models.QuerySet):
+    """Bulk writes cannot un-revoke either: `update()` (and so `bulk_update()`,
+    which goes through it) may set `revoked` only to True."""
+
+    def update(self, **kwargs: object) -> int:
+        if "revoked" in kwargs and kwargs["revoked"] is not True:
+            raise ValidationError(ApiToken.REVOCATION_IS_FINAL + " (a bulk update may only set revoked=True)")
+        return super().update(**kwargs)
+
+
 class ApiToken(models.Model):
     """A key for the JSON search API (`Authorization: Bearer <key>`), created by
     a staff member in the admin. Only the SHA-256 of the key is stored: the key
@@ -277,6 +287,8 @@ class ApiToken(models.Model):
     created = models.DateTimeField(auto_now_add=True)
     last_used = models.DateTimeField(null=True, blank=True)
     revoked = models.BooleanField(default=False)
+
+    objects = ApiTokenQuerySet.as_manager()
 
     class Meta:
         ordering = ["-created"]
@@ -298,8 +310,16 @@ class ApiToken(models.Model):
             raise ValidationError({"revoked": self.REVOCATION_IS_FINAL})
 
     def save(self, *args, **kwargs) -> None:
+        """Raises ValidationError when it would un-revoke. Saving an existing,
+        unrevoked token never writes `revoked`, so a token revoked by another
+        request between that check and this UPDATE stays revoked."""
         if self._unrevokes():
             raise ValidationError(self.REVOCATION_IS_FINAL)
+        if not self._state.adding and not self.revoked and not kwargs.get("force_insert"):
+            fields = kwargs.get("update_fields")
+            if fields is None:
+                fields = [f.name for f in self._meta.concrete_fields if not f.primary_key]
+            kwargs["update_fields"] = [name for name in fields if name != "revoked"]
         super().save(*args, **kwargs)
 
     @staticmethod

@@ -108,6 +108,39 @@ def test_the_revoke_action_in_the_admin(client, staff, token_and_key):
     assert token.revoked
 
 
+def test_no_bulk_write_or_stale_form_un_revokes_a_token(client, staff, token_and_key):
+    from django.core.exceptions import ValidationError
+    from django.db import transaction
+    from django.db.models import Value
+    from django.test.utils import CaptureQueriesContext
+
+    token, key = token_and_key
+    stale = ApiToken.objects.get(pk=token.pk)  # read before the revocation, as a form opened earlier
+    assert client.post("/admin/search/apitoken/", {"action": "revoke", "_selected_action": [token.pk]}).status_code == 302
+    for write in (lambda: ApiToken.objects.filter(pk=token.pk).update(revoked=False),
+                  lambda: ApiToken.objects.update(revoked=Value(False)),
+                  lambda: ApiToken.objects.bulk_update([stale], ["revoked"]),
+                  lambda: ApiToken.objects.bulk_update([stale], ["name", "revoked"]),
+                  stale.save):
+        # (bulk_update's own atomic block marks the enclosing one for rollback: a savepoint of the test's)
+        with pytest.raises(ValidationError, match="revocation is final"), transaction.atomic():
+            write()
+        assert ApiToken.objects.get(pk=token.pk).revoked
+    # Saving an unrevoked token never writes the column: a revocation committed between
+    # save()'s check and its UPDATE survives it.
+    other = ApiToken(name="other", user=token.user)
+    other.set_new_key()
+    other.save()
+    loaded = ApiToken.objects.get(pk=other.pk)
+    loaded.name = "renamed"
+    with CaptureQueriesContext(connection) as queries:
+        loaded.save()
+    updates = [q["sql"] for q in queries if q["sql"].startswith("UPDATE")]
+    assert updates and all('"revoked"' not in sql for sql in updates)
+    assert ApiToken.objects.get(pk=other.pk).name == "renamed"
+    assert ApiToken.objects.filter(pk=other.pk).update(revoked=True) == 1  # revoking in bulk still works
+
+
 def test_revocation_is_final_in_the_admin_the_model_and_the_api(client, staff, indexed, token_and_key):
     from django.core.exceptions import ValidationError
 
