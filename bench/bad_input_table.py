@@ -127,6 +127,9 @@ def run(corpus, scratch: Path) -> str:
     out.append("### Folders (import_folder, manage.py import_images)\n\n"
                + corpus.markdown_table(corpus.FOLDER_HEADERS, rows))
 
+    rows = [corpus.admin_row(case, _safely(corpus.admin_request, admin, case)) for case in corpus.admin_cases()]
+    out.append("### Admin lists and forms\n\n" + corpus.markdown_table(corpus.ADMIN_HEADERS, rows))
+
     target = Dataset.objects.create(name="admin-zip")
     rows = []
     for kind in corpus.admin_zip_cases():

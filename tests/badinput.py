@@ -93,6 +93,32 @@ def jpeg_with_app1(payload: bytes) -> bytes:
     return body[:2] + segment + body[2:]
 
 
+def exif_orientation_block(tagtype: int, count: int, payload: bytes) -> bytes:
+    """A little-endian TIFF-structured EXIF block written by hand: IFD0 holds one
+    entry, the orientation (0x0112), of this TIFF type and count (Pillow
+    writes only a SHORT), its value in place or, over 4 bytes, after the IFD."""
+    field, extra = (payload.ljust(4, b"\0"), b"") if len(payload) <= 4 else (struct.pack("<I", 26), payload)
+    return (b"II" + struct.pack("<HI", 42, 8) + struct.pack("<H", 1) + struct.pack("<HHI", 0x0112, tagtype, count)
+            + field + struct.pack("<I", 0) + extra)
+
+
+# Orientation 6 in the forms a browser ignores: each is accepted and not turned.
+MALFORMED_ORIENTATIONS = {
+    "LONG": (4, 1, struct.pack("<I", 6)),
+    "SSHORT": (8, 1, struct.pack("<h", 6)),
+    "FLOAT": (11, 1, struct.pack("<f", 6.0)),
+    "RATIONAL": (5, 1, struct.pack("<II", 6, 1)),
+    "SHORT, count 2": (3, 2, struct.pack("<HH", 6, 6)),
+}
+
+
+def jpeg_without_eoi() -> bytes:
+    """A baseline JPEG missing only its final EOI marker (FF D9), as some cameras and tools write."""
+    data = encode(noise((40, 24), seed=64), "JPEG")
+    assert data.endswith(b"\xff\xd9")
+    return data[:-2]
+
+
 def jpeg_with_corrupt_sof() -> bytes:
     data = bytearray(encode(noise((40, 24), seed=63), "JPEG"))
     at = data.find(b"\xff\xc0")
@@ -365,6 +391,10 @@ def file_cases() -> list[FileCase]:
         FileCase("EXIF orientation 9 (no such value)", "exif9.jpg", lambda: jpeg_with_exif(9), True),
         FileCase("EXIF orientation 65535", "exif65535.jpg", lambda: jpeg_with_exif(65535), True),
         FileCase("EXIF orientation 6 (rotated)", "exif6.jpg", lambda: jpeg_with_exif(6), True),
+        *(FileCase(f"EXIF orientation 6 stored as {form} (not turned, as browsers do)", f"exif-{n}.jpg",
+                   lambda form=form: jpeg_with_app1(b"Exif\0\0" + exif_orientation_block(*MALFORMED_ORIENTATIONS[form])),
+                   True) for n, form in enumerate(MALFORMED_ORIENTATIONS)),
+        FileCase("baseline JPEG missing only its EOI marker", "no-eoi.jpg", jpeg_without_eoi, True),
         FileCase("broken EXIF block", "exif-broken.jpg",
                  lambda: jpeg_with_app1(b"Exif\0\0MM\0\x2a\xff\xff\xff\xf0garbage"), True),
         FileCase("EXIF block with a runaway IFD", "exif-ifd.jpg",
@@ -463,6 +493,12 @@ def param_cases() -> list[ParamCase]:
                   400, "unknown dataset"),
         ParamCase("dataset name with a NUL character", "GET", "/images/{image}/similar/", {"dataset": "\x00"},
                   400, "unknown dataset"),
+        ParamCase("dataset name with a line break", "POST", "/api/search", {"image": True, "dataset": "a\nb"},
+                  400, "unknown dataset"),
+        ParamCase("dataset name with a bidi override", "POST", "/search/", {"image": True, "dataset": "a\u202eb"},
+                  400, "unknown dataset"),
+        ParamCase("dataset name of 1,000 characters", "GET", "/api/images/{image}/similar", {"dataset": "x" * 1000},
+                  400, "unknown dataset"),
         ParamCase("k = abc", "GET", "/images/{image}/similar/", {"k": "abc"}, 400, "whole number"),
         ParamCase("unknown image id", "GET", "/images/999999999/similar/", {}, 404, "no image"),
         ParamCase("missing image field", "POST", "/api/search", {"k": "3"}, 400, "'image'"),
@@ -558,6 +594,26 @@ def _corrupt_deflate() -> bytes:
     return bytes(data)
 
 
+def zip_listing_one_entry_three_times() -> bytes:
+    """One stored PNG; the central directory lists it three times (a "zip
+    bomb" by overlapping entries: every record points at the same data)."""
+    data = _zip_bytes({"a.png": good_png(310)}, zipfile.ZIP_STORED)
+    start = zipfile.ZipFile(io.BytesIO(data)).start_dir
+    end = data.rfind(b"PK\x05\x06")
+    record, eocd = data[start:end], bytearray(data[end:])
+    struct.pack_into("<HHI", eocd, 8, 3, 3, len(record) * 3)
+    return data[:start] + record * 3 + bytes(eocd)
+
+
+def zip_with_data_over_the_next_entry() -> bytes:
+    """Two stored entries; the first's declared size runs into the second's local header."""
+    data = bytearray(_zip_bytes({"a.png": good_png(311), "b.png": good_png(312)}, zipfile.ZIP_STORED))
+    first = zipfile.ZipFile(io.BytesIO(bytes(data))).infolist()[0]
+    central = data.find(b"PK\x01\x02")
+    struct.pack_into("<II", data, central + 20, first.compress_size + 100, first.compress_size + 100)
+    return bytes(data)
+
+
 @dataclass(frozen=True)
 class ZipCase:
     """A zip imported by search.ingest.import_zip (and the import job)."""
@@ -630,6 +686,14 @@ def zip_cases() -> list[ZipCase]:
         ZipCase("the same folder name in NFC and NFD (macOS)",
                 lambda: _zip_bytes({f"{LOEWE_NFC}/a.png": good[0], f"{LOEWE_NFD}/b.png": good[1]}),
                 2, labels=(LOEWE_NFC, LOEWE_NFC)),
+        ZipCase("the central directory lists one entry three times (overlapping entries)",
+                zip_listing_one_entry_three_times, None, "overlap"),
+        ZipCase("an entry's data run into the next entry's header (overlapping entries)",
+                zip_with_data_over_the_next_entry, None, "overlap"),
+        ZipCase("control characters and a bidi override in entry names",
+                lambda: _zip_bytes({"dir\x1b[31mx/a.png": good[0], "rtl\u202egnp.exe/b.png": good[1],
+                                    "line\nbreak/c.png": good[2]}),
+                3, labels=("dir\ufffd[31mx", "line\ufffdbreak", "rtl\ufffdgnp.exe")),
         ZipCase("a stored (uncompressed) zip", lambda: _zip_bytes({"a.png": good[0]}, zipfile.ZIP_STORED), 1),
         ZipCase("an empty zip", lambda: _zip_bytes({}), 0),
         ZipCase("not a zip at all", lambda: b"PK\x03\x04 but nothing else", None, "not a readable zip"),
@@ -656,6 +720,17 @@ def _symlink_loop(root: Path) -> None:
     _write(root / "a" / "one.png", good_png(400))
     (root / "a" / "loop").symlink_to(root, target_is_directory=True)
     (root / "self").symlink_to(root / "self")  # a link to itself
+
+
+def _symlinks(root: Path) -> None:
+    outside = root.parent / f"{root.name}-private"
+    _write(outside / "secret.png", good_png(411))
+    _write(outside / "dir" / "inner.png", good_png(412))
+    _write(root / "cats" / "ok.png", good_png(413))
+    (root / "cats" / "out.png").symlink_to(outside / "secret.png")  # a file out of the root
+    (root / "cats" / "into.png").symlink_to(root / "cats" / "ok.png")  # a file inside it
+    (root / "cats" / "chain.png").symlink_to(root / "cats" / "out.png")  # a chain
+    (root / "folder").symlink_to(outside / "dir", target_is_directory=True)  # a folder
 
 
 def _odd_entries(root: Path) -> None:
@@ -701,6 +776,8 @@ def folder_cases() -> list[FolderCase]:
     return [
         FolderCase("a symlink loop", _symlink_loop, 1),
         FolderCase("a FIFO, a dangling symlink, an empty folder", _odd_entries, 1),
+        FolderCase("file symlinks (out of the root, into it, chained) and a folder symlink", _symlinks, 1,
+                   "symbolic link", labels=("cats",)),
         FolderCase("nested folders, non-image files, hidden folders", _nested, 3, "not an image",
                    labels=("birds", "mammals/cats", "mammals/dogs/deep")),
         FolderCase("unicode, spaces, shell characters and non-UTF-8 bytes in names", _odd_names, 3,
@@ -1004,6 +1081,56 @@ def admin_zip_import(admin_client, dataset, kind: str, no_broker_dir: Path) -> O
 FILE_SURFACES = ("API", "page", "admin add", "folder import", "zip import")
 
 
+@dataclass(frozen=True)
+class AdminCase:
+    """A request to an admin list or form, by a superuser."""
+
+    kind: str
+    method: str
+    path: str
+    data: dict = field(default_factory=dict)
+    status: int = 200  # 200 here: the form shown again with its error
+    words: str = ""
+
+
+def admin_cases() -> list[AdminCase]:
+    add = "/admin/search/dataset/add/"
+    return [
+        AdminCase("NUL in an admin search box", "GET", "/admin/search/image/", {"q": "a\x00b"}, 400, "NUL character"),
+        AdminCase("NUL in an admin list filter", "GET", "/admin/search/image/", {"split": "\x00"}, 400,
+                  "NUL character"),
+        AdminCase("NUL in an admin lookup", "GET", "/admin/search/job/", {"dataset__id__exact": "1\x00"}, 400,
+                  "NUL character"),
+        AdminCase("dataset name empty", "POST", add, {"name": "", "description": ""}, 200, "required"),
+        AdminCase("dataset name only spaces", "POST", add, {"name": "   ", "description": ""}, 200, "required"),
+        AdminCase("dataset name of 101 characters", "POST", add, {"name": "x" * 101, "description": ""}, 200,
+                  "at most 100"),
+        AdminCase("dataset name with a line break", "POST", add, {"name": "line1\nline2", "description": ""}, 200,
+                  "control characters"),
+        AdminCase("dataset name with a bidi override", "POST", add, {"name": "rtl\u202eevil", "description": ""},
+                  200, "control characters"),
+    ]
+
+
+def admin_request(admin_client, case: AdminCase) -> Outcome:
+    """Send the case; a refusal must leave the datasets as they were."""
+    from search.models import Dataset
+
+    datasets = set(Dataset.objects.values_list("pk", flat=True))
+    call = admin_client.get if case.method == "GET" else admin_client.post
+    response = call(case.path, case.data)
+    problems = [] if set(Dataset.objects.values_list("pk", flat=True)) == datasets else ["a dataset was created"]
+    if response.status_code != case.status:
+        problems.append(f"status {response.status_code}, expected {case.status}")
+    if response.status_code == 200 and response.context and "adminform" in response.context:
+        errors = response.context["adminform"].form.errors
+        message = " ".join(str(e) for field_errors in errors.values() for e in field_errors)
+    else:
+        message = response.content.decode(errors="replace")
+    return Outcome(response.status_code < 300 and not message, str(response.status_code), _first_line(message),
+                   problems)
+
+
 def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
     def clean(text: str) -> str:
         return str(text).replace("|", "\\|").replace("\n", " ")
@@ -1021,8 +1148,13 @@ def file_row(case: FileCase, outcomes: dict[str, Outcome]) -> list[str]:
 
 FILE_HEADERS = ["input", "expected", *FILE_SURFACES, "message (first surface that refused it)"]
 PARAM_HEADERS = ["input", "request", "status", "message"]
+ADMIN_HEADERS = ["input", "request", "status", "message"]
 ZIP_HEADERS = ["zip", "import_zip", "import job", "reasons / message"]
 FOLDER_HEADERS = ["folder", "import_folder", "reasons"]
+
+
+def admin_row(case: AdminCase, outcome: Outcome) -> list[str]:
+    return [case.kind, f"{case.method} {case.path}", outcome.cell, outcome.message[:160]]
 
 
 def param_row(case: ParamCase, outcome: Outcome) -> list[str]:

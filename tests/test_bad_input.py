@@ -27,7 +27,7 @@ PARAM_CASES = corpus.param_cases()
 ZIP_CASES = corpus.zip_cases()
 FOLDER_CASES = corpus.folder_cases()
 
-TABLES: dict[str, list[list[str]]] = {"files": [], "params": [], "zips": [], "folders": [], "admin zip": []}
+TABLES: dict[str, list[list[str]]] = {"files": [], "params": [], "zips": [], "folders": [], "admin zip": [], "admin": []}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -40,7 +40,7 @@ def _print_the_table(request):
     with capture.global_and_fixture_disabled():
         for title, headers in (("files", corpus.FILE_HEADERS), ("params", corpus.PARAM_HEADERS),
                                ("zips", corpus.ZIP_HEADERS), ("folders", corpus.FOLDER_HEADERS),
-                               ("admin zip", ["input", "outcome", "message"])):
+                               ("admin zip", ["input", "outcome", "message"]), ("admin", corpus.ADMIN_HEADERS)):
             if TABLES[title]:
                 reporter.write_line(f"\n\nBad input: {title}\n" + corpus.markdown_table(headers, TABLES[title]))
 
@@ -120,6 +120,19 @@ def test_the_corpus_has_at_least_30_kinds_of_input():
     kinds = {c.kind for c in FILE_CASES} | {c.kind for c in PARAM_CASES} | {c.kind for c in ZIP_CASES} | {
         c.kind for c in FOLDER_CASES}
     assert len(kinds) >= 30
+
+
+# --- Admin lists and forms --------------------------------------------------------
+
+ADMIN_CASES = corpus.admin_cases()
+
+
+@pytest.mark.parametrize("case", ADMIN_CASES, ids=[c.kind for c in ADMIN_CASES])
+def test_admin_lists_and_forms_refuse_bad_input_with_words(case, admin_client, db):
+    outcome = corpus.admin_request(admin_client, case)
+    TABLES["admin"].append(corpus.admin_row(case, outcome))
+    assert not outcome.problems, outcome
+    assert _words_in(case.words, outcome.message), outcome
 
 
 # --- The admin zip import (its form; the job it starts runs the importer above) ---
