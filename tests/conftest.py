@@ -140,6 +140,7 @@ def worker_env(django_db_setup, redis_server, shared_media, tmp_path_factory):
         "CBIR_LOADER_WORKERS": "0",
         "CBIR_JOB_STALE_SECONDS": "3",
         "CBIR_RECOVERY_INTERVAL": "0.5",
+        "CBIR_JOB_QUEUED_RESEND_SECONDS": "5",
         "CBIR_WORKER_PING_TIMEOUT": "1.0",
         "PYTHONUNBUFFERED": "1",
         "OMP_NUM_THREADS": "1",

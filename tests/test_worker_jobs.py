@@ -119,6 +119,28 @@ def test_a_worker_killed_mid_job_is_replaced_and_the_job_finishes(many_images, t
         session_worker.wait_ready(app)
 
 
+def test_a_queued_job_whose_message_was_lost_runs_on_an_idle_worker(live_worker, tmp_path):
+    """A queued import whose message Redis no longer holds (flushed): the
+    worker's recovery loop sends it again and the idle worker runs it."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from search.import_jobs import uploads_dir
+
+    archive = uploads_dir() / "lost.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("a.png", image_bytes(pattern=900))
+    dataset = Dataset.objects.create(name="lost")
+    job = Job.objects.create(kind=Job.Kind.IMPORT, dataset=dataset, celery_task_id="flushed-with-redis",
+                             params={"zip_path": str(archive), "labels_from_folders": False},
+                             heartbeat=timezone.now() - timedelta(minutes=10))  # queued, its message gone
+    job = wait_for(lambda: _finished(job.pk), timeout=60, message="the lost job to be sent again and run")
+    assert job.status == S.SUCCEEDED, (job.error, job.log)
+    assert any("no longer in the broker; sent again" in line["msg"] for line in job.log)
+    assert job.celery_task_id != "flushed-with-redis" and dataset.images.count() == 1
+
+
 def _pool_processes(parent: int) -> list[int]:
     """The pids of a worker's pool processes (its main process's children)."""
     children = []
