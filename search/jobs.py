@@ -406,6 +406,31 @@ def _requeue_dead() -> int:
     return count
 
 
+def heartbeat_interval() -> float:
+    """Seconds between a running job's (or chunk's) heartbeats: a quarter of
+    CBIR_JOB_STALE_SECONDS, from 0.5 to 30 s (search.runner's heartbeat thread)."""
+    return max(0.5, min(30.0, settings.CBIR_JOB_STALE_SECONDS / 4))
+
+
+def silence_warning(job: Job) -> str:
+    """For a running job whose worker has missed two heartbeats and more (a
+    whole worker killed, a host lost: no process is left to tell), the words
+    the job page shows until recovery queues it again; else "". The freshest
+    sign of life counts: the job's heartbeat or a running chunk's."""
+    if job.status != S.RUNNING:
+        return ""
+    beats = [job.heartbeat, *JobChunk.objects.filter(job_id=job.pk, status=S.RUNNING).values_list(
+        "heartbeat", flat=True)]
+    last = max((beat for beat in beats if beat is not None), default=None)
+    if last is None:
+        return ""
+    silent = (timezone.now() - last).total_seconds()
+    if silent < 2 * heartbeat_interval() + 2:
+        return ""
+    return (f"no sign of life from its worker for {int(silent)} s: the worker may have been lost; it is "
+            f"queued again once {settings.CBIR_JOB_STALE_SECONDS} s pass without one (CBIR_JOB_STALE_SECONDS)")
+
+
 def active_job(kind: str, **filters: Any) -> Job | None:
     """The queued or running job of `kind` matching `filters`, if any."""
     return Job.objects.filter(kind=kind, status__in=ACTIVE, **filters).first()
@@ -423,7 +448,8 @@ def job_status(job: Job) -> dict:
     return {
         "id": job.pk, "kind": job.kind, "status": job.status, "done": job.progress_done,
         "total": job.progress_total, "percent": round(job.percent, 1), "message": job.message,
-        "error": job.error, "result": job.result, "log": job.log[-50:], "finished": job.is_finished,
+        "error": job.error, "warning": silence_warning(job), "result": job.result, "log": job.log[-50:],
+        "finished": job.is_finished,
         "duration_s": round(duration.total_seconds(), 1) if duration else None,
         "history": job.result.get("history") if isinstance(job.result, dict) else None,
     }

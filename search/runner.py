@@ -25,7 +25,18 @@ from django.db import close_old_connections, connection, transaction
 from django.db.models import F
 from django.utils import timezone
 
-from search.jobs import ACTIVE, S, add_log, is_stopped, kind_of, send, set_progress, transition, worker_name
+from search.jobs import (
+    ACTIVE,
+    S,
+    add_log,
+    heartbeat_interval,
+    is_stopped,
+    kind_of,
+    send,
+    set_progress,
+    transition,
+    worker_name,
+)
 from search.models import Job, JobChunk
 
 logger = logging.getLogger(__name__)
@@ -56,7 +67,7 @@ class _Heartbeat:
 
     def __init__(self, beat: Callable[[], object], name: str) -> None:
         self.beat = beat
-        self.interval = max(0.5, min(30.0, settings.CBIR_JOB_STALE_SECONDS / 4))
+        self.interval = heartbeat_interval()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 

@@ -4,6 +4,7 @@ test run's real Redis, real Celery workers where a worker is the point."""
 
 from __future__ import annotations
 
+import re
 from datetime import timedelta
 
 import pytest
@@ -115,7 +116,7 @@ def test_a_lost_chunk_is_sent_again_and_its_split_job_is_not_finished_early(lost
     assert Job.objects.get(pk=job.pk).celery_task_id in _waiting()
 
 
-def test_no_broker_means_nothing_is_sent_and_nothing_changes(lost_kinds, db, settings,
+def test_no_broker_means_nothing_is_sent_and_nothing_changes(lost_kinds, db, settings, tmp_path,
                                                              django_capture_on_commit_callbacks):
     from cbirsite.celery import app
 
@@ -123,15 +124,14 @@ def test_no_broker_means_nothing_is_sent_and_nothing_changes(lost_kinds, db, set
     with django_capture_on_commit_callbacks(execute=True):
         job = jobs.create("lostwhole", log="created")
     _age(Job, job.pk, 3600)
+    _purge(LOST_QUEUE)  # lost: with the broker answering it would be sent again
     before = Job.objects.get(pk=job.pk)
     good = app.conf.broker_url
-    app.conf.broker_url = "redis://127.0.0.1:1/0"
-    broker.reset_broker_connections()
+    app.conf.broker_url = f"redis+socket://{tmp_path}/no-redis.sock"  # as test_jobs does: no pool reset
     try:
         assert jobs.resend_lost() == 0
     finally:
         app.conf.broker_url = good
-        broker.reset_broker_connections()
     after = Job.objects.get(pk=job.pk)
     assert (after.heartbeat, after.celery_task_id, after.log) == (before.heartbeat, before.celery_task_id, before.log)
 
@@ -208,3 +208,28 @@ def test_deleting_an_import_job_removes_its_upload_but_never_a_file_outside_the_
         assert run_import_job(job.pk) == "failed"
     assert not late.exists()
     assert Job.objects.get(pk=job.pk).error == "the job's dataset was deleted"
+
+
+# --- a worker silent mid-job (the whole worker killed) ------------------------------
+
+def test_the_job_page_says_so_when_the_worker_goes_silent(db, settings, admin_client):
+    settings.CBIR_JOB_STALE_SECONDS = 120  # heartbeats every 30 s: silent after 62 s
+    job = Job.objects.create(kind=Job.Kind.IMPORT, status=S.RUNNING, heartbeat=timezone.now())
+    assert jobs.silence_warning(job) == ""
+    _age(Job, job.pk, 61)
+    assert jobs.silence_warning(Job.objects.get(pk=job.pk)) == ""
+    _age(Job, job.pk, 70)
+    status = admin_client.get(f"/jobs/{job.pk}/status").json()
+    assert re.match(r"no sign of life from its worker for 7\d s", status["warning"]), status
+    assert "CBIR_JOB_STALE_SECONDS" in status["warning"]
+    page = admin_client.get(f"/jobs/{job.pk}/")
+    assert "no sign of life from its worker" in page.content.decode()
+
+    # A split job lives while any running chunk beats; ended jobs never warn.
+    split = Job.objects.create(kind=Job.Kind.EMBED, status=S.RUNNING, heartbeat=timezone.now() - timedelta(hours=1))
+    chunk = JobChunk.objects.create(job=split, index=0, image_ids=[], status=S.RUNNING, heartbeat=timezone.now())
+    assert jobs.silence_warning(split) == ""
+    _age(JobChunk, chunk.pk, 600)
+    assert re.search(r"for 60\d s", jobs.silence_warning(split))
+    Job.objects.filter(pk__in=[job.pk, split.pk]).update(status=S.FAILED)
+    assert jobs.silence_warning(Job.objects.get(pk=split.pk)) == ""
