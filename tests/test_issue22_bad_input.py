@@ -371,3 +371,18 @@ def test_a_broken_exif_block_is_no_orientation_and_no_error():
         image = PILImage.new("RGB", (4, 2))
         image.info["exif"] = b"Exif\x00\x00" + block
         assert exif_orientation(image) == 1
+
+
+@pytest.mark.parametrize("tagtype,expected", [(3, 6), (4, 1), (8, 1)], ids=["SHORT", "LONG", "SSHORT"])
+def test_a_tiff_files_own_orientation_tag_counts_only_as_a_short(tagtype, expected):
+    from PIL import TiffImagePlugin
+
+    from training.core.preprocessing import exif_orientation
+
+    ifd = TiffImagePlugin.ImageFileDirectory_v2()
+    ifd[0x0112] = 6
+    ifd.tagtype[0x0112] = tagtype
+    out = io.BytesIO()
+    PILImage.new("RGB", (8, 4)).save(out, "TIFF", tiffinfo=ifd)
+    with PILImage.open(io.BytesIO(out.getvalue())) as opened:
+        assert exif_orientation(opened) == expected
