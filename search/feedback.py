@@ -39,6 +39,11 @@ VERDICTS = tuple(Feedback.Verdict.values)  # ("right", "wrong")
 CLEANUP_ONE_IN = 200  # one remembered upload in this many also deletes the expired ones
 
 
+def as_array(value) -> np.ndarray:
+    """A stored halfvec (pgvector's HalfVector, or the list Django gives) as float32 (D,)."""
+    return np.asarray(value.to_list() if hasattr(value, "to_list") else value, dtype=np.float32)
+
+
 def rocchio(query: np.ndarray | None, positives: np.ndarray, negatives: np.ndarray, *,
             alpha: float = ROCCHIO_ALPHA, beta: float = ROCCHIO_BETA, gamma: float = ROCCHIO_GAMMA) -> np.ndarray:
     """The refined query q' = α·q + β·mean(positives) − γ·mean(negatives), L2-normalised.
@@ -103,7 +108,7 @@ def stored_vectors(version: ModelVersion, ids: Sequence[int], what: str, *,
     missing = [i for i in ids if i not in vectors]
     if missing:
         raise BadParameter(f"{what}: image {', '.join(map(str, missing[:10]))} is not indexed by {version.name}")
-    return np.stack([np.asarray(vectors[i].to_list(), dtype=np.float32) for i in ids])
+    return np.stack([as_array(vectors[i]) for i in ids])
 
 
 def remember_upload(version: ModelVersion, sha256: str, vector: np.ndarray) -> None:
@@ -132,7 +137,7 @@ def upload_vector(version: ModelVersion, sha256: str) -> np.ndarray:
     if row is None:
         raise BadParameter(f"no recent search with an upload of SHA-256 {sha256[:12]}… under {version.name}: "
                            "search with the image first")
-    return np.asarray(row.vector.to_list(), dtype=np.float32)
+    return as_array(row.vector)
 
 
 @dataclass
