@@ -3,7 +3,7 @@ A Power Tool for Interactive Content-Based Image Retrieval", IEEE TCSVT 8(5)):
 users mark results "right" or "wrong", and a refined search moves the query
 vector towards the right ones and away from the wrong ones.
 
-- `rocchio`: the query-point movement of Rocchio (1971), with the weights of
+- `rocchio` (search/rocchio.py, plain numpy): the query-point movement of Rocchio (1971), with the weights of
   Manning, Raghavan & Schütze, *Introduction to Information Retrieval* (2008),
   §9.1.1: q' = α·q + β·mean(positives) − γ·mean(negatives), α = 1, β = 0.75,
   γ = 0.15, then L2-normalised (cosine search ignores length, the index
@@ -29,12 +29,11 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
+from search.errors import BadParameter
 from search.models import Dataset, Embedding, Feedback, Image, QueryEmbedding
-from search.services import BadParameter
+from search.rocchio import ROCCHIO_ALPHA, ROCCHIO_BETA, ROCCHIO_GAMMA, rocchio  # noqa: F401 - re-exported
 from training.models import ModelVersion
 
-# Manning, Raghavan & Schütze (2008), §9.1.1: "reasonable values might be α = 1, β = 0.75, and γ = 0.15".
-ROCCHIO_ALPHA, ROCCHIO_BETA, ROCCHIO_GAMMA = 1.0, 0.75, 0.15
 VERDICTS = tuple(Feedback.Verdict.values)  # ("right", "wrong")
 CLEANUP_ONE_IN = 200  # one remembered upload in this many also deletes the expired ones
 
@@ -42,31 +41,6 @@ CLEANUP_ONE_IN = 200  # one remembered upload in this many also deletes the expi
 def as_array(value) -> np.ndarray:
     """A stored halfvec (pgvector's HalfVector, or the list Django gives) as float32 (D,)."""
     return np.asarray(value.to_list() if hasattr(value, "to_list") else value, dtype=np.float32)
-
-
-def rocchio(query: np.ndarray | None, positives: np.ndarray, negatives: np.ndarray, *,
-            alpha: float = ROCCHIO_ALPHA, beta: float = ROCCHIO_BETA, gamma: float = ROCCHIO_GAMMA) -> np.ndarray:
-    """The refined query q' = α·q + β·mean(positives) − γ·mean(negatives), L2-normalised.
-
-    `query`: shape (D,), or None (a query made of marked images only: the α
-    term is left out); `positives`, `negatives`: shapes (P, D) and (N, D),
-    either may have no rows (its term is left out). Returns float32 (D,).
-    Raises ValueError when there is neither a query nor a positive, or the
-    result has zero length (nothing to search towards)."""
-    if query is None and len(positives) == 0:
-        raise ValueError("a refined search needs a query image or at least one positive (right) image")
-    dims = len(query) if query is not None else positives.shape[1]
-    moved = np.zeros(dims, dtype=np.float64)
-    if query is not None:
-        moved += alpha * np.asarray(query, dtype=np.float64)
-    if len(positives):
-        moved += beta * np.asarray(positives, dtype=np.float64).mean(axis=0)
-    if len(negatives):
-        moved -= gamma * np.asarray(negatives, dtype=np.float64).mean(axis=0)
-    norm = float(np.linalg.norm(moved))
-    if not np.isfinite(norm) or norm == 0.0:
-        raise ValueError("the refined query has zero length: the marked images cancel out")
-    return (moved / norm).astype(np.float32)
 
 
 def parse_ids(values: Iterable[object], name: str) -> list[int]:
@@ -150,13 +124,14 @@ class Marks:
     verdict: str
 
 
-def parse_marks(data, version: ModelVersion) -> Marks:
+def parse_marks(data, version: ModelVersion, dataset: Dataset | None = None) -> Marks:
     """Read and check a mark request's fields (a QueryDict or a dict of lists):
     exactly one of query_image_id (an image indexed by `version`) and
     query_sha256 (an upload searched with `version` recently); image_id, one or
     more results indexed by `version`, none the query itself; verdict right or
     wrong; optional model (the version the results came from: must be the
-    active one) and dataset (the results' dataset: they must be in it)."""
+    active one). `dataset`: the search's dataset (the request's `dataset`,
+    parsed by the caller): the results must be in it."""
     def values(name: str) -> list:
         got = data.getlist(name) if hasattr(data, "getlist") else data.get(name, [])
         return [v for v in (got if isinstance(got, list) else [got]) if str(v).strip() != ""]
@@ -165,11 +140,6 @@ def parse_marks(data, version: ModelVersion) -> Marks:
     if model and str(model[0]) != version.name:
         raise BadParameter(f"these results came from model version {str(model[0])[:100]!r}, but search now uses "
                            f"{version.name}: search again and mark the new results")
-    dataset = None
-    if values("dataset"):
-        from search.services import parse_dataset
-
-        dataset = parse_dataset(values("dataset")[0])
     verdicts = values("verdict")
     if len(verdicts) != 1 or str(verdicts[0]) not in VERDICTS:
         shown = str(verdicts[0])[:20] if verdicts else ""

@@ -10,34 +10,14 @@ from dataclasses import dataclass, field
 
 from django.conf import settings
 
+from search import feedback
+from search.errors import BadParameter, IndexNotReady, NotFound, SearchError, UploadTooLarge  # noqa: F401 - their home for callers
 from search.hnsw import VALID, index_state
 from search.imaging import ImageRejected, decode_image
 from search.models import Dataset, Image, dataset_named
 from search.neighbours import Hit, nearest
 from training.core.inference import embed_query
 from training.models import ModelVersion
-
-
-class SearchError(Exception):
-    """A search that cannot be answered; `status` is the HTTP status to give."""
-
-    status = 400
-
-
-class BadParameter(SearchError):
-    status = 400
-
-
-class UploadTooLarge(SearchError):
-    status = 413
-
-
-class NotFound(SearchError):
-    status = 404
-
-
-class IndexNotReady(SearchError):
-    status = 503
 
 
 @dataclass
@@ -134,10 +114,8 @@ def search_by_upload(data: bytes, *, k=None, dataset=None, positive: Sequence = 
     start = time.perf_counter()
     vector = embed_query(version, decoded.rgb)
     timings["forward"] = time.perf_counter() - start
-    from search.feedback import remember_upload
-
     sha256 = hashlib.sha256(data).hexdigest()
-    remember_upload(version, sha256, vector)
+    feedback.remember_upload(version, sha256, vector)
     if marks[0] or marks[1]:
         result = _refined_search(version, vector, *marks, k=k, dataset=dataset)
         result.timings = {**timings, **result.timings}
@@ -156,8 +134,6 @@ def _parse_marks(version: ModelVersion, positive: Sequence, negative: Sequence,
     """(positive ids, negative ids, their vectors (P, D) and (N, D)), checked:
     BadParameter for a bad, unknown, unindexed or out-of-dataset id, an id
     both positive and negative, or more than CBIR_FEEDBACK_MAX_IDS ids."""
-    from search import feedback
-
     pos, neg = feedback.parse_ids(positive, "positive"), feedback.parse_ids(negative, "negative")
     feedback.check_count(pos, neg)
     both = sorted(set(pos) & set(neg))
@@ -173,10 +149,8 @@ def _refined_search(version: ModelVersion, query, positive: list[int], negative:
     the same statement as any search. The negatives (and `exclude`, the query
     image) are left out of the results; the positives are not (they are right
     answers, and usually rank first)."""
-    from search.feedback import rocchio
-
     try:
-        vector = rocchio(query, pos_vectors, neg_vectors)
+        vector = feedback.rocchio(query, pos_vectors, neg_vectors)
     except ValueError as exc:
         raise BadParameter(str(exc)) from None
     left_out = list(dict.fromkeys([*exclude, *negative]))
@@ -195,8 +169,6 @@ def search_refined(*, k=None, dataset=None, positive: Sequence = (), negative: S
     multi-image query), or refining a recent upload named by its SHA-256
     (its remembered embedding). BadParameter without a positive and without
     query_sha256, or for an unknown hash."""
-    from search import feedback
-
     k = parse_k(k)
     dataset = parse_dataset(dataset)
     version = ready_version()
@@ -225,9 +197,7 @@ def search_by_image(image_id: int, *, k=None, dataset=None, positive: Sequence =
         raise IndexNotReady(f"image {image_id} is not indexed yet by {version.name}")
     marks = _parse_marks(version, positive, negative, dataset)
     if marks[0] or marks[1]:
-        from search.feedback import stored_vectors
-
-        query = stored_vectors(version, [image_id], "query")[0]
+        query = feedback.stored_vectors(version, [image_id], "query")[0]
         return _refined_search(version, query, *marks, k=k, dataset=dataset, exclude=[image_id])
     start = time.perf_counter()
     hits = nearest(version, image_id=image_id, k=k, dataset=dataset, exclude_image_id=image_id)

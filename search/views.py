@@ -203,8 +203,8 @@ def api_similar(request: HttpRequest, image_id: int) -> JsonResponse:
 @json_methods("POST")
 def api_feedback(request: HttpRequest) -> JsonResponse:
     """Relevance marks: form fields query_image_id or query_sha256, image_id
-    (repeatable), verdict right|wrong, optional model and dataset
-    (search.feedback.parse_marks). 201 with the marks stored; 400 and nothing
+    (repeatable), verdict right|wrong, optional model and dataset (the
+    search's; search.feedback.parse_marks). 201 with the marks stored; 400 and nothing
     stored for bad input; 403 without a CSRF token on a cookie session."""
     if getattr(request, "api_token", None) is None:
         refused = CsrfViewMiddleware(lambda r: HttpResponse()).process_view(request, lambda r: HttpResponse(), (), {})
@@ -213,7 +213,7 @@ def api_feedback(request: HttpRequest) -> JsonResponse:
                                           "the X-CSRFToken header, or use an API token"}, status=403)
     try:
         version = services.ready_version()
-        marks = feedback.parse_marks(request.POST, version)
+        marks = feedback.parse_marks(request.POST, version, services.parse_dataset(request.POST.get("dataset")))
     except SearchError as exc:
         return _json_error(exc)
     token = getattr(request, "api_token", None)

@@ -10,8 +10,9 @@ import io
 import numpy as np
 import pytest
 
-from search.feedback import ROCCHIO_ALPHA, ROCCHIO_BETA, ROCCHIO_GAMMA, as_array, rocchio
+from search.feedback import as_array
 from search.models import Dataset, Embedding, Feedback, Image, QueryEmbedding
+from search.rocchio import ROCCHIO_ALPHA, ROCCHIO_BETA, ROCCHIO_GAMMA, rocchio
 
 QUERY_COLOUR = (230, 30, 30)
 
