@@ -166,7 +166,7 @@ def head_on_marks(args, vectors: np.ndarray, labels: np.ndarray, queries: np.nda
     held_marks = [(int(q), r, ok) for q in held_q for r, ok in marks[int(q)]]
     x = torch.from_numpy(vectors)
     started = time.perf_counter()
-    head, losses = train_head_on_marks(x, train_marks, MarkTrainingConfig(epochs=args.head_epochs, seed=args.seed))
+    head, history = train_head_on_marks(x, train_marks, MarkTrainingConfig(epochs=args.head_epochs, seed=args.seed))
     seconds = time.perf_counter() - started
     with torch.no_grad():
         projected = torch.cat([head(x[lo:lo + 4096]) for lo in range(0, len(x), 4096)])
@@ -181,8 +181,8 @@ def head_on_marks(args, vectors: np.ndarray, labels: np.ndarray, queries: np.nda
     frozen_marks, counted = marks_precision_at_k(x, x, held_marks)
     head_marks, _ = marks_precision_at_k(projected, projected, held_marks)
     print(f"head trained on simulated marks alone (no labels): {len(train_marks):,} marks of {half:,} queries, "
-          f"linear 256-d, ContrastiveLoss, {args.head_epochs} epochs in {seconds:.1f} s (loss {losses[0]:.4f} → "
-          f"{losses[-1]:.4f}); held out: {len(held_marks):,} marks of {len(held_q):,} queries")
+          f"linear 256-d, ContrastiveLoss, {args.head_epochs} epochs in {seconds:.1f} s (loss {history[0]['train_loss']:.4f} → "
+          f"{history[-1]['train_loss']:.4f}); held out: {len(held_marks):,} marks of {len(held_q):,} queries")
     print(f"  P@10 on held-out marks (condensed, {counted:,} queries)  frozen {frozen_marks:.4f}  head "
           f"{head_marks:.4f}  ({head_marks - frozen_marks:+.4f})")
     print(f"  label P@10 of the held-out queries (against the rest)  frozen {label_p10(x):.4f}  head "
