@@ -147,3 +147,13 @@ def test_the_admin_form_offers_marks(marked):
                          "learning_rate": 1e-3, "scheduler": "none", "early_stopping_patience": 3, "processes": 1,
                          "marks": "only"}, dataset=marked)
     assert not refused.is_valid() and "head-only" in str(refused.errors)
+
+
+def test_the_models_page_shows_p_at_k_on_held_out_marks(client, db, tiny_version):
+    def change(metrics: dict) -> None:
+        metrics["evaluation"] = {"colours": {"k": 10, "precision_at_k": 0.5, "marks_precision_at_k": 0.8126,
+                                             "marks_queries": 4}}
+
+    tiny_version.update_metrics(change)
+    page = client.get("/models/", {"dataset": "colours"}).content.decode()
+    assert "P@10 on marks" in page and "0.813" in page
