@@ -292,3 +292,30 @@ def test_staff_see_marks_and_export_them_as_csv(admin_client, client, indexed, i
     assert lines[0].startswith("id,created,model_version,query_image_id")
     assert len(lines) == 3 and f",{tiny_version.name},{ids['red'][0]},," in lines[1]
     assert client.get("/admin/search/feedback/").status_code == 302  # not staff: the login page
+
+
+def test_a_refined_query_is_one_statement_through_the_hnsw_index(indexed, tiny_version, ids):
+    from search import hnsw
+    from search.neighbours import explain, neighbours_queryset
+
+    vectors = _vectors(tiny_version)
+    moved = rocchio(vectors[ids["red"][0]], np.stack([vectors[ids["blue"][0]]]), np.stack([vectors[ids["red"][1]]]))
+    queryset = neighbours_queryset(tiny_version, vector=moved, exclude_image_ids=[ids["red"][1], ids["red"][0]])
+    plan = explain(queryset, 10)
+    assert f"Index Scan using {hnsw.index_name(tiny_version)} " in plan and "image_id" in plan
+
+
+def test_an_api_token_marks_without_a_csrf_token_as_its_owner(indexed, ids, django_user_model):
+    from django.test import Client
+
+    from search.models import ApiToken
+
+    owner = django_user_model.objects.create_user("partner", password="a-long-password-1", is_staff=True)
+    token = ApiToken(name="partner", user=owner)
+    key = token.set_new_key()
+    token.save()
+    response = Client(enforce_csrf_checks=True).post(
+        "/api/feedback", {"query_image_id": ids["red"][0], "image_id": ids["red"][1], "verdict": "right"},
+        headers={"Authorization": f"Bearer {key}"})
+    assert response.status_code == 201
+    assert Feedback.objects.get().user == owner
