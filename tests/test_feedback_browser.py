@@ -81,7 +81,7 @@ def test_marks_are_saved_without_a_reload_and_refine_changes_the_results(browser
     after = _hits(browser)
     assert len(after) == 10 and after != before
     assert reds[0] not in [pk for pk, _ in after]  # the wrong one is left out
-    assert "Refined with 1 right and 1 wrong" in browser.find_element(By.ID, "refined").text
+    assert "refined with 1 right and 1 wrong" in browser.find_element(By.ID, "refined").text
     # The right mark is still shown (and kept for the next Refine).
     right = browser.find_elements(By.CSS_SELECTOR, f'#results .hit[data-image-id="{blues[-1]}"] button.mark.right')
     assert right and "on" in right[0].get_attribute("class")
