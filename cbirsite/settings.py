@@ -215,6 +215,11 @@ CBIR_MAX_IMPORT_FILE_BYTES = env_int("CBIR_MAX_IMPORT_FILE_BYTES", 100 * 1024 * 
 CBIR_MAX_PIXELS = env_int("CBIR_MAX_PIXELS", 50_000_000, minimum=1)
 CBIR_MAX_K = env_int("CBIR_MAX_K", 100, minimum=1, maximum=1000)
 CBIR_DEFAULT_K = env_int("CBIR_DEFAULT_K", 10, minimum=1)
+# Relevance feedback (docs/api.md#relevance-feedback): how many positive + negative
+# ids one refined search or one mark request may name, and how long an upload's
+# embedding is kept for marks and refining by its SHA-256.
+CBIR_FEEDBACK_MAX_IDS = env_int("CBIR_FEEDBACK_MAX_IDS", 50, minimum=1, maximum=1000)
+CBIR_QUERY_EMBEDDING_DAYS = env_int("CBIR_QUERY_EMBEDDING_DAYS", 7, minimum=1)
 if CBIR_DEFAULT_K > CBIR_MAX_K:
     raise ImproperlyConfigured(f"CBIR_DEFAULT_K={CBIR_DEFAULT_K} is above CBIR_MAX_K={CBIR_MAX_K}")
 CBIR_THUMBNAIL_SIZE = env_int("CBIR_THUMBNAIL_SIZE", 256, minimum=16, maximum=2048)

@@ -267,4 +267,4 @@ class ImageAdmin(DeleteThroughJobsMixin, admin.ModelAdmin):
 
 
 # Registers the near-duplicate and API token admins.
-from search import admin_duplicates, admin_tokens  # noqa: E402,F401
+from search import admin_duplicates, admin_feedback, admin_tokens  # noqa: E402,F401

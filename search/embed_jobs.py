@@ -135,7 +135,7 @@ def _finish(run: runner.Run) -> str:
         finished = finish_index(version, image_ids, activate=activate, progress=run.progress,
                                 log=run.log, check_stop=lambda: run.check_stop("cancelled before the version was "
                                                                                "activated"),
-                                near_duplicate_progress=near_duplicate_progress)
+                                near_duplicate_progress=near_duplicate_progress, activated_by=run.job.created_by)
     except IndexBuildError as exc:
         raise runner.JobFailed(str(exc)) from None
     result = {"embedded": done, "failed": failed, "index_created": finished.index_created,

@@ -277,7 +277,8 @@ class FinishReport:
 def finish_index(version: ModelVersion, new_image_ids: Sequence[int], *, activate: bool,
                  progress: Progress | None = None, log: Callable[[str], None] | None = None,
                  check_stop: Callable[[], None] | None = None,
-                 near_duplicate_progress: Callable[[int, int], None] | None = None) -> FinishReport:
+                 near_duplicate_progress: Callable[[int, int], None] | None = None,
+                 activated_by=None) -> FinishReport:
     """What follows an embedding, written once (build_index and the embed job's
     finishing step call it):
 
@@ -291,7 +292,8 @@ def finish_index(version: ModelVersion, new_image_ids: Sequence[int], *, activat
     progress(done, total, message) follows the index build; log(message) gets
     each step's outcome; check_stop() is called before activating and before
     the near-duplicate pass (it raises to stop: a cancelled job does not
-    activate). Raises hnsw.IndexBuildError when the version's index fails."""
+    activate). `activated_by`: the user the activation is logged for (a job's
+    creator). Raises hnsw.IndexBuildError when the version's index fails."""
     log = log or (lambda message: None)
     builds = build_hnsw_indexes(version, progress=progress, log=log)
     for report in builds:
@@ -301,7 +303,7 @@ def finish_index(version: ModelVersion, new_image_ids: Sequence[int], *, activat
         check_stop()
     activated = False
     if activate or ModelVersion.active() is None:
-        version.activate()
+        version.activate(user=activated_by, reason="activation job" if activate else "first version indexed")
         activated = True
         log(f"{version.name} is now active for search")
     if check_stop is not None:

@@ -344,3 +344,57 @@ class RateCounter(models.Model):
     key = models.CharField(max_length=100, primary_key=True)
     window_start = models.BigIntegerField()
     count = models.PositiveIntegerField()
+
+
+class QueryEmbedding(models.Model):
+    """The embedding of an uploaded query image under one model version, kept
+    so that relevance feedback on that search (a mark, a refined query) can
+    name the upload by its SHA-256 instead of sending it again. The image
+    itself is never stored; rows older than CBIR_QUERY_EMBEDDING_DAYS are
+    removed as searches go (search.feedback.remember_upload)."""
+
+    model_version = models.ForeignKey(ModelVersion, on_delete=models.CASCADE, related_name="query_embeddings")
+    sha256 = models.CharField(max_length=64, help_text="SHA-256 of the uploaded bytes, lower-case hex")
+    vector = HalfVectorField()
+    last_seen = models.DateTimeField()
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["model_version", "sha256"], name="unique_query_per_version")]
+        indexes = [models.Index(fields=["last_seen"], name="query_embedding_seen")]
+
+
+class Feedback(models.Model):
+    """One relevance mark (Rui et al. 1998): for a query, under the model
+    version that ranked it, a result judged relevant ("right") or not
+    ("wrong") by a user (or an anonymous session). The query is an indexed
+    image (`query_image`) or an upload, named by its SHA-256 with its
+    embedding copied here (`query_vector`), so the mark outlives the upload's
+    QueryEmbedding row. Deleting either image deletes the mark."""
+
+    class Verdict(models.TextChoices):
+        RIGHT = "right", "right (relevant)"
+        WRONG = "wrong", "wrong (not relevant)"
+
+    model_version = models.ForeignKey(ModelVersion, on_delete=models.CASCADE, related_name="feedback")
+    query_image = models.ForeignKey(Image, null=True, blank=True, on_delete=models.CASCADE,
+                                    related_name="feedback_as_query")
+    query_sha256 = models.CharField(max_length=64, blank=True)
+    query_vector = HalfVectorField(null=True, blank=True)
+    result = models.ForeignKey(Image, on_delete=models.CASCADE, related_name="feedback")
+    verdict = models.CharField(max_length=5, choices=Verdict.choices)
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
+    session_key = models.CharField(max_length=40, blank=True)
+    created = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created"]
+        verbose_name = "relevance mark"
+        constraints = [models.CheckConstraint(
+            condition=(models.Q(query_image__isnull=False, query_sha256="", query_vector__isnull=True)
+                       | models.Q(query_image__isnull=True, query_vector__isnull=False) & ~models.Q(query_sha256="")),
+            name="feedback_one_query")]
+        indexes = [models.Index(fields=["model_version", "result"], name="feedback_version_result")]
+
+    def __str__(self) -> str:
+        query = f"image {self.query_image_id}" if self.query_image_id else f"upload {self.query_sha256[:12]}"
+        return f"{self.verdict} for image {self.result_id}, query {query}"

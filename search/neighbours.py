@@ -149,13 +149,13 @@ def plan_for(version: ModelVersion, dataset: Dataset | None, splits: Sequence[st
 def neighbours_queryset(version: ModelVersion, *, vector: np.ndarray | None = None, image_id: int | None = None,
                         dataset: Dataset | None = None, splits: Sequence[str] | None = None,
                         exclude_image_id: int | None = None, exact: bool = False,
-                        plan: str | None = None) -> QuerySet:
+                        plan: str | None = None, exclude_image_ids: Sequence[int] = ()) -> QuerySet:
     """Embeddings of `version` ordered by cosine distance to the query, as rows
     (image_id, distance, label, dataset name, file, thumbnail).
 
     The query is a vector of shape (D,) or an indexed image (its stored
     vector is read inside the same statement). Optional filters: a dataset,
-    splits, one image left out. `plan`: "exact" or "hnsw", default plan_for()
+    splits, one image left out (or several, `exclude_image_ids`). `plan`: "exact" or "hnsw", default plan_for()
     (exact=True means "exact"). The exact plan orders by the plain column, so
     it sorts the filtered rows whatever the session settings; ties are broken
     by image id (the order metrics.rank_with_ties uses). The "hnsw" plan orders
@@ -183,6 +183,8 @@ def neighbours_queryset(version: ModelVersion, *, vector: np.ndarray | None = No
         rows = rows.filter(image__split__in=[str(s) for s in splits])
     if exclude_image_id is not None:
         rows = rows.exclude(image_id=exclude_image_id)
+    if exclude_image_ids:
+        rows = rows.exclude(image_id__in=[int(i) for i in exclude_image_ids])
     if plan == EXACT:
         # The uncast column: equal distances, but no index expression matches it.
         distance = CosineDistance(F("vector"), query)
@@ -295,13 +297,15 @@ def fetch(queryset: QuerySet, k: int, *, exact: bool = False,
 
 def nearest(version: ModelVersion, *, vector: np.ndarray | None = None, image_id: int | None = None, k: int,
             dataset: Dataset | None = None, splits: Sequence[str] | None = None,
-            exclude_image_id: int | None = None, exact: bool = False) -> list[Hit]:
+            exclude_image_id: int | None = None, exact: bool = False,
+            exclude_image_ids: Sequence[int] = ()) -> list[Hit]:
     """The k nearest images by cosine distance, in one statement: through an
     HNSW index (the dataset's own when it has one, else the version's) at the
     version's breadth (ef_search_for), or an exact scan for a small filtered
     subset (plan_for) or with exact=True (ground truth)."""
     queryset = neighbours_queryset(version, vector=vector, image_id=image_id, dataset=dataset, splits=splits,
-                                   exclude_image_id=exclude_image_id, exact=exact)
+                                   exclude_image_id=exclude_image_id, exact=exact,
+                                   exclude_image_ids=exclude_image_ids)
     return fetch(queryset, k, exact=exact, ef_search=ef_search_for(k, version))[0]
 
 

@@ -3,39 +3,21 @@ version's HNSW index. Views, the API and the search_image command call these."""
 
 from __future__ import annotations
 
+import hashlib
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from django.conf import settings
 
+from search import feedback
+from search.errors import BadParameter, IndexNotReady, NotFound, SearchError, UploadTooLarge  # noqa: F401 - their home for callers
 from search.hnsw import VALID, index_state
 from search.imaging import ImageRejected, decode_image
 from search.models import Dataset, Image, dataset_named
 from search.neighbours import Hit, nearest
 from training.core.inference import embed_query
 from training.models import ModelVersion
-
-
-class SearchError(Exception):
-    """A search that cannot be answered; `status` is the HTTP status to give."""
-
-    status = 400
-
-
-class BadParameter(SearchError):
-    status = 400
-
-
-class UploadTooLarge(SearchError):
-    status = 413
-
-
-class NotFound(SearchError):
-    status = 404
-
-
-class IndexNotReady(SearchError):
-    status = 503
 
 
 @dataclass
@@ -46,10 +28,18 @@ class SearchResult:
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
     query_rgb: object = None  # the decoded upload (PIL RGB), for a preview; never stored
     notice: str | None = None  # why there are fewer than k results, when there are (result_notice)
+    query_sha256: str | None = None  # an upload's SHA-256: marks and refined searches name it (search.feedback)
+    positive: list[int] = field(default_factory=list)  # relevance feedback the query was refined with
+    negative: list[int] = field(default_factory=list)
 
     def as_dict(self) -> dict:
-        return {"model": self.model.name, "k": self.k, "results": [h.as_dict() for h in self.hits],
-                "notice": self.notice}
+        answer = {"model": self.model.name, "k": self.k, "results": [h.as_dict() for h in self.hits],
+                  "notice": self.notice}
+        if self.query_sha256:
+            answer["query_sha256"] = self.query_sha256
+        if self.positive or self.negative:
+            answer["positive"], answer["negative"] = self.positive, self.negative
+        return answer
 
 
 def result_notice(version: ModelVersion, dataset: Dataset | None, hits: list, k: int, *,
@@ -102,8 +92,12 @@ def ready_version() -> ModelVersion:
     return version
 
 
-def search_by_upload(data: bytes, *, k=None, dataset=None) -> SearchResult:
-    """Search with uploaded bytes. The image is decoded in memory and never stored."""
+def search_by_upload(data: bytes, *, k=None, dataset=None, positive: Sequence = (),
+                     negative: Sequence = ()) -> SearchResult:
+    """Search with uploaded bytes. The image is decoded in memory and never
+    stored; its embedding is kept under its SHA-256 (search.feedback.remember_upload)
+    for marks and refined searches. `positive` / `negative`: image ids marked
+    right / wrong, to refine the query with (search_refined)."""
     k = parse_k(k)
     dataset = parse_dataset(dataset)
     if len(data) > settings.CBIR_MAX_UPLOAD_BYTES:
@@ -116,22 +110,84 @@ def search_by_upload(data: bytes, *, k=None, dataset=None) -> SearchResult:
     except ImageRejected as exc:
         raise BadParameter(str(exc)) from None
     timings["decode"] = time.perf_counter() - start
+    marks = _parse_marks(version, positive, negative, dataset)
     start = time.perf_counter()
     vector = embed_query(version, decoded.rgb)
     timings["forward"] = time.perf_counter() - start
+    sha256 = hashlib.sha256(data).hexdigest()
+    feedback.remember_upload(version, sha256, vector)
+    if marks[0] or marks[1]:
+        result = _refined_search(version, vector, *marks, k=k, dataset=dataset)
+        result.timings = {**timings, **result.timings}
+    else:
+        start = time.perf_counter()
+        hits = nearest(version, vector=vector, k=k, dataset=dataset)
+        timings["sql"] = time.perf_counter() - start
+        result = SearchResult(model=version, k=k, hits=hits, timings=timings, notice=result_notice(version, dataset,
+                                                                                                     hits, k))
+    result.query_rgb, result.query_sha256 = decoded.rgb, sha256
+    return result
+
+
+def _parse_marks(version: ModelVersion, positive: Sequence, negative: Sequence,
+                 dataset: Dataset | None) -> tuple[list[int], list[int], object, object]:
+    """(positive ids, negative ids, their vectors (P, D) and (N, D)), checked:
+    BadParameter for a bad, unknown, unindexed or out-of-dataset id, an id
+    both positive and negative, or more than CBIR_FEEDBACK_MAX_IDS ids."""
+    pos, neg = feedback.parse_ids(positive, "positive"), feedback.parse_ids(negative, "negative")
+    feedback.check_count(pos, neg)
+    both = sorted(set(pos) & set(neg))
+    if both:
+        raise BadParameter(f"image {', '.join(map(str, both[:10]))} is marked both positive and negative")
+    return (pos, neg, feedback.stored_vectors(version, pos, "positive", dataset=dataset),
+            feedback.stored_vectors(version, neg, "negative", dataset=dataset))
+
+
+def _refined_search(version: ModelVersion, query, positive: list[int], negative: list[int], pos_vectors,
+                    neg_vectors, *, k: int, dataset: Dataset | None, exclude: Sequence[int] = ()) -> SearchResult:
+    """One search with the Rocchio-moved query (search.feedback.rocchio), through
+    the same statement as any search. The negatives (and `exclude`, the query
+    image) are left out of the results; the positives are not (they are right
+    answers, and usually rank first)."""
+    try:
+        vector = feedback.rocchio(query, pos_vectors, neg_vectors)
+    except ValueError as exc:
+        raise BadParameter(str(exc)) from None
+    left_out = list(dict.fromkeys([*exclude, *negative]))
     start = time.perf_counter()
-    hits = nearest(version, vector=vector, k=k, dataset=dataset)
-    timings["sql"] = time.perf_counter() - start
-    return SearchResult(model=version, k=k, hits=hits, timings=timings, query_rgb=decoded.rgb,
-                        notice=result_notice(version, dataset, hits, k))
+    hits = nearest(version, vector=vector, k=k, dataset=dataset, exclude_image_ids=left_out)
+    seconds = time.perf_counter() - start
+    rows = version.embeddings.filter(image_id__in=left_out)
+    excluded = (rows.filter(dataset=dataset) if dataset is not None else rows).count()
+    return SearchResult(model=version, k=k, hits=hits, timings={"sql": seconds}, positive=positive,
+                        negative=negative, notice=result_notice(version, dataset, hits, k, excluded=excluded))
+
+
+def search_refined(*, k=None, dataset=None, positive: Sequence = (), negative: Sequence = (),
+                   query_sha256: str | None = None) -> SearchResult:
+    """A search made of marks alone (several positives and no image: a
+    multi-image query), or refining a recent upload named by its SHA-256
+    (its remembered embedding). BadParameter without a positive and without
+    query_sha256, or for an unknown hash."""
+    k = parse_k(k)
+    dataset = parse_dataset(dataset)
+    version = ready_version()
+    sha256 = feedback.parse_sha256(query_sha256) if query_sha256 else None
+    query = feedback.upload_vector(version, sha256) if sha256 else None
+    marks = _parse_marks(version, positive, negative, dataset)
+    result = _refined_search(version, query, *marks, k=k, dataset=dataset)
+    result.query_sha256 = sha256
+    return result
 
 
 def input_size(version: ModelVersion) -> int:
     return int((version.preprocessing or {}).get("size", 224))
 
 
-def search_by_image(image_id: int, *, k=None, dataset=None) -> SearchResult:
-    """"More like this": neighbours of an indexed image, the image itself excluded."""
+def search_by_image(image_id: int, *, k=None, dataset=None, positive: Sequence = (),
+                    negative: Sequence = ()) -> SearchResult:
+    """"More like this": neighbours of an indexed image, the image itself
+    excluded; with `positive` / `negative` ids, refined by them (_refined_search)."""
     k = parse_k(k)
     dataset = parse_dataset(dataset)
     version = ready_version()
@@ -139,6 +195,10 @@ def search_by_image(image_id: int, *, k=None, dataset=None) -> SearchResult:
         raise NotFound(f"no image with id {image_id}")
     if not version.embeddings.filter(image_id=image_id).exists():
         raise IndexNotReady(f"image {image_id} is not indexed yet by {version.name}")
+    marks = _parse_marks(version, positive, negative, dataset)
+    if marks[0] or marks[1]:
+        query = feedback.stored_vectors(version, [image_id], "query")[0]
+        return _refined_search(version, query, *marks, k=k, dataset=dataset, exclude=[image_id])
     start = time.perf_counter()
     hits = nearest(version, image_id=image_id, k=k, dataset=dataset, exclude_image_id=image_id)
     excluded = int(dataset is None or Image.objects.filter(pk=image_id, dataset=dataset).exists())

@@ -5,10 +5,12 @@ from search import views
 urlpatterns = [
     path("", views.index, name="index"),
     path("search/", views.search_page, name="search"),
+    path("search/refine", views.refine_page, name="refine"),
     path("images/<int:image_id>/similar/", views.similar_page, name="similar"),
     path("healthz", views.healthz, name="healthz"),
     path("api/search", views.api_search, name="api-search"),
     path("api/images/<int:image_id>/similar", views.api_similar, name="api-similar"),
+    path("api/feedback", views.api_feedback, name="api-feedback"),
 ]
 
 from search import job_views  # noqa: E402

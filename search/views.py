@@ -11,12 +11,13 @@ from pathlib import Path
 from django.conf import settings
 from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
 from django.http.response import HttpResponseBase
+from django.middleware.csrf import CsrfViewMiddleware
 from django.shortcuts import render
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_http_methods, require_safe
 from django.views.static import serve
 
-from search import access, services
+from search import access, feedback, services
 from search.imaging import ACCEPT_ATTRIBUTE, ACCEPTED_FORMATS_TEXT, make_thumbnail
 from search.models import Dataset, Image
 from search.services import SearchError, UploadTooLarge
@@ -102,13 +103,40 @@ def search_page(request: HttpRequest) -> HttpResponse:
     if request.method == "GET":
         return render(request, "search/index.html", _page_context())
     try:
-        data = _uploaded_bytes(request)
-        result = services.search_by_upload(data, k=request.POST.get("k"), dataset=request.POST.get("dataset"))
+        result = _search_posted(request)
     except SearchError as exc:
         return render(request, "search/index.html", _page_context(error=str(exc)), status=exc.status)
     return render(request, "search/results.html", _page_context(
-        result=result, query_preview=_query_preview(result.query_rgb), selected_dataset=request.POST.get("dataset", ""),
-        k=result.k))
+        result=result, query_preview=_query_preview(result.query_rgb) if result.query_rgb is not None else None,
+        selected_dataset=request.POST.get("dataset", ""), k=result.k))
+
+
+def _search_posted(request: HttpRequest) -> services.SearchResult:
+    """A POSTed search (page or API): an uploaded `image`, optionally refined by
+    `positive` / `negative` ids; without an image, the marks alone (and
+    `query_sha256`, a recent upload) make the query (services.search_refined)."""
+    _check_content_length(request)
+    marks = {"positive": request.POST.getlist("positive"), "negative": request.POST.getlist("negative")}
+    k, dataset = request.POST.get("k"), request.POST.get("dataset")
+    if "image" not in request.FILES and (marks["positive"] or marks["negative"] or request.POST.get("query_sha256")):
+        return services.search_refined(k=k, dataset=dataset, query_sha256=request.POST.get("query_sha256"), **marks)
+    return services.search_by_upload(_uploaded_bytes(request), k=k, dataset=dataset, **marks)
+
+
+@require_GET
+@guarded(api=False)
+def refine_page(request: HttpRequest) -> HttpResponse:
+    """The results page's *Refine*: the marks so far as positive / negative ids,
+    with the recent upload they were given on (query_sha256) or none."""
+    try:
+        result = services.search_refined(k=request.GET.get("k"), dataset=request.GET.get("dataset"),
+                                         positive=request.GET.getlist("positive"),
+                                         negative=request.GET.getlist("negative"),
+                                         query_sha256=request.GET.get("query_sha256"))
+    except SearchError as exc:
+        return render(request, "search/index.html", _page_context(error=str(exc)), status=exc.status)
+    return render(request, "search/results.html", _page_context(
+        result=result, selected_dataset=request.GET.get("dataset", ""), k=result.k))
 
 
 @require_GET
@@ -116,7 +144,9 @@ def search_page(request: HttpRequest) -> HttpResponse:
 def similar_page(request: HttpRequest, image_id: int) -> HttpResponse:
     query = Image.objects.select_related("dataset").filter(pk=image_id).first()
     try:
-        result = services.search_by_image(image_id, k=request.GET.get("k"), dataset=request.GET.get("dataset"))
+        result = services.search_by_image(image_id, k=request.GET.get("k"), dataset=request.GET.get("dataset"),
+                                          positive=request.GET.getlist("positive"),
+                                          negative=request.GET.getlist("negative"))
     except SearchError as exc:
         return render(request, "search/index.html", _page_context(error=str(exc)), status=exc.status)
     return render(request, "search/results.html", _page_context(
@@ -150,8 +180,7 @@ def _json_error(exc: SearchError) -> JsonResponse:
 @json_methods("POST")
 def api_search(request: HttpRequest) -> JsonResponse:
     try:
-        data = _uploaded_bytes(request)
-        result = services.search_by_upload(data, k=request.POST.get("k"), dataset=request.POST.get("dataset"))
+        result = _search_posted(request)
     except SearchError as exc:
         return _json_error(exc)
     return JsonResponse(result.as_dict())
@@ -161,11 +190,42 @@ def api_search(request: HttpRequest) -> JsonResponse:
 @json_methods("GET")
 def api_similar(request: HttpRequest, image_id: int) -> JsonResponse:
     try:
-        result = services.search_by_image(image_id, k=request.GET.get("k"), dataset=request.GET.get("dataset"))
+        result = services.search_by_image(image_id, k=request.GET.get("k"), dataset=request.GET.get("dataset"),
+                                          positive=request.GET.getlist("positive"),
+                                          negative=request.GET.getlist("negative"))
     except SearchError as exc:
         return _json_error(exc)
     return JsonResponse(result.as_dict())
 
+
+@csrf_exempt  # checked below for cookie sessions; an API token is not a cookie, so needs no CSRF token
+@guarded(api=True, counted=("POST",))  # the search rate limit: a mark costs what a search does
+@json_methods("POST")
+def api_feedback(request: HttpRequest) -> JsonResponse:
+    """Relevance marks: form fields query_image_id or query_sha256, image_id
+    (repeatable), verdict right|wrong, optional model and dataset (the
+    search's; search.feedback.parse_marks). 201 with the marks stored; 400 and nothing
+    stored for bad input; 403 without a CSRF token on a cookie session."""
+    if getattr(request, "api_token", None) is None:
+        refused = CsrfViewMiddleware(lambda r: HttpResponse()).process_view(request, lambda r: HttpResponse(), (), {})
+        if refused is not None:
+            return JsonResponse({"error": "CSRF token missing or incorrect: send the csrftoken cookie's value as "
+                                          "the X-CSRFToken header, or use an API token"}, status=403)
+    try:
+        version = services.ready_version()
+        marks = feedback.parse_marks(request.POST, version, services.parse_dataset(request.POST.get("dataset")))
+    except SearchError as exc:
+        return _json_error(exc)
+    token = getattr(request, "api_token", None)
+    user = token.user if token is not None else (request.user if request.user.is_authenticated else None)
+    session_key = ""
+    if user is None:
+        if request.session.session_key is None:
+            request.session.save()
+        session_key = request.session.session_key or ""
+    stored = feedback.record_marks(version, marks, user=user, session_key=session_key)
+    return JsonResponse({"model": version.name, "verdict": marks.verdict, "stored": len(stored),
+                         "marks": [{"id": m.pk, "image_id": m.result_id} for m in stored]}, status=201)
 
 
 @require_GET

@@ -26,8 +26,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # Anyone, always.
 PUBLIC = {"healthz", "accounts/login/", "accounts/logout/", "admin/login/", "admin/logout/"}
 # Public, or for signed-in users when CBIR_SEARCH_REQUIRES_LOGIN is on.
-SEARCH = {"", "search/", "images/<int:image_id>/similar/", "api/search", "api/images/<int:image_id>/similar",
-          "^media/(?P<path>.+)$"}
+SEARCH = {"", "search/", "search/refine", "images/<int:image_id>/similar/", "api/search",
+          "api/images/<int:image_id>/similar", "api/feedback", "^media/(?P<path>.+)$"}
 SEARCH_PREFIXES = ("models/",)  # the model comparison pages show the collection like search results do
 LOGIN_PAGES = ("/accounts/login/", "/admin/login/")
 

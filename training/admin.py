@@ -3,7 +3,10 @@ from __future__ import annotations
 import json
 
 from django.contrib import admin, messages
+from django.shortcuts import redirect, render
+from django.urls import path
 from django.utils.html import format_html
+from django.views.decorators.http import require_POST
 
 from search import embed_jobs, hnsw
 from search.admin import DatasetAdmin as SearchDatasetAdmin
@@ -11,9 +14,10 @@ from search.admin_deletes import DeleteThroughJobsMixin
 from search.admin_jobs import intermediate, redirect_to_job, start_or_report
 from search.delete_jobs import Outcome
 from search.models import Dataset
+from training import activation
 from training.evaluation.jobs import start_evaluation_job
 from training.forms import BuildIndexForm, TrainForm
-from training.models import ModelVersion
+from training.models import Activation, ModelVersion
 from training.train_job import start_training_job
 
 # Fields that determine the stored vectors: editing them would make the embeddings lie.
@@ -30,6 +34,33 @@ class ModelVersionAdmin(DeleteThroughJobsMixin, admin.ModelAdmin):
     readonly_fields = FROZEN_FIELDS + ["is_active", "metrics_pretty", "job_links", "created"]
     fields = ("name", "notes", *readonly_fields)
     actions = ["activate"]
+    change_list_template = "admin/training/modelversion/change_list.html"
+
+    def get_urls(self):
+        return [path("rollback/", self.admin_site.admin_view(require_POST(self.rollback_view)),
+                     name="training_modelversion_rollback"), *super().get_urls()]
+
+    def changelist_view(self, request, extra_context=None):
+        extra = {"rollback_to": activation.previous_version(), "active_version": ModelVersion.active(),
+                 **(extra_context or {})}
+        return super().changelist_view(request, extra_context=extra)
+
+    def rollback_view(self, request):
+        """*Roll back*: search goes back to the version active before the last
+        switch, at once (its index must still be ready)."""
+        if not self.has_change_permission(request):
+            self.message_user(request, "You may not change model versions.", messages.ERROR)
+            return redirect("admin:training_modelversion_changelist")
+        target = activation.previous_version()
+        if target is None:
+            self.message_user(request, "There is no earlier version to roll back to.", messages.ERROR)
+        elif not hnsw.is_ready(target):
+            self.message_user(request, f"{target} has no ready index any more: activate it to rebuild it.",
+                              messages.ERROR)
+        else:
+            target.activate(user=request.user, reason="rollback")
+            self.message_user(request, f"Rolled back: {target} is used for search again.", messages.SUCCESS)
+        return redirect("admin:training_modelversion_changelist")
 
     def has_add_permission(self, request):
         # Versions come from pretrained weights (build_index) or from training jobs.
@@ -87,12 +118,41 @@ class ModelVersionAdmin(DeleteThroughJobsMixin, admin.ModelAdmin):
         if version.is_active:
             self.message_user(request, f"{version} is already active.", messages.INFO)
             return
+        active = ModelVersion.active()
+        lines = activation.compare(version, active)
+        worse = [line for line in lines if line.worse]
+        if worse and "confirm" not in request.POST:
+            # The gate: what gets worse, measured on the sets the active version was measured on.
+            return render(request, "admin/training/activate_confirmation.html", {
+                **self.admin_site.each_context(request), "title": f"Activate {version}?", "version": version,
+                "active": active, "lines": lines, "worse": worse, "opts": self.model._meta})
         if hnsw.is_ready(version) and not missing_image_ids(None, version):
-            version.activate()
-            self.message_user(request, f"{version} is now used for search.", messages.SUCCESS)
+            version.activate(user=request.user, reason="admin" + (" (confirmed: worse on some sets)" if worse else ""))
+            compared = "; ".join(f"{line.measure} on {line.dataset} {line.active:.3f} → {line.candidate:.3f}"
+                                 for line in lines if line.candidate is not None)
+            self.message_user(request, f"{version} is now used for search." + (f" Compared with {active}: {compared}."
+                                                                             if compared else ""), messages.SUCCESS)
             return
         start_or_report(request, lambda: embed_jobs.start_activation(version, user=request.user),
                         f"{version} has no complete index yet: embedding every dataset, then switching search to it")
+
+
+@admin.register(Activation)
+class ActivationAdmin(admin.ModelAdmin):
+    """The log of every switch of the search version (read-only)."""
+
+    list_display = ["created", "version_name", "previous_name", "user", "reason"]
+    list_filter = ["reason"]
+    readonly_fields = ["created", "version", "version_name", "previous", "previous_name", "user", "reason"]
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False
 
 
 class DatasetAdmin(SearchDatasetAdmin):

@@ -12,6 +12,7 @@ from dataclasses import asdict
 from django import forms
 
 from training.core.config import (
+    MARKS,
     MAX_IMAGE_SIZE,
     MAX_PROCESSES,
     MIN_IMAGE_SIZE,
@@ -40,6 +41,7 @@ OBJECTIVE_LABELS = {"auto": "automatic (autoencoder: reconstruction; siamese: pa
                     **{name: objective.description for name, objective in REGISTERED_OBJECTIVES.items()}}
 
 
+MARKS_LABELS = {"none": "labels", "only": "relevance marks alone", "with_labels": "relevance marks and labels"}
 SELECT_BY_LABELS = {"val_loss": "lowest validation loss (the study's protocol)",
                     "val_precision_at_10": "highest validation P@10 (head only)"}
 
@@ -65,6 +67,10 @@ class TrainForm(forms.Form):
                   "only a projection head on them: seconds instead of hours; augmentation is off")
     head = forms.ChoiceField(choices=[(h, h) for h in HEADS], initial="linear", required=False,
                              help_text="head-only training: linear projection, or a small MLP")
+    marks = forms.ChoiceField(
+        choices=[(m, MARKS_LABELS[m]) for m in MARKS], initial=DEFAULTS["marks"], required=False,
+        label="Learn from", help_text="head-only training: the labels, the dataset's relevance marks (pairs of a query "
+                                      "and a result users marked right or wrong), or both")
     objective = forms.ChoiceField(choices=[(o, OBJECTIVE_LABELS[o]) for o in OBJECTIVES], initial=DEFAULTS["objective"])
     epochs = forms.IntegerField(min_value=1, max_value=10_000, initial=DEFAULTS["epochs"])
     batch_size = forms.IntegerField(min_value=2, max_value=4096, initial=DEFAULTS["batch_size"],
@@ -112,6 +118,7 @@ class TrainForm(forms.Form):
             "scheduler", "early_stopping_patience", "augment")}
         fields["processes"] = cleaned.get("processes") or 1
         fields["select_by"] = cleaned.get("select_by") or "val_loss"
+        fields["marks"] = cleaned.get("marks") or "none"
         try:
             if timm_model:
                 architecture = timm_model if timm_model.startswith("timm:") else f"timm:{timm_model}"
@@ -139,7 +146,7 @@ class TrainForm(forms.Form):
             self.add_error("timm_model", message)
             return
         for name in ("embedding_dim", "image_size", "batch_size", "learning_rate", "epochs", "objective",
-                     "scheduler", "early_stopping_patience", "pretrained", "processes", "augment", "head", "select_by"):
+                     "scheduler", "early_stopping_patience", "pretrained", "processes", "augment", "head", "select_by", "marks"):
             if message.startswith(name) or f" {name} " in message:
                 self.add_error(name, message)
                 return

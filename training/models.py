@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from django.conf import settings
 from django.db import models, transaction
 from django.db.models import Q
 
@@ -60,8 +61,36 @@ class ModelVersion(models.Model):
         self.metrics = metrics
 
     @transaction.atomic
-    def activate(self) -> None:
-        """Make this the one version search uses, in one transaction."""
-        ModelVersion.objects.select_for_update().filter(is_active=True).exclude(pk=self.pk).update(is_active=False)
+    def activate(self, *, user=None, reason: str = "") -> None:
+        """Make this the one version search uses, in one transaction, and log it
+        (an Activation row: who, when, which version was active before). A
+        version already active is left as it is and not logged again."""
+        previous = ModelVersion.objects.select_for_update().filter(is_active=True).first()
+        if previous is not None and previous.pk == self.pk:
+            self.is_active = True
+            return
+        ModelVersion.objects.filter(is_active=True).exclude(pk=self.pk).update(is_active=False)
         ModelVersion.objects.filter(pk=self.pk).update(is_active=True)
         self.is_active = True
+        Activation.objects.create(version=self, version_name=self.name, previous=previous,
+                                  previous_name=previous.name if previous else "", user=user, reason=reason[:200])
+
+
+class Activation(models.Model):
+    """One switch of the version search uses: to which, from which, by whom
+    (None: a job or command with no user), why ("admin", "rollback", "first
+    index", ...), when. Names are kept so the log outlives deleted versions."""
+
+    version = models.ForeignKey(ModelVersion, null=True, on_delete=models.SET_NULL, related_name="activations")
+    version_name = models.CharField(max_length=100)
+    previous = models.ForeignKey(ModelVersion, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    previous_name = models.CharField(max_length=100, blank=True)
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
+    reason = models.CharField(max_length=200, blank=True)
+    created = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created", "-pk"]
+
+    def __str__(self) -> str:
+        return f"{self.version_name} (from {self.previous_name or 'none'})"

@@ -70,7 +70,8 @@ def train_and_publish(dataset: Dataset, config: TrainConfig, *, checkpoint_dir: 
     result = None
     if version is None:
         check_dataset(dataset, config)
-        result = train(training_data(dataset), config, checkpoint_dir=checkpoint_dir, progress=progress,
+        data = training_data(dataset, marks=config.marks != "none")
+        result = train(data, config, checkpoint_dir=checkpoint_dir, progress=progress,
                        should_stop=should_stop, on_features=on_features)
         summary = result.summary()
         version = create_version_from_checkpoint(

@@ -124,7 +124,7 @@ def create_version_from_checkpoint(config: TrainConfig, best_path: str | os.Path
         "history": history, "best_epoch": best, "best_val_loss": best_val_loss,
         "seconds": round(float(training_seconds), 3),
         "seconds_per_epoch": round(float(training_seconds) / len(history), 3) if history else None,
-        "pretrained": bool(config.pretrained), "objective": config.objective, "dataset": dataset.name,
+        "pretrained": bool(config.pretrained), "objective": objective_label(config), "dataset": dataset.name,
         "config": asdict(config),
     }
     training.update(extra_metrics or {})
@@ -135,9 +135,17 @@ def create_version_from_checkpoint(config: TrainConfig, best_path: str | os.Path
         state = full_state_dict(config, state)
     return _publish(config, state, f"{_run_label(config)}-{dataset.name}"[:90] + "-ft-",
                     ModelVersion.WeightsSource.CHECKPOINT, {"training": training},
-                    notes or (f"{config.architecture} trained on {dataset.name} ({config.objective}, "
+                    notes or (f"{config.architecture} trained on {dataset.name} ({objective_label(config)}, "
                               f"{len(history)} epoch(s), from {'pretrained' if config.pretrained else 'random'} "
                               f"weights)"))
+
+
+def objective_label(config: TrainConfig) -> str:
+    """What a run learned with: its objective, or for a head trained on relevance
+    marks the contrastive loss on them (training.core.mark_training)."""
+    if config.marks == "none":
+        return config.objective
+    return "contrastive on marks" + (" + labels" if config.marks == "with_labels" else "")
 
 
 def _run_label(config: TrainConfig) -> str:

@@ -34,6 +34,7 @@ COLUMNS = [
     ("mean_similar", "similar of k", "high"),
     ("mean_dissimilar", "dissimilar of k", "low"),
     ("copy_recall_at_1", "copy R@1", "high"),
+    ("marks_precision_at_k", "P@k on marks", "high"),
     ("median_latency_ms", "latency (ms)", "low"),
 ]
 COLUMN_TITLES = {
@@ -44,6 +45,8 @@ COLUMN_TITLES = {
     "mean_dissimilar": "mean number of results with another label among the first k",
     "copy_recall_at_1": "copy detection: fraction of modified copies whose original came first (all kinds)",
     "median_latency_ms": "median time of the search SQL statement",
+    "marks_precision_at_k": "P@k against held-out relevance marks (queries of the test split; each query's marked "
+                            "results ranked by the version, the share of right ones in the first min(k, right marks))",
 }
 CURVE_COLOURS = ["#2458d6", "#d6456b", "#1e7b34", "#c77c02", "#7b3fc4", "#0f8c8c", "#5b6478", "#b3261e",
                  "#8fb4ff", "#e59bd2", "#9ccf6b", "#1d2433"]
@@ -75,6 +78,8 @@ class ModelRow:
     copy_recall_at_1: float | None = None
     copy_recall_at_10: float | None = None
     copy_evaluated: str | None = None
+    marks_precision_at_k: float | None = None
+    marks_queries: int | None = None
     precision_curve: list[float] = field(default_factory=list)
     best: dict[str, bool] = field(default_factory=dict)
     # search/calibration.py's measurement: the version's ef_search and its recall@k there
@@ -135,8 +140,9 @@ def model_row(version: ModelVersion, dataset: str | None, train_jobs: dict[int, 
         row.against = evaluation.get("against")
         row.n_queries = evaluation.get("n_queries")
         for key in ("precision_at_k", "recall_at_k", "map_at_k", "mean_similar", "mean_dissimilar",
-                    "ann_recall_at_k", "median_latency_ms"):
+                    "ann_recall_at_k", "median_latency_ms", "marks_precision_at_k"):
             setattr(row, key, _number(evaluation.get(key)))
+        row.marks_queries = evaluation.get("marks_queries")
         row.precision_curve = [float(p) for p in evaluation.get("precision_curve") or []]
     calibrated = metrics.get(CALIBRATION)
     if isinstance(calibrated, dict) and calibrated.get("ef_search"):
@@ -275,7 +281,7 @@ def report_json(request: HttpRequest) -> JsonResponse:
 CSV_FIELDS = ["source", "name", "architecture", "dimension", "weights_source", "is_active", "training_seconds",
               "k", "against", "n_queries", "precision_at_k", "recall_at_k", "map_at_k", "mean_similar",
               "mean_dissimilar", "ann_recall_at_k", "median_latency_ms", "copy_recall_at_1", "copy_recall_at_10",
-              "evaluated", "train_job_id"]
+              "evaluated", "train_job_id", "marks_precision_at_k"]
 
 
 @require_GET

@@ -29,6 +29,9 @@ HEAD_OBJECTIVES = tuple(sorted(name for name, o in REGISTERED_OBJECTIVES.items()
 MAX_PROCESSES = 64
 LABELLED_OBJECTIVES = tuple(sorted(name for name, o in REGISTERED_OBJECTIVES.items() if o.needs_labels))
 SCHEDULERS = ("none", "cosine")
+# What a head-only run learns from: class labels (default), relevance marks
+# alone, or both (training/core/mark_training.py; the marks come with TrainingData).
+MARKS = ("none", "only", "with_labels")
 SELECT_BY = ("val_loss", VAL_PRECISION)  # which epoch a run keeps: training.core.loop.best_epoch
 MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 16, 1024
 
@@ -98,6 +101,7 @@ class TrainConfig:
     head: str | None = None
     processes: int = 1
     select_by: str = "val_loss"
+    marks: str = "none"
 
     def __post_init__(self) -> None:
         architecture = get_architecture(self.architecture)  # UnknownArchitecture (a ValueError) names the known ones
@@ -152,6 +156,14 @@ class TrainConfig:
         if self.select_by == VAL_PRECISION and not self.head_only:
             raise ValueError(f"select_by {VAL_PRECISION} applies to head-only training (it ranks the cached "
                              "features every epoch); a full network keeps the epoch with the lowest val_loss")
+        if self.marks not in MARKS:
+            raise ValueError(f"marks must be one of {', '.join(MARKS)}, not {self.marks!r}")
+        if self.marks != "none" and not self.head_only:
+            raise ValueError("marks apply to head-only training (--head-only): the head trains on cached features "
+                             "of the marked images")
+        if self.marks != "none" and self.select_by != "val_loss":
+            raise ValueError("training on marks keeps the epoch with the lowest validation loss on the val split's "
+                             "marks (select_by val_loss)")
         _check_int("processes", self.processes, 1, MAX_PROCESSES)
         if self.processes > 1:
             if self.head_only:

@@ -37,11 +37,14 @@ class ImageRow(NamedTuple):
 
 @dataclass(frozen=True)
 class TrainingData:
-    """A dataset's images for a training run: its name (for messages) and its
-    rows of the train and val splits, in id order."""
+    """A dataset's images for a training run: its name (for messages), its
+    rows of the train and val splits, in id order, and relevance marks on them."""
 
     name: str
     rows: tuple[ImageRow, ...]
+    # Relevance marks (query image id, result image id, right?) among these
+    # rows, for head training on marks (TrainConfig.marks).
+    marks: tuple[tuple[int, int, bool], ...] = ()
 
     def split(self, split: str) -> list[ImageRow]:
         return [row for row in self.rows if row.split == split]

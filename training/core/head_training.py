@@ -159,7 +159,13 @@ class FeaturePlan:
 def train_head(data: TrainingData, config: TrainConfig, checkpoint_dir: Path, progress, should_stop,
                resume: bool, on_features: FeatureProgress | None = None):
     """training.core.trainer.train for config.head_only; returns a TrainResult
-    whose extra `features` entry says how many features were cached or embedded."""
+    whose extra `features` entry says how many features were cached or embedded.
+    With config.marks, the head trains on relevance marks instead
+    (training.core.mark_training.train_head_run)."""
+    if config.marks != "none":
+        from training.core.mark_training import train_head_run
+
+        return train_head_run(data, config, checkpoint_dir, progress, should_stop, on_features)
     last_path, best_path = checkpoint_dir / "last.pt", checkpoint_dir / "best.pt"
     if not resume:
         for path in (last_path, best_path):

@@ -26,16 +26,21 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
 from django.conf import settings
 from django.utils import timezone
 
 from search import hnsw
-from search.models import Dataset, Image, Split
+from search.feedback import as_array
+from search.models import Dataset, Embedding, Image, Split
 from search.neighbours import Hit, ef_search_for, fetch, nearest, neighbours_queryset
 from training.core.inference import embed_query
+from training.core.mark_training import marks_precision_at_k
 from training.evaluation.copies import KINDS, generate_queries
 from training.evaluation.metrics import QueryResult, copy_detection_summary, precision_curve, summarize
 from training.models import ModelVersion
+from training.rows import marks_among
 
 Progress = Callable[[int, int, str], None]
 
@@ -179,7 +184,29 @@ def evaluate_version(version: ModelVersion, dataset: Dataset, *, k: int = 10, ag
         "median_latency_ms": round(statistics.median(latencies) * 1000, 3),
         "ef_search": ef_search_for(depth, version),
         "examples": examples,
+        **held_out_marks(version, dataset, k),
     }
+
+
+def held_out_marks(version: ModelVersion, dataset: Dataset, k: int = 10) -> dict[str, Any]:
+    """P@k of `version` against held-out relevance marks: marks whose query is
+    a test-split image of `dataset` (training on marks reads only train and
+    val queries, training.rows.marks_among), measured on the condensed list
+    (training.core.mark_training.marks_precision_at_k: each query's marked
+    results ranked by the version's cosine similarity). Returns
+    {"marks_precision_at_k": value or None, "marks_queries": queries counted,
+    "marks_held_out": marks read}."""
+    marks = marks_among(dataset, (Split.TEST,))
+    ids = sorted({i for m in marks for i in m[:2]})
+    vectors = dict(Embedding.objects.filter(model_version=version, image_id__in=ids).values_list("image_id", "vector"))
+    usable = [m for m in marks if m[0] in vectors and m[1] in vectors]
+    if not usable:
+        return {"marks_precision_at_k": None, "marks_queries": 0, "marks_held_out": len(marks)}
+    where = {pk: i for i, pk in enumerate(sorted(vectors))}
+    matrix = torch.from_numpy(np.stack([as_array(vectors[pk]) for pk in sorted(vectors)]))
+    value, counted = marks_precision_at_k(matrix, matrix, [(where[q], where[r], ok) for q, r, ok in usable], k=k)
+    return {"marks_precision_at_k": round(value, 6) if counted else None, "marks_queries": counted,
+            "marks_held_out": len(marks)}
 
 
 def exact_sample(n: int, limit: int) -> set[int]:

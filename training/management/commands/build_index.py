@@ -45,7 +45,7 @@ class Command(BaseCommand):
         for image_id, reason in report.failed:
             self.stdout.write(f"  could not embed image {image_id}: {reason}")
         if options["activate"]:
-            version.activate()
+            version.activate(reason="build_index --activate")
         rate = report.embedded / elapsed if elapsed > 0 and report.embedded else 0
         self.stdout.write(self.style.SUCCESS(
             f"{version.name}: embedded {report.embedded} new image(s) in {elapsed:.1f} s ({rate:.1f} img/s), "

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from search.management.progress import progress_bar
 from search.models import Dataset, Job, dataset_named
-from training.core.config import OBJECTIVES, SCHEDULERS, SELECT_BY, TrainConfig, check_pretrained_available
+from training.core.config import MARKS, OBJECTIVES, SCHEDULERS, SELECT_BY, TrainConfig, check_pretrained_available
 from training.core.networks import head as head_network
 from training.core.networks.base import WeightsUnavailable
 from training.core.networks.registry import ARCHITECTURES
@@ -47,6 +47,10 @@ class Command(BaseCommand):
         parser.add_argument("--head", choices=head_network.HEADS, default=None,
                             help="with --head-only: linear (default) or mlp; --embedding-dim sets its output size "
                                  f"(default {head_network.DEFAULT_DIMENSION})")
+        parser.add_argument("--marks", choices=MARKS, default=DEFAULTS["marks"],
+                            help="with --head-only: what the head learns from: the labels (none, the default), the "
+                                 "dataset's relevance marks alone (only: pairs of query and result marked right or "
+                                 "wrong; no labels needed), or both (with_labels)")
         parser.add_argument("--processes", type=int, default=DEFAULTS["processes"],
                             help="train with DistributedDataParallel over this many processes on this host (one "
                                  "per GPU; gloo on the CPU); --batch-size is the global batch")
@@ -98,7 +102,7 @@ class Command(BaseCommand):
                 scheduler=options["scheduler"], early_stopping_patience=options["patience"],
                 time_limit_s=options["time_limit"], augment=False if options["no_augment"] else None,
                 num_workers=options["num_workers"], image_size=options["image_size"], seed=options["seed"],
-                processes=options["processes"], select_by=options["select_by"])
+                processes=options["processes"], select_by=options["select_by"], marks=options["marks"])
             check_dataset(dataset, config)
             check_pretrained_available(config)
         except (ValueError, WeightsUnavailable) as exc:
