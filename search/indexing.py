@@ -28,6 +28,7 @@ from training.core.inference import (
     network_for,
     preprocessing_for,
 )
+from training.core.data import read_ahead
 from training.core.preprocessing import Preprocessing, load_rgb
 from training.models import ModelVersion
 
@@ -254,7 +255,9 @@ def embed_images(version: ModelVersion, image_ids: Sequence[int], *, batch_size:
     loader = DataLoader(_FileImages(items, preprocessing_for(version)), batch_size=batch_size, shuffle=False,
                         num_workers=workers, collate_fn=_collate, pin_memory=device.type == "cuda",
                         prefetch_factor=4 if workers else None)
-    for tensors, ids, bad in loader:
+    # No loader processes (the CPU default): decode the next batch in a thread while this one runs.
+    batches = read_ahead(loader, 1 if workers == 0 and settings.CBIR_DECODE_AHEAD else 0)
+    for tensors, ids, bad in batches:
         report.failed.extend(bad)
         if tensors is not None:
             vectors = embed_batch(model, device, tensors, pad_to=batch_size if compiled else 0)

@@ -139,3 +139,50 @@ class PairDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         i, j, same = self.pairs[index]
         return self.loader.load(self.paths[i]), self.loader.load(self.paths[j]), torch.tensor(float(same))
+
+
+def read_ahead(iterable, depth: int = 1):
+    """Yield the items of `iterable` while a background thread already takes
+    the next `depth` of them: with a DataLoader of no worker processes (the
+    CPU default), the decode of batch i+1 (Pillow and the preprocessing
+    release the GIL) overlaps the forward pass of batch i. The order is kept;
+    an exception raised by the iterable is raised here, at its place.
+    Measured in docs/benchmarks.md ("Decode and forward overlap")."""
+    import queue
+    import threading
+
+    if depth < 1:
+        yield from iterable
+        return
+    items: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def fill() -> None:
+        try:
+            for item in iterable:
+                if stop.is_set():
+                    return
+                items.put((item, None))
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
+            items.put((None, exc))
+            return
+        items.put((done, None))
+
+    thread = threading.Thread(target=fill, name="cbir-read-ahead", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, error = items.get()
+            if error is not None:
+                raise error
+            if item is done:
+                return
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                items.get_nowait()
+            except queue.Empty:
+                thread.join(timeout=0.05)
