@@ -21,6 +21,8 @@ same real files (Tux Paint's stamps, flattened on white, labelled by folder):
                query against the others) of four indexes: embedded in float32
                or bfloat16, queried in float32 or bfloat16; and recall@10 of
                the bfloat16 top-10 against the float32 top-10;
+  search       the forward stage of a search (batch 1, eager), float32 and
+               bfloat16 query by query, median ms;
   build_index  images/s through search.indexing.build_index (the embed job's
                path: DataLoader decode, forward, upsert into PostgreSQL) in
                float32 (today's default), bfloat16, and bfloat16 with the
@@ -220,6 +222,33 @@ def runtime_table(architecture: str, files, args, workdir: Path) -> tuple[list[d
     return rows, {"float32": reference, "bfloat16": outputs.get("torch eager bfloat16")}
 
 
+def search_forward(architecture: str, files, args) -> dict:
+    """The forward stage of a search: embed_batch on one preprocessed query
+    (batch 1, the eager network, as search.services runs it), in ms, median
+    over the files, float32 and bfloat16 alternating query by query."""
+    import torch
+    from django.conf import settings
+
+    from training.core.inference import embed_batch
+
+    model = build_model(architecture)
+    device = torch.device("cpu")
+    tensors = [one[None] for batch in batches(files[:40], model.preprocessing, 8) for one in batch]
+    times: dict[str, list[float]] = {"float32": [], "bfloat16": []}
+    for precision in times:  # warm-up: oneDNN's kernels for batch 1
+        settings.CBIR_CPU_PRECISION = precision
+        embed_batch(model, device, tensors[0])
+    for tensor in tensors * max(1, args.repeats):
+        for precision in times:
+            settings.CBIR_CPU_PRECISION = precision
+            start = time.perf_counter()
+            embed_batch(model, device, tensor)
+            times[precision].append((time.perf_counter() - start) * 1000)
+    f32, bf16 = median(times["float32"]), median(times["bfloat16"])
+    return {"architecture": architecture, "queries": len(times["float32"]), "float32_ms": round(f32, 2),
+            "bfloat16_ms": round(bf16, 2), "ratio": round(bf16 / f32, 3)}
+
+
 def quality(architecture: str, embeddings: dict, labels: list[str]) -> dict:
     """P@10 by label for index × query precision, and the bfloat16 top-10's recall of the float32 top-10."""
     import numpy as np
@@ -294,7 +323,7 @@ def main(argv=None) -> int:
     report: dict = {"machine": machine_info(), "bfloat16_support": cpu_bfloat16_support(),
                     "cpu_flags": sorted(f for f in cpu_flags() if f.startswith(("avx512", "amx", "avx2", "fma"))),
                     "images": args.images, "batch_size": args.batch_size, "repeats": args.repeats,
-                    "runtimes": [], "quality": [], "build_index": []}
+                    "runtimes": [], "quality": [], "search_forward": [], "build_index": []}
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         files = stamp_files(args.images, workdir / "stamps")
@@ -304,6 +333,7 @@ def main(argv=None) -> int:
             rows, embeddings = runtime_table(architecture, files, args, workdir)
             report["runtimes"].extend(rows)
             report["quality"].append(quality(architecture, embeddings, labels))
+            report["search_forward"].append(search_forward(architecture, files, args))
             if not args.no_build:
                 print(f"[{architecture}] build_index ...", file=sys.stderr, flush=True)
                 report["build_index"].append(build_throughput(architecture, workdir / "stamps", args))
@@ -326,6 +356,9 @@ def print_report(report: dict) -> None:
                 [(q["architecture"], q.get("p10_index_float32_query_float32"), q.get("p10_index_bfloat16_query_bfloat16"),
                   q.get("p10_index_float32_query_bfloat16"), q.get("p10_index_bfloat16_query_float32"),
                   q.get("recall10_of_float32_top10")) for q in report["quality"]]))
+    print()
+    print(table(["architecture", "search forward (batch 1) float32 ms", "bfloat16 ms", "bfloat16 / float32"],
+                [(f["architecture"], f["float32_ms"], f["bfloat16_ms"], f["ratio"]) for f in report["search_forward"]]))
     if report["build_index"]:
         print()
         print(table(["architecture", "images", "build_index variant", "img/s", "× float32"],

@@ -20,6 +20,7 @@ from search import calibration, hnsw
 from search.duplicates import flag_new_near_duplicates, flags_with
 from search.models import Dataset, Embedding, Image
 from search.neighbours import ef_search_for
+from training.core.data import read_ahead
 from training.core.inference import (
     embed_batch,
     embed_from_feature_cache,
@@ -28,7 +29,6 @@ from training.core.inference import (
     network_for,
     preprocessing_for,
 )
-from training.core.data import read_ahead
 from training.core.preprocessing import Preprocessing, load_rgb
 from training.models import ModelVersion
 

@@ -87,8 +87,8 @@ def test_in_process_the_operators_environment_wins():
     env = clean_env() | {"MALLOC_MMAP_MAX_": "65536"}
     result = probe([sys.executable, "manage.py", "shell", "-c", PROBE], env)
     assert result["large_blocks_mmapped"] and not result["keeps_freed_memory"]
-    from training.core.allocator import apply_in_process
     import training.core.allocator as allocator
+    from training.core.allocator import apply_in_process
 
     saved = allocator._applied
     try:

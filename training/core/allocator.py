@@ -99,11 +99,11 @@ def glibc_malloc_probe() -> dict | None:
     the tuned setting in effect).
     """
     libc = _libc()
-    try:
-        mallinfo2 = libc.mallinfo2 if libc is not None else None
-    except AttributeError:
+    if libc is None:
         return None
-    if mallinfo2 is None:
+    try:
+        mallinfo2 = libc.mallinfo2
+    except AttributeError:
         return None
     mallinfo2.restype = _Mallinfo2
     libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]

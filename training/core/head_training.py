@@ -32,9 +32,9 @@ from training.core.features import FeatureCache
 from training.core.inference import resolve_device
 from training.core.loop import VAL_PRECISION, evaluate, fit
 from training.core.networks.head import HeadNet
-from training.core.precision import autocast_dtype, precision_name
 from training.core.objectives import get_objective
 from training.core.plan import VALIDATION_EVERY, check_train_labels, epoch_seed, readable
+from training.core.precision import autocast_dtype, precision_name
 from training.core.runs import (
     EpochHooks,
     TrainingStopped,
