@@ -23,6 +23,9 @@ same real files (Tux Paint's stamps, flattened on white, labelled by folder):
                the bfloat16 top-10 against the float32 top-10;
   search       the forward stage of a search (batch 1, eager), float32 and
                bfloat16 query by query, median ms;
+  training     seconds per epoch of training.core.trainer.train for --train
+               (default resnet50, the study's network) in float32 and bfloat16,
+               with both loss curves (same seed);
   build_index  images/s through search.indexing.build_index (the embed job's
                path: DataLoader decode, forward, upsert into PostgreSQL) in
                float32 (today's default), bfloat16, and bfloat16 with the
@@ -57,6 +60,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--architectures", default=DEFAULT_ARCHITECTURES)
     parser.add_argument("--runtimes", default="eager,compiled,onnxruntime,openvino")
     parser.add_argument("--no-build", action="store_true", help="skip the build_index figures (no database)")
+    parser.add_argument("--train", default="resnet50",
+                        help="architectures whose training epoch is timed in both precisions ('' for none)")
+    parser.add_argument("--train-epochs", type=int, default=3)
     parser.add_argument("--json", action="store_true")
     return parser.parse_args(argv)
 
@@ -249,6 +255,39 @@ def search_forward(architecture: str, files, args) -> dict:
             "bfloat16_ms": round(bf16, 2), "ratio": round(bf16 / f32, 3)}
 
 
+def training_epochs(architecture: str, files, args, workdir: Path) -> dict:
+    """The study's fine-tuning on the CPU in float32 and in bfloat16 autocast:
+    training.core.trainer.train (the loop the train command and job run),
+    same seed and batches, --train-epochs epochs on the stamps (80 % train,
+    20 % val, labelled by folder), random initial weights; seconds per epoch
+    (median) and the per-epoch train losses of both."""
+    import hashlib
+
+    from django.conf import settings
+
+    from training.core.config import TrainConfig
+    from training.core.data import ImageRow, TrainingData
+    from training.core.trainer import train
+
+    rows = tuple(ImageRow(i, str(path), label, "val" if i % 5 == 0 else "train",
+                          hashlib.sha256(str(path).encode()).hexdigest()) for i, (path, label) in enumerate(files, 1))
+    data = TrainingData("stamps", rows)
+    out: dict = {"architecture": architecture, "images": len(rows)}
+    for precision in ("float32", "bfloat16"):
+        settings.CBIR_CPU_PRECISION = precision
+        config = TrainConfig(architecture=architecture, epochs=args.train_epochs, batch_size=args.batch_size,
+                             learning_rate=1e-4, pretrained=False, augment=False, seed=0,
+                             early_stopping_patience=args.train_epochs + 1)
+        result = train(data, config, checkpoint_dir=workdir / f"train-{precision}", resume=False)
+        out[precision] = {"seconds_per_epoch": round(median([h["seconds"] for h in result.history]), 2),
+                          "train_loss": [round(h["train_loss"], 4) for h in result.history],
+                          "precision": result.precision}
+    out["speedup"] = round(out["float32"]["seconds_per_epoch"] / out["bfloat16"]["seconds_per_epoch"], 2)
+    out["max_relative_loss_difference"] = round(max(
+        abs(a - b) / abs(a) for a, b in zip(out["float32"]["train_loss"], out["bfloat16"]["train_loss"])), 4)
+    return out
+
+
 def quality(architecture: str, embeddings: dict, labels: list[str]) -> dict:
     """P@10 by label for index × query precision, and the bfloat16 top-10's recall of the float32 top-10."""
     import numpy as np
@@ -323,7 +362,7 @@ def main(argv=None) -> int:
     report: dict = {"machine": machine_info(), "bfloat16_support": cpu_bfloat16_support(),
                     "cpu_flags": sorted(f for f in cpu_flags() if f.startswith(("avx512", "amx", "avx2", "fma"))),
                     "images": args.images, "batch_size": args.batch_size, "repeats": args.repeats,
-                    "runtimes": [], "quality": [], "search_forward": [], "build_index": []}
+                    "runtimes": [], "quality": [], "search_forward": [], "build_index": [], "training": []}
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         files = stamp_files(args.images, workdir / "stamps")
@@ -338,6 +377,9 @@ def main(argv=None) -> int:
                 print(f"[{architecture}] build_index ...", file=sys.stderr, flush=True)
                 report["build_index"].append(build_throughput(architecture, workdir / "stamps", args))
             torch._dynamo.reset()
+        for architecture in filter(None, args.train.split(",")):
+            print(f"[{architecture}] training ...", file=sys.stderr, flush=True)
+            report["training"].append(training_epochs(architecture, files, args, workdir))
     return emit(report, args.json, print_report)
 
 
@@ -364,6 +406,13 @@ def print_report(report: dict) -> None:
         print(table(["architecture", "images", "build_index variant", "img/s", "× float32"],
                     [(b["architecture"], b["images"], name, rate, b["speedup"][name])
                      for b in report["build_index"] for name, rate in b["images_per_s"].items()]))
+
+
+    for t in report.get("training", []):
+        print(f"\ntraining {t['architecture']} ({t['images']} images, random weights): "
+              f"{t['float32']['seconds_per_epoch']} s/epoch float32, {t['bfloat16']['seconds_per_epoch']} s/epoch "
+              f"bfloat16 (×{t['speedup']}); train loss float32 {t['float32']['train_loss']}, bfloat16 "
+              f"{t['bfloat16']['train_loss']} (largest relative difference {t['max_relative_loss_difference']})")
 
 
 if __name__ == "__main__":
