@@ -31,7 +31,11 @@ same real files (Tux Paint's stamps, flattened on white, labelled by folder):
                float32 (today's default), bfloat16, and bfloat16 with the
                decode of the next batch in a thread (CBIR_DECODE_AHEAD),
                alternating, on a scratch dataset and scratch versions deleted
-               at the end (--no-build skips it).
+               at the end (--no-build skips it); then each of the float32
+               and bfloat16 versions evaluated through the project's own
+               evaluation (P@10 of the test split against all images, copy
+               recall@1 of --copies-per-kind copies per edit) and its ANN
+               recall@10 from its search calibration.
 
 Runtimes missing from the environment (onnxruntime, openvino: not
 dependencies of the project) are reported as such. The CPU's flags and
@@ -63,6 +67,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--train", default="resnet50",
                         help="architectures whose training epoch is timed in both precisions ('' for none)")
     parser.add_argument("--train-epochs", type=int, default=3)
+    parser.add_argument("--copies-per-kind", type=int, default=5, help="copy detection queries per kind of edit")
     parser.add_argument("--json", action="store_true")
     return parser.parse_args(argv)
 
@@ -342,7 +347,29 @@ def build_throughput(architecture: str, folder: Path, args) -> dict:
                 start = time.perf_counter()
                 report = build_index(dataset, version, batch_size=args.batch_size)
                 rates[name].append(report.embedded / (time.perf_counter() - start))
-        return {"architecture": architecture, "images": n,
+        from search.neighbours import CALIBRATION
+
+        ann = {}
+        for name, version in versions.items():
+            version.refresh_from_db()
+            calibration = (version.metrics or {}).get(CALIBRATION) or {}
+            if calibration:
+                ann[name] = {"ef_search": calibration["ef_search"],
+                             "recall_at_10": calibration["recall"].get(str(calibration["ef_search"]))}
+        # Through the project's own evaluation (training.evaluation.retrieval), each
+        # version queried in the precision it was embedded in.
+        from training.evaluation.retrieval import copy_detection, evaluate_version
+
+        evaluation = {}
+        for name in ("float32", "bfloat16"):
+            settings.CBIR_CPU_PRECISION = variants[name][0]
+            version = versions[name]
+            copies = copy_detection(version, dataset, per_kind=args.copies_per_kind, seed=0)
+            labels = evaluate_version(version, dataset, k=10, against="all")
+            evaluation[name] = {"precision_at_10": round(labels["precision_at_k"], 4),
+                                "copy_recall_at_1": copies["summary"]["all"]["recall_at_1"],
+                                "copy_queries": copies["summary"]["all"]["n_queries"]}
+        return {"architecture": architecture, "images": n, "ann_recall": ann, "evaluation": evaluation,
                 "images_per_s": {name: round(median(r), 1) for name, r in rates.items()},
                 "runs": {name: [round(x, 1) for x in r] for name, r in rates.items()},
                 "speedup": {name: round(median(r) / median(rates["float32"]), 2) for name, r in rates.items()}}
@@ -406,6 +433,13 @@ def print_report(report: dict) -> None:
         print(table(["architecture", "images", "build_index variant", "img/s", "× float32"],
                     [(b["architecture"], b["images"], name, rate, b["speedup"][name])
                      for b in report["build_index"] for name, rate in b["images_per_s"].items()]))
+        for b in report["build_index"]:
+            print(f"ANN recall@10 (search calibration, HNSW against exact) {b['architecture']}: "
+                  + "; ".join(f"{name} {a['recall_at_10']} at ef_search {a['ef_search']}"
+                              for name, a in b["ann_recall"].items()))
+            print(f"evaluation {b['architecture']} (training.evaluation.retrieval, test split against all): "
+                  + "; ".join(f"{name}: P@10 {e['precision_at_10']}, copy recall@1 {e['copy_recall_at_1']} "
+                              f"({e['copy_queries']} copies)" for name, e in b["evaluation"].items()))
 
 
     for t in report.get("training", []):
