@@ -230,9 +230,6 @@ CBIR_LOADER_WORKERS = env_int("CBIR_LOADER_WORKERS", -1, minimum=-1, maximum=64)
 # An embedding job of at least this many images runs the network through
 # torch.compile in each worker (29 s cold once per process, then 1.15-1.5x the
 # eager forward pass on the CPU: docs/benchmarks.md); 0 = never.
-# With no loader processes, decode the next batch in a thread while the network
-# runs on this one (training.core.data.read_ahead; measured in docs/benchmarks.md).
-CBIR_DECODE_AHEAD = env_bool("CBIR_DECODE_AHEAD", True)
 CBIR_COMPILE_MIN_IMAGES = env_int("CBIR_COMPILE_MIN_IMAGES", 10_000, minimum=0)
 # HNSW search breadth, raised to at least 2k per query. Unset (the default): each
 # model version's own, chosen after its index is built as the smallest breadth

@@ -20,7 +20,6 @@ from search import calibration, hnsw
 from search.duplicates import flag_new_near_duplicates, flags_with
 from search.models import Dataset, Embedding, Image
 from search.neighbours import ef_search_for
-from training.core.data import read_ahead
 from training.core.inference import (
     embed_batch,
     embed_from_feature_cache,
@@ -255,9 +254,7 @@ def embed_images(version: ModelVersion, image_ids: Sequence[int], *, batch_size:
     loader = DataLoader(_FileImages(items, preprocessing_for(version)), batch_size=batch_size, shuffle=False,
                         num_workers=workers, collate_fn=_collate, pin_memory=device.type == "cuda",
                         prefetch_factor=4 if workers else None)
-    # No loader processes (the CPU default): decode the next batch in a thread while this one runs.
-    batches = read_ahead(loader, 1 if workers == 0 and settings.CBIR_DECODE_AHEAD else 0)
-    for tensors, ids, bad in batches:
+    for tensors, ids, bad in loader:
         report.failed.extend(bad)
         if tensors is not None:
             vectors = embed_batch(model, device, tensors, pad_to=batch_size if compiled else 0)
