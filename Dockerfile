@@ -5,7 +5,7 @@ FROM ${BASE}
 
 ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 DJANGO_SETTINGS_MODULE=cbirsite.settings
 # glibc malloc keeps freed memory in the heap: twice the CPU forward pass
-# (docs/benchmarks.md, cbirsite/allocator.py). Read at process start by glibc.
+# (docs/benchmarks.md, training/core/allocator.py). Read at process start by glibc.
 ENV MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647
 WORKDIR /app
 

@@ -25,7 +25,7 @@ embeddings are deleted before each repeat and the version (with its HNSW
 index, by the pre_delete signal) is deleted at the end.
 
 The report says which allocator behaviour was in effect, read back from glibc
-(cbirsite/allocator.py): scripts/cbir, the Docker image and docker-compose.yml
+(training/core/allocator.py): scripts/cbir, the Docker image and docker-compose.yml
 start every process with MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647;
 run the script without them (env -u ...) to measure the default.
 
@@ -275,21 +275,12 @@ def breakdown(version, items, chunks, model, device, batch_size: int, workers: i
 
 
 def tune_glibc_malloc() -> bool:
-    """Stop glibc handing big freed blocks back to the kernel. Without this,
-    every batch's activation buffers (tens of MB each at batch 32) are mmap'd
-    fresh and page-faulted in again. True if applied (Linux with glibc only)."""
-    import ctypes
-    import ctypes.util
+    """Stop glibc handing big freed blocks back to the kernel
+    (training.core.allocator.apply_in_process; every Django process now does
+    it at start-up). True if in effect (Linux with glibc only)."""
+    from training.core.allocator import apply_in_process
 
-    name = ctypes.util.find_library("c")
-    if not name:
-        return False
-    try:
-        libc = ctypes.CDLL(name)
-        M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
-        return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
-    except (OSError, AttributeError):
-        return False
+    return apply_in_process() in ("applied", "environment")
 
 
 def time_index_creation(version) -> float:
@@ -376,7 +367,7 @@ def run(args: argparse.Namespace) -> dict:
     mallopt = tune_glibc_malloc() if args.mallopt else False
     if args.mallopt and not mallopt:
         raise SystemExit("--mallopt needs Linux with glibc")
-    from cbirsite.allocator import glibc_malloc_probe
+    from training.core.allocator import glibc_malloc_probe
 
     allocator = glibc_malloc_probe()  # what glibc actually does now, from the environment or --mallopt
     active = ModelVersion.active()

@@ -207,6 +207,10 @@ if env_bool("CBIR_BEHIND_TLS_PROXY", False):
 
 # --- Retrieval --------------------------------------------------------------
 CBIR_DEVICE = env_choice("CBIR_DEVICE", "auto", ("auto", "cpu", "cuda"))
+# Precision of the networks on the CPU: auto = bfloat16 autocast where the CPU has
+# AMX or AVX-512 BF16, float32 elsewhere (training/core/precision.py; measured in
+# docs/benchmarks.md).
+CBIR_CPU_PRECISION = env_choice("CBIR_CPU_PRECISION", "auto", ("auto", "float32", "bfloat16"))
 CBIR_DEFAULT_ARCHITECTURE = env_str("CBIR_DEFAULT_ARCHITECTURE", "efficientnet_lite0")
 # Refuse an upload over this many bytes (413) and images over this many pixels (400).
 CBIR_MAX_UPLOAD_BYTES = env_int("CBIR_MAX_UPLOAD_BYTES", 20 * 1024 * 1024, minimum=1024)

@@ -20,7 +20,14 @@ from search import calibration, hnsw
 from search.duplicates import flag_new_near_duplicates, flags_with
 from search.models import Dataset, Embedding, Image
 from search.neighbours import ef_search_for
-from training.core.inference import embed_batch, loader_workers, network_for, preprocessing_for
+from training.core.inference import (
+    embed_batch,
+    embed_from_feature_cache,
+    embedding_precision,
+    loader_workers,
+    network_for,
+    preprocessing_for,
+)
 from training.core.preprocessing import Preprocessing, load_rgb
 from training.models import ModelVersion
 
@@ -215,12 +222,31 @@ def embed_images(version: ModelVersion, image_ids: Sequence[int], *, batch_size:
                  compiled: bool = False) -> EmbedReport:
     """Embed the given images with `version` and upsert their vectors.
     compiled: run the network through torch.compile (training.core.inference;
-    compiled once per process for batches of `batch_size`)."""
+    compiled once per process for batches of `batch_size`).
+
+    A head version (training.core.networks.head) first takes the images whose
+    backbone features its training cached: the head runs over those
+    (training.core.inference.embed_from_feature_cache, about 10,000 images a
+    second) and only the rest go through backbone and head. The precision the
+    network ran in is added to the version's metrics["embedding_precision"]
+    (a sorted list: two entries when workers of two kinds embedded it)."""
     batch_size = batch_size or settings.CBIR_EMBED_BATCH_SIZE
-    items = list(Image.objects.filter(pk__in=list(image_ids)).order_by("pk").values_list("pk", "file"))
+    rows = list(Image.objects.filter(pk__in=list(image_ids)).order_by("pk").values_list("pk", "file", "sha256"))
     media = Path(settings.MEDIA_ROOT)
-    items = [(pk, str(media / f)) for pk, f in items]
     report = EmbedReport()
+    if not rows:
+        return report
+    total, done = len(rows), 0
+    positions, cached_vectors = embed_from_feature_cache(version, [(pk, sha) for pk, _, sha in rows])
+    if positions:
+        cached_ids = [rows[p][0] for p in positions]
+        for lo in range(0, len(cached_ids), 1000):
+            report.embedded += write_embeddings(version, cached_ids[lo:lo + 1000], cached_vectors[lo:lo + 1000])
+            done += len(cached_ids[lo:lo + 1000])
+            progress(done, total, f"embedded {done}/{total} (cached backbone features)")
+        found = set(positions)
+        rows = [row for p, row in enumerate(rows) if p not in found]
+    items = [(pk, str(media / f)) for pk, f, _ in rows]
     if not items:
         return report
     model, device = network_for(version, compiled_batch=batch_size if compiled else 0)
@@ -228,17 +254,29 @@ def embed_images(version: ModelVersion, image_ids: Sequence[int], *, batch_size:
     loader = DataLoader(_FileImages(items, preprocessing_for(version)), batch_size=batch_size, shuffle=False,
                         num_workers=workers, collate_fn=_collate, pin_memory=device.type == "cuda",
                         prefetch_factor=4 if workers else None)
-    done = 0
     for tensors, ids, bad in loader:
         report.failed.extend(bad)
         if tensors is not None:
             vectors = embed_batch(model, device, tensors, pad_to=batch_size if compiled else 0)
             report.embedded += write_embeddings(version, ids, vectors)
         done += len(ids) + len(bad)
-        progress(done, len(items), f"embedded {done}/{len(items)}")
+        progress(done, total, f"embedded {done}/{total}")
         if should_stop and should_stop():
             break
+    record_embedding_precision(version, embedding_precision(device))
     return report
+
+
+def record_embedding_precision(version: ModelVersion, precision: str) -> None:
+    """Add `precision` ("bfloat16", "float32", ...) to the version's
+    metrics["embedding_precision"] (a sorted list) unless it is there."""
+    if precision in (version.metrics or {}).get("embedding_precision", []):
+        return
+
+    def add(metrics: dict) -> None:
+        metrics["embedding_precision"] = sorted({*metrics.get("embedding_precision", []), precision})
+
+    version.update_metrics(add)
 
 
 def missing_image_ids(dataset: Dataset | None, version: ModelVersion) -> list[int]:

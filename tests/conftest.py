@@ -17,6 +17,12 @@ if not os.environ.get("XDG_RUNTIME_DIR"):
     os.environ["XDG_RUNTIME_DIR"] = str(_xdg)
 
 
+# Float32 networks in the whole suite, this process and the workers and commands it
+# starts, whatever the CPU: results that compare rankings then do not depend on
+# whether the machine has bfloat16 (AMX / AVX-512 BF16). The bfloat16 path is tested
+# on its own, forced (tests/test_precision.py), and "auto" where it says so.
+os.environ.setdefault("CBIR_CPU_PRECISION", "float32")
+
 if not os.environ.get("DATABASE_URL"):
     # The embedded server (the settings start nothing): started here, and its URL
     # exported for what the tests start (workers, `manage.py` subprocesses).
@@ -40,6 +46,7 @@ def _isolated_storage(settings, tmp_path_factory):
     settings.MEDIA_ROOT = tmp_path_factory.mktemp("media")
     settings.CBIR_WEIGHTS_DIR = tmp_path_factory.mktemp("weights")
     settings.CBIR_LOADER_WORKERS = 0
+    settings.CBIR_CPU_PRECISION = "float32"  # as the environment above (the settings may be read before it)
     # No search calibration after each index build in this process (tests/test_calibration.py
     # turns it on; worker processes keep the default and calibrate as shipped).
     settings.CBIR_HNSW_CALIBRATION_QUERIES = 0

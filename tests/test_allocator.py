@@ -1,4 +1,4 @@
-"""The glibc allocator setting (cbirsite/allocator.py) is in effect in the
+"""The glibc allocator setting (training/core/allocator.py) is in effect in the
 processes scripts/cbir starts, and the image and compose file set the same."""
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cbirsite.allocator import MALLOC_ENV, glibc_malloc_probe
+from training.core.allocator import MALLOC_ENV, glibc_malloc_probe
 
 ROOT = Path(__file__).resolve().parent.parent
-PROBE = "import json; from cbirsite.allocator import glibc_malloc_probe as p; print(json.dumps(p()))"
+PROBE = "import json; from training.core.allocator import glibc_malloc_probe as p; print(json.dumps(p()))"
 
 pytestmark = pytest.mark.skipif(glibc_malloc_probe() is None, reason="needs glibc ≥ 2.33 (mallinfo2)")
 
@@ -65,3 +65,34 @@ def test_the_image_and_compose_file_set_the_same_values():
     script = (ROOT / "scripts" / "cbir").read_text()
     for name, value in MALLOC_ENV.items():
         assert f'export {name}="${{{name}:-{value}}}"' in script
+
+
+def test_manage_py_started_directly_keeps_freed_memory():
+    # No scripts/cbir, no MALLOC_* variables: the Django process applies the
+    # setting itself at start-up (training.apps → training.core.allocator).
+    result = probe([sys.executable, "manage.py", "shell", "-c", PROBE], clean_env())
+    assert not result["large_blocks_mmapped"]
+    assert result["keeps_freed_memory"] and result["freed_heap_bytes"] >= 64 * 1024 * 1024
+
+
+def test_loading_a_network_outside_django_applies_it_too():
+    code = ("import json; from training.core.allocator import apply_in_process, glibc_malloc_probe as p; "
+            "print(apply_in_process()); print(json.dumps(p()))")
+    out = subprocess.run([sys.executable, "-c", code], env=clean_env(), cwd=ROOT, capture_output=True, text=True,
+                         timeout=60, check=True).stdout.split("\n")
+    assert out[0] == "applied" and json.loads(out[1])["keeps_freed_memory"]
+
+
+def test_in_process_the_operators_environment_wins():
+    env = clean_env() | {"MALLOC_MMAP_MAX_": "65536"}
+    result = probe([sys.executable, "manage.py", "shell", "-c", PROBE], env)
+    assert result["large_blocks_mmapped"] and not result["keeps_freed_memory"]
+    import training.core.allocator as allocator
+    from training.core.allocator import apply_in_process
+
+    saved = allocator._applied
+    try:
+        allocator._applied = None
+        assert apply_in_process({"GLIBC_TUNABLES": "glibc.malloc.mmap_max=65536"}) == "environment"
+    finally:
+        allocator._applied = saved

@@ -241,3 +241,39 @@ def test_a_run_does_not_resume_under_the_other_selection_rule(labelled, tmp_path
               resume=True)
     resumed = train(training_data(labelled), head_config(epochs=2), checkpoint_dir=tmp_path / "run", resume=True)
     assert resumed.resumed_from_epoch == 1 and len(resumed.history) == 2
+
+
+def test_publishing_a_head_reuses_the_cached_backbone_features(labelled, tmp_path, settings):
+    # The published version's metrics name the cache its training filled
+    # (training.pipeline keeps result.features): indexing runs only the head over
+    # those features, so the cached images' files are not even opened.
+    import numpy as np
+
+    from search.indexing import build_index
+    from training.core.inference import embed_query
+    from training.core.preprocessing import load_rgb
+
+    config = head_config()
+    result = train(training_data(labelled), config, checkpoint_dir=tmp_path / "run")
+    version = create_version_from_checkpoint(config, result.best_path, labelled, result.history, result.seconds,
+                                             extra_metrics={"features": result.features})
+    cached = set(torch.load(result.features["path"], weights_only=True)["ids"].tolist())
+    images = list(labelled.images.all())
+    assert cached and len(cached) < len(images)  # the test split was not cached: it goes through the backbone
+    expected = {image.pk: embed_query(version, load_rgb(image.file.path)) for image in images}
+    for image in images:
+        if image.pk in cached:
+            image.file.storage.delete(image.file.name)
+
+    report = build_index(labelled, version)
+    assert report.failed == [] and report.embedded == len(images)
+    for embedding in Embedding.objects.filter(model_version=version):
+        stored = np.asarray(embedding.vector, dtype=np.float32)
+        assert float(stored @ expected[embedding.image_id]) > 0.999, embedding.image_id
+    # An image whose content changed since the features were cached is not taken from the cache.
+    from training.core.inference import embed_from_feature_cache
+
+    some = next(iter(cached))
+    sha = Image.objects.get(pk=some).sha256
+    assert embed_from_feature_cache(version, [(some, sha)])[0] == [0]
+    assert embed_from_feature_cache(version, [(some, "0" * 64)])[0] == []

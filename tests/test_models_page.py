@@ -147,3 +147,12 @@ def test_report_csv(client, evaluated, indexed):
 def test_exports_with_no_versions(client, db):
     assert client.get(REPORT_JSON).json()["models"] == []
     assert len(list(csv.DictReader(io.StringIO(client.get(REPORT_CSV).content.decode())))) == len(STUDY_REFERENCE)
+
+
+def test_the_page_says_what_precision_a_version_was_embedded_in(client, indexed, tiny_version):
+    tiny_version.refresh_from_db()
+    precisions = tiny_version.metrics["embedding_precision"]
+    assert precisions == ["float32"]  # the suite runs with CBIR_CPU_PRECISION=float32 (tests/conftest.py)
+    row = next(r for r in client.get(MODELS).context["rows"] if r.id == tiny_version.pk)
+    assert row.precision == precisions[0]
+    assert 'title="the precision its embeddings' in client.get(MODELS).content.decode()

@@ -9,7 +9,11 @@ class TrainingConfig(AppConfig):
     def ready(self) -> None:
         from search import jobs
         from training.core import runtime
+        from training.core.allocator import apply_in_process
 
+        # Every Django process (web, workers, manage.py commands, tests), however it
+        # was started, keeps freed memory in the heap (training/core/allocator.py).
+        apply_in_process()
         runtime.configure(site_runtime)
 
         jobs.register_kind(jobs.JobKind("train", task="training.tasks.run_training", queue="train",
@@ -29,4 +33,4 @@ def site_runtime():
 
     return Runtime(device=settings.CBIR_DEVICE, loader_workers=settings.CBIR_LOADER_WORKERS,
                    compile_min_images=settings.CBIR_COMPILE_MIN_IMAGES, weights_dir=Path(settings.CBIR_WEIGHTS_DIR),
-                   offline=settings.CBIR_OFFLINE)
+                   offline=settings.CBIR_OFFLINE, cpu_precision=settings.CBIR_CPU_PRECISION)

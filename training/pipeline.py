@@ -34,7 +34,7 @@ from training.rows import check_dataset, training_data
 from training.versions import create_version_from_checkpoint
 
 # The training summary's entries kept on the published version's metrics["training"].
-SUMMARY_METRICS = ("stop_reason", "pairs", "n_train", "n_val", "classes", "device", "features")
+SUMMARY_METRICS = ("stop_reason", "pairs", "n_train", "n_val", "classes", "device", "precision", "features")
 
 
 @dataclass

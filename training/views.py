@@ -63,6 +63,7 @@ class ModelRow:
     weights_source: str
     is_active: bool
     training_seconds: float | None = None
+    precision: str = ""  # what its embeddings were computed in ("bfloat16", "float32, bfloat16"; metrics)
     train_job_id: int | None = None
     evaluated: str | None = None
     k: int | None = None
@@ -132,7 +133,8 @@ def model_row(version: ModelVersion, dataset: str | None, train_jobs: dict[int, 
     row = ModelRow(id=version.pk, name=version.name, architecture=version.architecture,
                    dimension=version.dimension, weights_source=version.get_weights_source_display(),
                    is_active=version.is_active, train_job_id=train_jobs.get(version.pk),
-                   training_seconds=_number((metrics.get("training") or {}).get("seconds")))
+                   training_seconds=_number((metrics.get("training") or {}).get("seconds")),
+                   precision=", ".join(str(p) for p in metrics.get("embedding_precision") or []))
     evaluation = (metrics.get("evaluation") or {}).get(dataset) if dataset else None
     if isinstance(evaluation, dict):
         row.evaluated = evaluation.get("date")

@@ -142,3 +142,4 @@ class PairDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         i, j, same = self.pairs[index]
         return self.loader.load(self.paths[i]), self.loader.load(self.paths[j]), torch.tensor(float(same))
+

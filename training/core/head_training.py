@@ -34,6 +34,7 @@ from training.core.loop import VAL_PRECISION, evaluate, fit
 from training.core.networks.head import HeadNet
 from training.core.objectives import get_objective
 from training.core.plan import VALIDATION_EVERY, check_train_labels, epoch_seed, readable
+from training.core.precision import autocast_dtype, precision_name
 from training.core.runs import (
     EpochHooks,
     TrainingStopped,
@@ -208,7 +209,8 @@ def train_head(data: TrainingData, config: TrainConfig, checkpoint_dir: Path, pr
         best_path=best_path, last_path=last_path, history=history, best_epoch=best, best_val_loss=best_val_loss,
         seconds=sum(h["seconds"] for h in history), stop_reason=_stop_reason(config, history) or "completed",
         objective=config.objective, classes=plan.classes, pairs=None, n_train=plan.n_train, n_val=plan.n_val,
-        resumed_from_epoch=start_epoch, device=str(device), warnings=warnings, features=plan.feature_stats)
+        resumed_from_epoch=start_epoch, device=str(device), warnings=warnings, features=plan.feature_stats,
+        precision=precision_name(autocast_dtype(device)))  # of the backbone's features; the head trains in float32
 
 
 def full_state_dict(config: TrainConfig, head_state: dict) -> dict:

@@ -25,9 +25,10 @@ import numpy as np
 import torch
 
 from training.core import runtime
+from training.core.allocator import apply_in_process
 from training.core.networks.base import EmbeddingNet, WeightsUnavailable
 from training.core.networks.registry import build_network
-from training.core.precision import autocast, autocast_dtype
+from training.core.precision import autocast, autocast_dtype, precision_name
 from training.core.preprocessing import Preprocessing
 
 _lock = threading.Lock()
@@ -75,6 +76,7 @@ def build_for_version(architecture: str, weights_source: str, weights_path: str,
 @lru_cache(maxsize=4)
 def _cached_network(key: tuple) -> tuple[EmbeddingNet, torch.device]:
     _pk, architecture, weights_source, weights_path, _sha, config_items = key
+    apply_in_process()  # a process outside Django (a notebook) too: training/core/allocator.py
     model = build_for_version(architecture, weights_source, weights_path, dict(config_items))
     device = resolve_device()
     model = model.to(device).eval()
@@ -156,6 +158,48 @@ def embed_batch(model: torch.nn.Module, device: torch.device, batch: torch.Tenso
     with autocast(device, autocast_dtype(device)):
         out = model(batch)
     return out[:n].float().cpu().numpy()
+
+
+def embedding_precision(device: torch.device) -> str:
+    """The precision embed_batch runs the network in on `device`: "bfloat16",
+    "float16" or "float32" (training.core.precision, CBIR_CPU_PRECISION)."""
+    return precision_name(autocast_dtype(device))
+
+
+def feature_cache_of(version) -> str:
+    """The backbone feature cache file a head version was trained on
+    (metrics["training"]["features"]["path"], training.core.features), or ""
+    for a version that is not a head or whose training recorded none."""
+    if version.architecture != "head":
+        return ""
+    features = ((getattr(version, "metrics", None) or {}).get("training") or {}).get("features") or {}
+    return str(features.get("path") or "")
+
+
+@torch.inference_mode()
+def embed_from_feature_cache(version, rows) -> tuple[list[int], np.ndarray]:
+    """A head version's embeddings of the images whose backbone features its
+    training cached, without running the backbone: the head over the cached
+    features (the frozen backbone in the published file is the one the cache
+    was made with: the cache file's name is the digest of its weights and
+    preprocessing). rows: (image id, content sha256) pairs. Returns
+    (positions in rows that were found, (n, dimension) float32 unit vectors);
+    ([], empty) for a version that is not a head or has no cache, and rows
+    whose file changed since (another sha256) are not found: the caller
+    embeds those through the network. Measured in docs/benchmarks.md
+    ("Publishing a head")."""
+    from training.core.features import read_cached
+
+    path = feature_cache_of(version)
+    if not path:
+        return [], np.empty((0, int(version.dimension)), dtype=np.float32)
+    positions, features = read_cached(path, rows)
+    if not positions:
+        return [], np.empty((0, int(version.dimension)), dtype=np.float32)
+    model, device = network_for(version)
+    head = cast(torch.nn.Module, model.head)
+    out = [head(features[lo:lo + 4096].to(device)).float().cpu() for lo in range(0, len(features), 4096)]
+    return positions, torch.cat(out).numpy()
 
 
 def embed_query(version, rgb) -> np.ndarray:

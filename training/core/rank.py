@@ -11,9 +11,11 @@ import sys
 
 
 def main(spec_path: str, rank: int) -> int:
+    from training.core.allocator import apply_in_process
     from training.core.distributed import run_rank
     from training.core.trainer import _train
 
+    apply_in_process()  # as rank 0 has it (training/core/allocator.py)
     return run_rank(spec_path, rank, _train)
 
 

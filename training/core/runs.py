@@ -42,6 +42,7 @@ class TrainResult:
     n_val: int = 0
     resumed_from_epoch: int = 0
     device: str = "cpu"
+    precision: str = "float32"  # the autocast dtype of the forward passes (training.core.precision)
     warnings: list[str] = field(default_factory=list)
     features: dict | None = None  # head-only training: {"cached", "embedded", "seconds", "path"}
 
@@ -55,7 +56,7 @@ class TrainResult:
                 "seconds": round(self.seconds, 3), "seconds_per_epoch": round(self.seconds_per_epoch, 3),
                 "stop_reason": self.stop_reason, "objective": self.objective, "pairs": self.pairs,
                 "n_train": self.n_train, "n_val": self.n_val, "classes": len(self.classes or []),
-                "device": self.device, "resumed_from_epoch": self.resumed_from_epoch, "warnings": self.warnings[:50],
+                "device": self.device, "precision": self.precision, "resumed_from_epoch": self.resumed_from_epoch, "warnings": self.warnings[:50],
                 "features": self.features}
 
 

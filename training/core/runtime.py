@@ -31,13 +31,15 @@ class Runtime:
     loader_workers: CBIR_LOADER_WORKERS, DataLoader processes (-1 = automatic).
     compile_min_images: CBIR_COMPILE_MIN_IMAGES, images from which a job compiles the network (0 = never).
     weights_dir: CBIR_WEIGHTS_DIR, where trained weights and the feature cache live.
-    offline: CBIR_OFFLINE, never try to download pretrained weights."""
+    offline: CBIR_OFFLINE, never try to download pretrained weights.
+    cpu_precision: CBIR_CPU_PRECISION, "auto" | "float32" | "bfloat16" (training.core.precision)."""
 
     device: str = "auto"
     loader_workers: int = -1
     compile_min_images: int = 10_000
     weights_dir: Path = Path("var") / "weights"
     offline: bool = False
+    cpu_precision: str = "auto"
 
     def to_dict(self) -> dict:
         """JSON-ready (weights_dir as a string), for a rank's spec file."""
@@ -56,7 +58,8 @@ def from_environment() -> Runtime:
                    loader_workers=int(env.get("CBIR_LOADER_WORKERS") or -1),
                    compile_min_images=int(env.get("CBIR_COMPILE_MIN_IMAGES") or 10_000),
                    weights_dir=Path(env.get("CBIR_WEIGHTS_DIR") or Path("var") / "weights"),
-                   offline=(env.get("CBIR_OFFLINE") or "").strip().lower() in ("1", "true", "yes", "on"))
+                   offline=(env.get("CBIR_OFFLINE") or "").strip().lower() in ("1", "true", "yes", "on"),
+                   cpu_precision=(env.get("CBIR_CPU_PRECISION") or "auto").strip().lower())
 
 
 _provider: Callable[[], Runtime] = from_environment

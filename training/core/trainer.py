@@ -32,7 +32,7 @@ from training.core.distributed import STOP_REASONS, Dist, joint_loss
 from training.core.inference import resolve_device
 from training.core.loop import fit
 from training.core.plan import DataPlan, LabelledPlan, PairPlan, plan_rows
-from training.core.precision import mixed_precision
+from training.core.precision import mixed_precision, precision_name
 from training.core.runs import (  # noqa: F401 - TrainingStopped, TrainResult, best_epoch: this module's API as before
     EpochHooks,
     Progress,
@@ -154,4 +154,5 @@ def _train(data: TrainingData, config: TrainConfig, checkpoint_dir: Path, progre
         best_val_loss=best_val_loss, seconds=sum(h["seconds"] for h in history),
         stop_reason=_stop_reason(config, history) or "completed", objective=config.objective,
         classes=plan.classes, pairs=plan.pairs, n_train=plan.n_train, n_val=plan.n_val,
-        resumed_from_epoch=start_epoch, device=str(device), warnings=plan.warnings)
+        resumed_from_epoch=start_epoch, device=str(device), precision=precision_name(autocast_dtype),
+        warnings=plan.warnings)
