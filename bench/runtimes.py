@@ -38,7 +38,8 @@ same real files (Tux Paint's stamps, flattened on white, labelled by folder):
                recall@10 from its search calibration.
 
 Runtimes missing from the environment (onnxruntime, openvino: not
-dependencies of the project) are reported as such. The CPU's flags and
+dependencies of the project; `.venv/bin/pip install -e '.[bench]'`) are
+reported as such. The CPU's flags and
 whether it has native bfloat16 (training.core.precision) head the report.
 """
 
