@@ -20,6 +20,7 @@ nothing is stored.
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -36,6 +37,7 @@ from training.models import ModelVersion
 
 VERDICTS = tuple(Feedback.Verdict.values)  # ("right", "wrong")
 CLEANUP_ONE_IN = 200  # one remembered upload in this many also deletes the expired ones
+IMAGE_ID = re.compile(r"[0-9]{1,18}")  # ASCII digits only: str.isdigit() also takes "²" and "①"
 
 
 def as_array(value) -> np.ndarray:
@@ -49,7 +51,7 @@ def parse_ids(values: Iterable[object], name: str) -> list[int]:
     ids: list[int] = []
     for raw in values:
         text = str(raw).strip()
-        if not text.isdigit() or len(text) > 18:
+        if not IMAGE_ID.fullmatch(text):
             raise BadParameter(f"{name} must be image ids (whole numbers), not {text[:20]!r}")
         if int(text) not in ids:
             ids.append(int(text))
