@@ -181,7 +181,11 @@ def _json_error(exc: SearchError) -> JsonResponse:
     return JsonResponse({"error": str(exc)}, status=exc.status)
 
 
-@csrf_exempt  # a read-only query that stores nothing; see docs/api.md
+# csrf_exempt: a query, not an action. It does write (the upload's embedding,
+# kept for its searcher; search.feedback.remember_upload), but only an upsert a
+# forged request could repeat, changing nothing anyone sees; marks, which do,
+# check CSRF in api_feedback. See docs/security.md.
+@csrf_exempt
 @guarded(api=True, counted=("POST",))  # 401 before 405: a client without access learns nothing more
 @json_methods("POST")
 def api_search(request: HttpRequest) -> JsonResponse:
