@@ -91,3 +91,44 @@ def test_every_activation_is_logged_the_first_by_the_index_build(indexed, tiny_v
 def test_staff_see_the_activation_log(admin_client, indexed):
     page = admin_client.get("/admin/training/activation/")
     assert page.status_code == 200 and b"first version indexed" in page.content
+
+
+def test_roll_back_to_a_version_missing_embeddings_embeds_them_first(admin_client, admin_user, indexed,
+                                                                     tiny_version, candidate, monkeypatch):
+    from search import embed_jobs, jobs
+    from search.indexing import missing_image_ids
+    from search.models import Image
+
+    candidate.activate(user=admin_user, reason="admin")
+    # An image added since, which tiny_version has not embedded (its index is still "ready").
+    added = Image.objects.create(dataset=indexed, file="new.png", thumbnail="new.jpg", sha256="1" * 64,
+                                 original_filename="new.png", width=1, height=1, split="train")
+    assert added.pk in missing_image_ids(None, tiny_version)
+    started = []
+
+    def start_activation(version, *, user=None, check=True):
+        started.append(version)
+        raise jobs.JobError("no worker in this test")
+
+    monkeypatch.setattr(embed_jobs, "start_activation", start_activation)
+    admin_client.post(URL + "rollback/", follow=True)
+    assert ModelVersion.active() == candidate  # not switched to a version that would miss the new image
+    assert started == [tiny_version]  # the activation job, as Activate starts
+
+
+def test_view_only_staff_can_neither_activate_nor_roll_back(client, admin_user, tiny_version, candidate,
+                                                            django_user_model):
+    from django.contrib.auth.models import Permission
+
+    candidate.activate(user=admin_user, reason="admin")
+    viewer = django_user_model.objects.create_user("viewer", password="pw-123456", is_staff=True)
+    viewer.user_permissions.add(Permission.objects.get(codename="view_modelversion"))
+    client.force_login(viewer)
+    listing = client.get(URL)
+    assert listing.status_code == 200
+    text = listing.content.decode()
+    assert "Roll back to" not in text and 'value="activate"' not in text
+    client.post(URL, {"action": "activate", "_selected_action": [tiny_version.pk], "index": "0", "confirm": "yes"})
+    assert ModelVersion.active() == candidate
+    client.post(URL + "rollback/")
+    assert ModelVersion.active() == candidate and Activation.objects.first().version == candidate

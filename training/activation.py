@@ -65,6 +65,16 @@ def compare(candidate: ModelVersion, active: ModelVersion | None) -> list[Line]:
     return lines
 
 
+def can_switch_at_once(version: ModelVersion) -> bool:
+    """Whether search can switch to `version` now: its HNSW index is ready and it
+    has embedded every image. Both *Activate* and *Roll back* ask this; when it
+    is False they start an activation job (search.embed_jobs.start_activation)."""
+    from search import hnsw
+    from search.indexing import missing_image_ids
+
+    return hnsw.is_ready(version) and not missing_image_ids(None, version)
+
+
 def previous_version() -> ModelVersion | None:
     """The version that was active before the last activation, when it still
     exists and is not the active one (the target of *Roll back*)."""
