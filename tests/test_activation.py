@@ -132,3 +132,35 @@ def test_view_only_staff_can_neither_activate_nor_roll_back(client, admin_user, 
     assert ModelVersion.active() == candidate
     client.post(URL + "rollback/")
     assert ModelVersion.active() == candidate and Activation.objects.first().version == candidate
+
+
+def _measured_as(version: ModelVersion, **entry) -> None:
+    def change(metrics: dict) -> None:
+        metrics["evaluation"] = {"test-set": entry}
+
+    version.update_metrics(change)
+
+
+def test_only_values_measured_alike_are_compared(tiny_version, candidate):
+    _measured_as(tiny_version, precision_at_k=0.5, map_at_k=0.5, k=10, against="test+train",
+                 marks_precision_at_k=0.4, marks_held_out=20, marks_set="aaaa")
+    _measured_as(candidate, precision_at_k=0.9, map_at_k=0.9, k=5, against="test+train",
+                 marks_precision_at_k=0.9, marks_held_out=20, marks_set="bbbb")
+    lines = {line.measure: line for line in compare(candidate, tiny_version)}
+    assert all(line.worse for line in lines.values())  # higher, but not measured the same way: confirm
+    assert lines["P@k"].describe() == ("P@k on test-set: not comparable (k 10 vs 5; active 0.500, new 0.900)")
+    assert "held-out marks aaaa vs bbbb" in lines["P@k on held-out marks"].not_comparable
+    _measured_as(candidate, precision_at_k=0.9, map_at_k=0.9, k=10, against="test only",
+                 marks_precision_at_k=0.9, marks_held_out=21)
+    lines = {line.measure: line for line in compare(candidate, tiny_version)}
+    assert lines["mAP@k"].not_comparable == "searched test+train vs test only"
+    assert "held-out marks" in lines["P@k on held-out marks"].not_comparable
+    _measured_as(candidate, precision_at_k=0.9, map_at_k=0.9, k=10, against="test+train",
+                 marks_precision_at_k=0.9, marks_held_out=20, marks_set="aaaa")
+    assert not any(line.worse or line.not_comparable for line in compare(candidate, tiny_version))
+
+
+def test_sets_only_the_candidate_was_measured_on_are_not_listed(tiny_version, candidate):
+    _measured(tiny_version, 0.5, dataset="a")
+    _measured(candidate, 0.9, dataset="b")
+    assert {line.dataset for line in compare(candidate, tiny_version)} == {"a"}
