@@ -160,8 +160,10 @@ def _refined_search(version: ModelVersion, query, positive: list[int], negative:
     start = time.perf_counter()
     hits = nearest(version, vector=vector, k=k, dataset=dataset, exclude_image_ids=left_out)
     seconds = time.perf_counter() - start
-    rows = version.embeddings.filter(image_id__in=left_out)
-    excluded = (rows.filter(dataset=dataset) if dataset is not None else rows).count()
+    excluded = 0
+    if len(hits) < k:  # only a short page needs the notice's count (result_notice); a full one skips the COUNT
+        rows = version.embeddings.filter(image_id__in=left_out)
+        excluded = (rows.filter(dataset=dataset) if dataset is not None else rows).count()
     return SearchResult(model=version, k=k, hits=hits, timings={"sql": seconds}, positive=positive,
                         negative=negative, notice=result_notice(version, dataset, hits, k, excluded=excluded))
 

@@ -463,3 +463,18 @@ def test_the_forget_uploads_command_deletes_every_expired_upload(indexed, tiny_v
     out = io.StringIO()
     call_command("forget_uploads", "--batch", "2", stdout=out)
     assert "deleted 7" in out.getvalue() and QueryEmbedding.objects.count() == 0
+
+
+def test_a_full_refined_page_runs_no_count(indexed, tiny_version, ids):
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from search import services
+
+    with CaptureQueriesContext(connection) as full:
+        result = services.search_by_image(ids["red"][0], k=2, positive=[ids["red"][1]], negative=[ids["blue"][0]])
+    assert len(result.hits) == 2 and result.notice is None
+    assert not [q["sql"] for q in full.captured_queries if "COUNT(" in q["sql"].upper()]
+    with CaptureQueriesContext(connection) as short:
+        result = services.search_by_image(ids["red"][0], k=100, positive=[ids["red"][1]])
+    assert result.notice and any("COUNT(" in q["sql"].upper() for q in short.captured_queries)
