@@ -29,7 +29,7 @@ from datetime import timedelta
 
 import numpy as np
 from django.conf import settings
-from django.db import transaction
+from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from search.errors import BadParameter
@@ -120,9 +120,12 @@ def remember_upload(version: ModelVersion, sha256: str, vector: np.ndarray, *, u
     if owner is None:
         return
     now = timezone.now()
-    QueryEmbedding.objects.update_or_create(model_version=version, sha256=sha256, **owner,
-                                            defaults={"vector": np.asarray(vector, dtype=np.float32),
-                                                      "last_seen": now})
+    defaults = {"vector": np.asarray(vector, dtype=np.float32), "last_seen": now}
+    try:
+        with transaction.atomic():
+            QueryEmbedding.objects.update_or_create(model_version=version, sha256=sha256, **owner, defaults=defaults)
+    except IntegrityError:  # the same search twice at once: the other inserted it; refresh that row
+        QueryEmbedding.objects.filter(model_version=version, sha256=sha256, **owner).update(**defaults)
     if random.randrange(CLEANUP_ONE_IN) == 0:
         delete_expired_uploads()
 
