@@ -357,9 +357,20 @@ class QueryEmbedding(models.Model):
     sha256 = models.CharField(max_length=64, help_text="SHA-256 of the uploaded bytes, lower-case hex")
     vector = HalfVectorField()
     last_seen = models.DateTimeField()
+    # Who searched with the upload: a signed-in user (or an API token's owner),
+    # else the anonymous session. Only they can name it afterwards, so a hash
+    # tells nobody else whether the image was ever searched with.
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.CASCADE,
+                             related_name="+")
+    session_key = models.CharField(max_length=40, blank=True)
 
     class Meta:
-        constraints = [models.UniqueConstraint(fields=["model_version", "sha256"], name="unique_query_per_version")]
+        constraints = [
+            models.UniqueConstraint(fields=["model_version", "sha256", "user"], condition=models.Q(user__isnull=False),
+                                    name="unique_query_per_user"),
+            models.UniqueConstraint(fields=["model_version", "sha256", "session_key"],
+                                    condition=models.Q(user__isnull=True), name="unique_query_per_session"),
+        ]
         indexes = [models.Index(fields=["last_seen"], name="query_embedding_seen")]
 
 
@@ -389,10 +400,29 @@ class Feedback(models.Model):
     class Meta:
         ordering = ["-created"]
         verbose_name = "relevance mark"
-        constraints = [models.CheckConstraint(
-            condition=(models.Q(query_image__isnull=False, query_sha256="", query_vector__isnull=True)
-                       | models.Q(query_image__isnull=True, query_vector__isnull=False) & ~models.Q(query_sha256="")),
-            name="feedback_one_query")]
+        constraints = [
+            models.CheckConstraint(
+                condition=(models.Q(query_image__isnull=False, query_sha256="", query_vector__isnull=True)
+                           | models.Q(query_image__isnull=True, query_vector__isnull=False)
+                           & ~models.Q(query_sha256="")),
+                name="feedback_one_query"),
+            # One mark per person, query and result (a double click stores one).
+            # A mark whose user was deleted (no user, no session) is left out.
+            models.UniqueConstraint(fields=["model_version", "query_image", "result", "user"],
+                                    condition=models.Q(user__isnull=False, query_image__isnull=False),
+                                    name="unique_mark_user_image"),
+            models.UniqueConstraint(fields=["model_version", "query_sha256", "result", "user"],
+                                    condition=models.Q(user__isnull=False, query_image__isnull=True),
+                                    name="unique_mark_user_upload"),
+            models.UniqueConstraint(fields=["model_version", "query_image", "result", "session_key"],
+                                    condition=models.Q(user__isnull=True, query_image__isnull=False)
+                                    & ~models.Q(session_key=""),
+                                    name="unique_mark_session_image"),
+            models.UniqueConstraint(fields=["model_version", "query_sha256", "result", "session_key"],
+                                    condition=models.Q(user__isnull=True, query_image__isnull=True)
+                                    & ~models.Q(session_key=""),
+                                    name="unique_mark_session_upload"),
+        ]
         indexes = [models.Index(fields=["model_version", "result"], name="feedback_version_result")]
 
     def __str__(self) -> str:

@@ -93,11 +93,13 @@ def ready_version() -> ModelVersion:
 
 
 def search_by_upload(data: bytes, *, k=None, dataset=None, positive: Sequence = (),
-                     negative: Sequence = ()) -> SearchResult:
+                     negative: Sequence = (), user=None, session_key: str = "",
+                     remember: bool = True) -> SearchResult:
     """Search with uploaded bytes. The image is decoded in memory and never
-    stored; its embedding is kept under its SHA-256 (search.feedback.remember_upload)
-    for marks and refined searches. `positive` / `negative`: image ids marked
-    right / wrong, to refine the query with (search_refined)."""
+    stored; with `remember`, its embedding is kept under its SHA-256 and who
+    searched (`user`, else `session_key`; search.feedback.remember_upload) for
+    that searcher's marks and refined searches. `positive` / `negative`: image
+    ids marked right / wrong, to refine the query with (search_refined)."""
     k = parse_k(k)
     dataset = parse_dataset(dataset)
     if len(data) > settings.CBIR_MAX_UPLOAD_BYTES:
@@ -115,7 +117,8 @@ def search_by_upload(data: bytes, *, k=None, dataset=None, positive: Sequence = 
     vector = embed_query(version, decoded.rgb)
     timings["forward"] = time.perf_counter() - start
     sha256 = hashlib.sha256(data).hexdigest()
-    feedback.remember_upload(version, sha256, vector)
+    if remember:
+        feedback.remember_upload(version, sha256, vector, user=user, session_key=session_key)
     if marks[0] or marks[1]:
         result = _refined_search(version, vector, *marks, k=k, dataset=dataset)
         result.timings = {**timings, **result.timings}
@@ -157,23 +160,26 @@ def _refined_search(version: ModelVersion, query, positive: list[int], negative:
     start = time.perf_counter()
     hits = nearest(version, vector=vector, k=k, dataset=dataset, exclude_image_ids=left_out)
     seconds = time.perf_counter() - start
-    rows = version.embeddings.filter(image_id__in=left_out)
-    excluded = (rows.filter(dataset=dataset) if dataset is not None else rows).count()
+    excluded = 0
+    if len(hits) < k:  # only a short page needs the notice's count (result_notice); a full one skips the COUNT
+        rows = version.embeddings.filter(image_id__in=left_out)
+        excluded = (rows.filter(dataset=dataset) if dataset is not None else rows).count()
     return SearchResult(model=version, k=k, hits=hits, timings={"sql": seconds}, positive=positive,
                         negative=negative, notice=result_notice(version, dataset, hits, k, excluded=excluded))
 
 
 def search_refined(*, k=None, dataset=None, positive: Sequence = (), negative: Sequence = (),
-                   query_sha256: str | None = None) -> SearchResult:
+                   query_sha256: str | None = None, user=None, session_key: str = "") -> SearchResult:
     """A search made of marks alone (several positives and no image: a
     multi-image query), or refining a recent upload named by its SHA-256
     (its remembered embedding). BadParameter without a positive and without
-    query_sha256, or for an unknown hash."""
+    query_sha256, or for a hash this searcher (`user`, else `session_key`) has
+    not searched with recently."""
     k = parse_k(k)
     dataset = parse_dataset(dataset)
     version = ready_version()
     sha256 = feedback.parse_sha256(query_sha256) if query_sha256 else None
-    query = feedback.upload_vector(version, sha256) if sha256 else None
+    query = feedback.upload_vector(version, sha256, user=user, session_key=session_key) if sha256 else None
     marks = _parse_marks(version, positive, negative, dataset)
     result = _refined_search(version, query, *marks, k=k, dataset=dataset)
     result.query_sha256 = sha256

@@ -9,6 +9,7 @@ from functools import wraps
 from pathlib import Path
 
 from django.conf import settings
+from django.db import IntegrityError
 from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
 from django.http.response import HttpResponseBase
 from django.middleware.csrf import CsrfViewMiddleware
@@ -116,11 +117,15 @@ def _search_posted(request: HttpRequest) -> services.SearchResult:
     `positive` / `negative` ids; without an image, the marks alone (and
     `query_sha256`, a recent upload) make the query (services.search_refined)."""
     _check_content_length(request)
-    marks = {"positive": request.POST.getlist("positive"), "negative": request.POST.getlist("negative")}
+    positive, negative = request.POST.getlist("positive"), request.POST.getlist("negative")
     k, dataset = request.POST.get("k"), request.POST.get("dataset")
-    if "image" not in request.FILES and (marks["positive"] or marks["negative"] or request.POST.get("query_sha256")):
-        return services.search_refined(k=k, dataset=dataset, query_sha256=request.POST.get("query_sha256"), **marks)
-    return services.search_by_upload(_uploaded_bytes(request), k=k, dataset=dataset, **marks)
+    who = feedback.searcher(request)
+    if "image" not in request.FILES and (positive or negative or request.POST.get("query_sha256")):
+        return services.search_refined(k=k, dataset=dataset, query_sha256=request.POST.get("query_sha256"),
+                                       positive=positive, negative=negative, user=who["user"],
+                                       session_key=who["session_key"])
+    return services.search_by_upload(_uploaded_bytes(request), k=k, dataset=dataset, positive=positive,
+                                     negative=negative, user=who["user"], session_key=who["session_key"])
 
 
 @require_GET
@@ -132,7 +137,8 @@ def refine_page(request: HttpRequest) -> HttpResponse:
         result = services.search_refined(k=request.GET.get("k"), dataset=request.GET.get("dataset"),
                                          positive=request.GET.getlist("positive"),
                                          negative=request.GET.getlist("negative"),
-                                         query_sha256=request.GET.get("query_sha256"))
+                                         query_sha256=request.GET.get("query_sha256"),
+                                         **feedback.searcher(request))
     except SearchError as exc:
         return render(request, "search/index.html", _page_context(error=str(exc)), status=exc.status)
     return render(request, "search/results.html", _page_context(
@@ -175,7 +181,11 @@ def _json_error(exc: SearchError) -> JsonResponse:
     return JsonResponse({"error": str(exc)}, status=exc.status)
 
 
-@csrf_exempt  # a read-only query that stores nothing; see docs/api.md
+# csrf_exempt: a query, not an action. It does write (the upload's embedding,
+# kept for its searcher; search.feedback.remember_upload), but only an upsert a
+# forged request could repeat, changing nothing anyone sees; marks, which do,
+# check CSRF in api_feedback. See docs/security.md.
+@csrf_exempt
 @guarded(api=True, counted=("POST",))  # 401 before 405: a client without access learns nothing more
 @json_methods("POST")
 def api_search(request: HttpRequest) -> JsonResponse:
@@ -211,19 +221,16 @@ def api_feedback(request: HttpRequest) -> JsonResponse:
         if refused is not None:
             return JsonResponse({"error": "CSRF token missing or incorrect: send the csrftoken cookie's value as "
                                           "the X-CSRFToken header, or use an API token"}, status=403)
+    who = feedback.searcher(request)
     try:
         version = services.ready_version()
-        marks = feedback.parse_marks(request.POST, version, services.parse_dataset(request.POST.get("dataset")))
+        marks = feedback.parse_marks(request.POST, version, services.parse_dataset(request.POST.get("dataset")),
+                                     **who)
+        stored = feedback.record_marks(version, marks, **who)
     except SearchError as exc:
         return _json_error(exc)
-    token = getattr(request, "api_token", None)
-    user = token.user if token is not None else (request.user if request.user.is_authenticated else None)
-    session_key = ""
-    if user is None:
-        if request.session.session_key is None:
-            request.session.save()
-        session_key = request.session.session_key or ""
-    stored = feedback.record_marks(version, marks, user=user, session_key=session_key)
+    except IntegrityError:  # an image deleted as the marks were stored (record_marks locks, so this is rare)
+        return JsonResponse({"error": "an image marked or queried no longer exists: search again"}, status=400)
     return JsonResponse({"model": version.name, "verdict": marks.verdict, "stored": len(stored),
                          "marks": [{"id": m.pk, "image_id": m.result_id} for m in stored]}, status=201)
 

@@ -62,12 +62,15 @@ _recovery_stop = threading.Event()
 
 
 def _recovery_loop() -> None:
+    from search import feedback
+
     while not _recovery_stop.wait(settings.CBIR_RECOVERY_INTERVAL):
         try:
             close_old_connections()
             count = jobs.recover_stale()
             if count:
                 logger.warning("queued %d stale task(s) again", count)
+            feedback.delete_expired_uploads()  # a few bounded batches of expired upload embeddings
         except Exception:  # noqa: BLE001 - the loop must outlive a database hiccup
             logger.exception("recovery scan failed; will retry")
 

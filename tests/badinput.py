@@ -524,6 +524,22 @@ def param_cases() -> list[ParamCase]:
         ParamCase("wrong method", "POST", "/api/images/{image}/similar", {}, 405, "GET"),
         ParamCase("wrong method", "DELETE", "/search/", {}, 405, ""),
     ]
+    # Digits that are not ASCII: str.isdigit() says yes to them, int() does not.
+    for odd in ("\u00b2", "\u2460", "\u0663"):  # superscript two, circled one, Arabic-Indic three
+        cases += [
+            ParamCase(f"positive = {odd!r} (a non-ASCII digit)", "POST", "/api/search",
+                      {"image": True, "positive": odd}, 400, "must be image ids"),
+            ParamCase(f"positive = {odd!r} (a non-ASCII digit)", "GET", "/api/images/{image}/similar",
+                      {"positive": odd}, 400, "must be image ids"),
+            ParamCase(f"negative = {odd!r} (a non-ASCII digit)", "GET", "/images/{image}/similar/",
+                      {"negative": odd}, 400, "must be image ids"),
+            ParamCase(f"positive = {odd!r} (a non-ASCII digit)", "GET", "/search/refine",
+                      {"positive": odd}, 400, "must be image ids"),
+            ParamCase(f"query_image_id = {odd!r} (a non-ASCII digit)", "POST", "/api/feedback",
+                      {"query_image_id": odd, "image_id": "1", "verdict": "right"}, 400, "must be image ids"),
+            ParamCase(f"image_id = {odd!r} (a non-ASCII digit)", "POST", "/api/feedback",
+                      {"query_image_id": "1", "image_id": odd, "verdict": "right"}, 400, "must be image ids"),
+        ]
     return cases
 
 

@@ -139,13 +139,15 @@ def test_the_refine_page_uses_a_remembered_upload(client, indexed, tiny_version,
     ({"positive": ["x1"]}, "must be image ids"),
     ({"positive": ["999999999"]}, "no image with id 999999999"),
     ({"negative": ["-3"]}, "must be image ids"),
+    ({"positive": ["\u00b2"]}, "must be image ids"),
+    ({"negative": ["\u2460"]}, "must be image ids"),
     ({"negative": ["BOTH"], "positive": ["BOTH"]}, "both positive and negative"),
     ({"negative": ["RED0"], "image": None}, "at least one positive"),
     ({"positive": ["RED0", "RED1", "RED2"]}, "too many image ids"),
     ({"positive": ["OTHER"]}, "is not in dataset"),
     ({"positive": ["UNINDEXED"], "dataset": None}, "is not indexed by"),
-    ({"query_sha256": "ab" * 32, "positive": ["RED0"]}, "no recent search with an upload"),
-    ({"query_sha256": "not-a-hash"}, "64 hexadecimal digits"),
+    ({"query_sha256": "ab" * 32, "positive": ["RED0"], "image": None}, "no recent search with an upload"),
+    ({"query_sha256": "not-a-hash", "image": None}, "64 hexadecimal digits"),
 ])
 def test_bad_refinements_are_400_with_what_is_wrong(client, indexed, ids, settings, fields, message,
                                                     make_image_bytes):
@@ -155,7 +157,9 @@ def test_bad_refinements_are_400_with_what_is_wrong(client, indexed, ids, settin
                                      original_filename="x.png", width=1, height=1, split="train")
     names = {"RED0": ids["red"][0], "RED1": ids["red"][1], "RED2": ids["red"][2], "BOTH": ids["red"][3],
              "OTHER": unindexed.pk, "UNINDEXED": unindexed.pk}
-    form = {"k": "3", "dataset": indexed.name}
+    # An image in every request but the marks-only ones, so that "nothing
+    # stored" (no QueryEmbedding for the upload) can fail.
+    form: dict = {"k": "3", "dataset": indexed.name, "image": io.BytesIO(make_image_bytes(QUERY_COLOUR, pattern=3))}
     for name, values in fields.items():
         if values is None:
             form.pop(name, None)
@@ -207,6 +211,8 @@ def test_a_signed_in_users_marks_on_an_indexed_query_name_the_user(client, index
     ({"verdict": None}, "verdict must be one of right, wrong"),
     ({"image_id": ["999999999"]}, "no image with id 999999999"),
     ({"image_id": ["x"]}, "must be image ids"),
+    ({"image_id": ["\u00b2"]}, "must be image ids"),
+    ({"query_image_id": ["\u2460"]}, "must be image ids"),
     ({"image_id": None}, "no result was named"),
     ({"image_id": ["RED1", "RED2", "BLUE0"]}, "too many image ids"),
     ({"image_id": ["OTHER"]}, "is not in dataset"),
@@ -319,3 +325,156 @@ def test_an_api_token_marks_without_a_csrf_token_as_its_owner(indexed, ids, djan
         headers={"Authorization": f"Bearer {key}"})
     assert response.status_code == 201
     assert Feedback.objects.get().user == owner
+
+
+# --- Uploads belong to who searched; marks are stored once ------------------------
+
+def test_another_session_cannot_name_an_upload(client, indexed, ids, upload):
+    from django.test import Client
+
+    other = Client()
+    unknown = "cd" * 32
+    for sha in (upload["sha256"], unknown):
+        page = other.get("/search/refine", {"query_sha256": sha, "positive": ids["blue"][0]})
+        assert page.status_code == 400 and b"no recent search with an upload" in page.content
+        api = other.post("/api/search", {"query_sha256": sha, "positive": ids["blue"][0]})
+        assert api.status_code == 400 and "no recent search with an upload" in api.json()["error"]
+        mark = other.post("/api/feedback", {"query_sha256": sha, "image_id": upload["results"][0],
+                                            "verdict": "right"})
+        assert mark.status_code == 400 and "no recent search with an upload" in mark.json()["error"]
+    # The same message for both: the answer tells nothing about who searched what.
+    answers = {other.post("/api/search", {"query_sha256": sha, "positive": ids["blue"][0]}).json()["error"]
+               .replace(sha[:12], "") for sha in (upload["sha256"], unknown)}
+    assert len(answers) == 1
+    assert Feedback.objects.count() == 0
+    # The searcher's own session still can.
+    assert client.get("/search/refine", {"query_sha256": upload["sha256"],
+                                         "positive": ids["blue"][0]}).status_code == 200
+
+
+def test_a_signed_in_user_keeps_an_upload_across_sessions(client, indexed, ids, make_image_bytes,
+                                                          django_user_model):
+    from django.test import Client
+
+    user = django_user_model.objects.create_user("bo", password="pw-123456")
+    client.force_login(user)
+    sha = client.post("/api/search", {"image": io.BytesIO(make_image_bytes(QUERY_COLOUR, pattern=5))}).json()[
+        "query_sha256"]
+    assert QueryEmbedding.objects.get(sha256=sha).user == user
+    again = Client()
+    again.force_login(user)
+    assert again.get("/search/refine", {"query_sha256": sha, "positive": ids["blue"][0]}).status_code == 200
+
+
+def test_an_image_deleted_between_parse_and_store_is_a_400(client, indexed, ids, monkeypatch):
+    from search import feedback
+
+    parse = feedback.parse_marks
+
+    def parse_then_delete(*args, **kwargs):
+        marks = parse(*args, **kwargs)
+        Image.objects.filter(pk=ids["red"][1]).delete()
+        return marks
+
+    monkeypatch.setattr(feedback, "parse_marks", parse_then_delete)
+    response = client.post("/api/feedback", {"query_image_id": ids["red"][0],
+                                             "image_id": [ids["red"][1], ids["red"][2]], "verdict": "right"})
+    assert response.status_code == 400, response.content
+    assert "no longer exists" in response.json()["error"]
+    assert Feedback.objects.count() == 0
+
+
+def test_an_upload_expiring_between_parse_and_store_still_stores_the_parsed_vector(client, indexed, upload,
+                                                                                  monkeypatch):
+    from search import feedback
+
+    parse = feedback.parse_marks
+
+    def parse_then_expire(*args, **kwargs):
+        marks = parse(*args, **kwargs)
+        QueryEmbedding.objects.all().delete()
+        return marks
+
+    monkeypatch.setattr(feedback, "parse_marks", parse_then_expire)
+    response = client.post("/api/feedback", {"query_sha256": upload["sha256"], "image_id": upload["results"][0],
+                                             "verdict": "right"})
+    assert response.status_code == 201, response.content
+    assert Feedback.objects.get().query_vector is not None
+
+
+def test_the_same_mark_twice_is_one_row_and_the_database_refuses_a_duplicate(client, indexed, ids, upload):
+    from django.db import IntegrityError, transaction
+
+    form = {"query_image_id": ids["red"][0], "image_id": ids["red"][1], "verdict": "right"}
+    assert client.post("/api/feedback", form).status_code == 201
+    assert client.post("/api/feedback", form).status_code == 201
+    assert Feedback.objects.count() == 1
+    upload_form = {"query_sha256": upload["sha256"], "image_id": upload["results"][0], "verdict": "wrong"}
+    assert client.post("/api/feedback", upload_form).status_code == 201
+    assert client.post("/api/feedback", upload_form).status_code == 201
+    assert Feedback.objects.count() == 2
+    # A double click's second insert (past the first's) is refused by the unique constraints.
+    for first in Feedback.objects.all():
+        first.pk = None
+        with pytest.raises(IntegrityError), transaction.atomic():
+            first.save()
+
+
+def test_expired_uploads_are_deleted_in_bounded_batches(indexed, tiny_version, settings):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from search import feedback
+
+    old = timezone.now() - timedelta(days=settings.CBIR_QUERY_EMBEDDING_DAYS + 1)
+    vector = np.ones(int(tiny_version.dimension), dtype=np.float32)
+    QueryEmbedding.objects.bulk_create([
+        QueryEmbedding(model_version=tiny_version, sha256=f"{i:064x}", vector=vector, last_seen=old,
+                       session_key="s") for i in range(25)])
+    QueryEmbedding.objects.create(model_version=tiny_version, sha256="f" * 64, vector=vector,
+                                  last_seen=timezone.now(), session_key="s")
+    assert feedback.delete_expired_uploads(batch=4, batches=2) == 8
+    assert QueryEmbedding.objects.count() == 18
+    assert feedback.delete_expired_uploads(batch=4, batches=None) == 17
+    assert list(QueryEmbedding.objects.values_list("sha256", flat=True)) == ["f" * 64]
+
+
+def test_the_search_image_command_remembers_nothing(indexed, tmp_path, make_image_bytes):
+    from django.core.management import call_command
+
+    path = tmp_path / "q.png"
+    path.write_bytes(make_image_bytes(QUERY_COLOUR, pattern=2))
+    call_command("search_image", str(path), "-k", "2", stdout=io.StringIO())
+    assert QueryEmbedding.objects.count() == 0
+
+
+def test_the_forget_uploads_command_deletes_every_expired_upload(indexed, tiny_version, settings):
+    from datetime import timedelta
+
+    from django.core.management import call_command
+    from django.utils import timezone
+
+    old = timezone.now() - timedelta(days=settings.CBIR_QUERY_EMBEDDING_DAYS + 1)
+    vector = np.ones(int(tiny_version.dimension), dtype=np.float32)
+    QueryEmbedding.objects.bulk_create([
+        QueryEmbedding(model_version=tiny_version, sha256=f"{i:064x}", vector=vector, last_seen=old,
+                       session_key="s") for i in range(7)])
+    out = io.StringIO()
+    call_command("forget_uploads", "--batch", "2", stdout=out)
+    assert "deleted 7" in out.getvalue() and QueryEmbedding.objects.count() == 0
+
+
+def test_a_full_refined_page_runs_no_count(indexed, tiny_version, ids):
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from search import services
+
+    with CaptureQueriesContext(connection) as full:
+        result = services.search_by_image(ids["red"][0], k=2, positive=[ids["red"][1]], negative=[ids["blue"][0]])
+    assert len(result.hits) == 2 and result.notice is None
+    assert not [q["sql"] for q in full.captured_queries if "COUNT(" in q["sql"].upper()]
+    with CaptureQueriesContext(connection) as short:
+        result = services.search_by_image(ids["red"][0], k=100, positive=[ids["red"][1]])
+    assert result.notice and any("COUNT(" in q["sql"].upper() for q in short.captured_queries)

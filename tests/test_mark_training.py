@@ -104,7 +104,8 @@ def marked(db, tmp_path, tiny_version):
 
 
 def test_the_train_command_trains_a_head_on_marks_alone_and_evaluates_on_held_out_marks(marked, tmp_path):
-    Image.objects.filter(dataset=marked).update(label=None)  # marks alone: no labels needed
+    # Marks alone: no labels needed to train (the test split keeps its labels, so the version is evaluated).
+    Image.objects.filter(dataset=marked, split__in=("train", "val")).update(label=None)
     out = io.StringIO()
     call_command("train", "--dataset", "colours", "--head-only", "--marks", "only", "--epochs", "3",
                  "--batch-size", "16", "--lr", "0.01", "--image-size", "32", "--embedding-dim", "8",
@@ -115,6 +116,61 @@ def test_the_train_command_trains_a_head_on_marks_alone_and_evaluates_on_held_ou
     assert version.dimension == 8 and version.embeddings.count() == 30
     train_queries = Feedback.objects.filter(query_image__split__in=("train",)).count()
     assert train_queries > 0 and "contrastive on marks" in training["objective"]
+    # The new version was evaluated on the held-out marks (test-split queries).
+    evaluation = version.metrics["evaluation"]["colours"]
+    held_out = Feedback.objects.filter(query_image__split="test", result__dataset=marked).count()
+    assert evaluation["marks_held_out"] == held_out > 0 and evaluation["marks_queries"] > 0
+    assert 0 <= evaluation["marks_precision_at_k"] <= 1 and evaluation["marks_set"]
+    assert "note: marks by source: 0 from signed-in users, " in out.getvalue()
+    assert "from anonymous sessions" in out.getvalue()
+
+
+def test_marks_from_signed_in_leaves_anonymous_marks_out(marked, tmp_path, django_user_model):
+    from training.core.config import TrainConfig
+    from training.rows import check_dataset, training_data
+
+    config = TrainConfig(architecture="head", backbone="efficientnet_lite0", head="linear", marks="only",
+                         marks_from="signed-in")
+    with pytest.raises(ValueError, match="0 relevance mark.* by signed-in users"):
+        check_dataset(marked, config)
+    with pytest.raises(CommandError, match="by signed-in users"):
+        call_command("train", "--dataset", "colours", "--head-only", "--marks", "only", "--marks-from",
+                     "signed-in", "--epochs", "1")
+    user = django_user_model.objects.create_user("sam", password="pw-123456")
+    mine = list(Feedback.objects.filter(query_image__split="train", result__split__in=("train", "val"))
+                .order_by("pk")[:12])
+    Feedback.objects.filter(pk__in=[m.pk for m in mine]).update(user=user, session_key="")
+    check_dataset(marked, config)  # right and wrong ones among the signed-in user's
+    data = training_data(marked, marks=True, marks_from="signed-in")
+    everyone = training_data(marked, marks=True)
+    assert 0 < len(data.marks) < len(everyone.marks)
+    assert data.mark_sources["anonymous_left_out"] == everyone.mark_sources["anonymous"] > 0
+    assert data.mark_sources["signed_in"] == everyone.mark_sources["signed_in"] == len(data.marks)
+    form = TrainForm({"architecture": "efficientnet_lite0", "head_only": "on", "head": "linear",
+                      "objective": "auto", "epochs": 5, "batch_size": 64, "learning_rate": 1e-3,
+                      "scheduler": "none", "early_stopping_patience": 3, "processes": 1, "marks": "only",
+                      "marks_from": "signed-in"}, dataset=marked)
+    assert form.is_valid(), form.errors
+    assert form.config_fields()["marks_from"] == "signed-in"
+
+
+def test_the_check_counts_only_marks_training_uses(db, tmp_path, tiny_version):
+    """Marks whose result is a test image are dropped by training, so the check
+    does not count them: with only such wrong marks, it refuses."""
+    from training.core.config import TrainConfig
+    from training.rows import check_dataset
+
+    dataset = make_dataset(tmp_path)
+    train = list(Image.objects.filter(dataset=dataset, split="train").order_by("pk"))
+    test = list(Image.objects.filter(dataset=dataset, split="test").order_by("pk"))
+    Feedback.objects.bulk_create(
+        [Feedback(model_version=tiny_version, query_image=train[0], result=train[1], verdict="right",
+                  session_key="s"),
+         Feedback(model_version=tiny_version, query_image=train[0], result=test[0], verdict="wrong",
+                  session_key="s")])
+    config = TrainConfig(architecture="head", backbone="efficientnet_lite0", head="linear", marks="only")
+    with pytest.raises(ValueError, match="1 relevance mark.* all of one verdict"):
+        check_dataset(dataset, config)
 
 
 def test_held_out_marks_are_measured_on_the_test_split(marked, tiny_version):

@@ -41,25 +41,30 @@ class ModelVersionAdmin(DeleteThroughJobsMixin, admin.ModelAdmin):
                      name="training_modelversion_rollback"), *super().get_urls()]
 
     def changelist_view(self, request, extra_context=None):
-        extra = {"rollback_to": activation.previous_version(), "active_version": ModelVersion.active(),
+        extra = {"rollback_to": activation.previous_version() if self.has_change_permission(request) else None,
+                 "active_version": ModelVersion.active(),
                  **(extra_context or {})}
         return super().changelist_view(request, extra_context=extra)
 
     def rollback_view(self, request):
         """*Roll back*: search goes back to the version active before the last
-        switch, at once (its index must still be ready)."""
+        switch: at once when it could be activated at once
+        (activation.can_switch_at_once, as *Activate*), else through an
+        activation job, as *Activate* does."""
         if not self.has_change_permission(request):
             self.message_user(request, "You may not change model versions.", messages.ERROR)
             return redirect("admin:training_modelversion_changelist")
         target = activation.previous_version()
         if target is None:
             self.message_user(request, "There is no earlier version to roll back to.", messages.ERROR)
-        elif not hnsw.is_ready(target):
-            self.message_user(request, f"{target} has no ready index any more: activate it to rebuild it.",
-                              messages.ERROR)
-        else:
+        elif activation.can_switch_at_once(target):
             target.activate(user=request.user, reason="rollback")
             self.message_user(request, f"Rolled back: {target} is used for search again.", messages.SUCCESS)
+        else:
+            # The same fallback as *Activate*: embed what it lacks, then switch.
+            start_or_report(request, lambda: embed_jobs.start_activation(target, user=request.user),
+                            f"{target} has no complete index any more (images were added or its index was "
+                            "dropped): embedding what is missing, then switching search back to it")
         return redirect("admin:training_modelversion_changelist")
 
     def has_add_permission(self, request):
@@ -105,12 +110,10 @@ class ModelVersionAdmin(DeleteThroughJobsMixin, admin.ModelAdmin):
 
         return jobs_link("model_version", obj.pk) if obj.pk else "—"
 
-    @admin.action(description="Activate for search")
+    @admin.action(description="Activate for search", permissions=["change"])
     def activate(self, request, queryset):
         """A version that has embedded every image switches at once; otherwise an
         activation job embeds what is missing and switches when complete."""
-        from search.indexing import missing_image_ids
-
         if queryset.count() != 1:
             self.message_user(request, "Select exactly one model version to activate.", messages.ERROR)
             return
@@ -126,7 +129,7 @@ class ModelVersionAdmin(DeleteThroughJobsMixin, admin.ModelAdmin):
             return render(request, "admin/training/activate_confirmation.html", {
                 **self.admin_site.each_context(request), "title": f"Activate {version}?", "version": version,
                 "active": active, "lines": lines, "worse": worse, "opts": self.model._meta})
-        if hnsw.is_ready(version) and not missing_image_ids(None, version):
+        if activation.can_switch_at_once(version):
             version.activate(user=request.user, reason="admin" + (" (confirmed: worse on some sets)" if worse else ""))
             compared = "; ".join(f"{line.measure} on {line.dataset} {line.active:.3f} → {line.candidate:.3f}"
                                  for line in lines if line.candidate is not None)

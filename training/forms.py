@@ -13,6 +13,7 @@ from django import forms
 
 from training.core.config import (
     MARKS,
+    MARKS_FROM,
     MAX_IMAGE_SIZE,
     MAX_PROCESSES,
     MIN_IMAGE_SIZE,
@@ -41,6 +42,7 @@ OBJECTIVE_LABELS = {"auto": "automatic (autoencoder: reconstruction; siamese: pa
                     **{name: objective.description for name, objective in REGISTERED_OBJECTIVES.items()}}
 
 
+MARKS_FROM_LABELS = {"everyone": "everyone (anonymous sessions too)", "signed-in": "signed-in users only"}
 MARKS_LABELS = {"none": "labels", "only": "relevance marks alone", "with_labels": "relevance marks and labels"}
 SELECT_BY_LABELS = {"val_loss": "lowest validation loss (the study's protocol)",
                     "val_precision_at_10": "highest validation P@10 (head only)"}
@@ -71,6 +73,10 @@ class TrainForm(forms.Form):
         choices=[(m, MARKS_LABELS[m]) for m in MARKS], initial=DEFAULTS["marks"], required=False,
         label="Learn from", help_text="head-only training: the labels, the dataset's relevance marks (pairs of a query "
                                       "and a result users marked right or wrong), or both")
+    marks_from = forms.ChoiceField(
+        choices=[(m, MARKS_FROM_LABELS[m]) for m in MARKS_FROM],
+        initial=DEFAULTS["marks_from"], required=False, label="Marks from",
+        help_text="training on marks: whose marks; everyone's lets anyone who can search steer the head")
     objective = forms.ChoiceField(choices=[(o, OBJECTIVE_LABELS[o]) for o in OBJECTIVES], initial=DEFAULTS["objective"])
     epochs = forms.IntegerField(min_value=1, max_value=10_000, initial=DEFAULTS["epochs"])
     batch_size = forms.IntegerField(min_value=2, max_value=4096, initial=DEFAULTS["batch_size"],
@@ -119,6 +125,7 @@ class TrainForm(forms.Form):
         fields["processes"] = cleaned.get("processes") or 1
         fields["select_by"] = cleaned.get("select_by") or "val_loss"
         fields["marks"] = cleaned.get("marks") or "none"
+        fields["marks_from"] = cleaned.get("marks_from") or "everyone"
         try:
             if timm_model:
                 architecture = timm_model if timm_model.startswith("timm:") else f"timm:{timm_model}"
@@ -146,7 +153,7 @@ class TrainForm(forms.Form):
             self.add_error("timm_model", message)
             return
         for name in ("embedding_dim", "image_size", "batch_size", "learning_rate", "epochs", "objective",
-                     "scheduler", "early_stopping_patience", "pretrained", "processes", "augment", "head", "select_by", "marks"):
+                     "scheduler", "early_stopping_patience", "pretrained", "processes", "augment", "head", "select_by", "marks_from", "marks"):
             if message.startswith(name) or f" {name} " in message:
                 self.add_error(name, message)
                 return

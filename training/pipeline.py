@@ -70,7 +70,7 @@ def train_and_publish(dataset: Dataset, config: TrainConfig, *, checkpoint_dir: 
     result = None
     if version is None:
         check_dataset(dataset, config)
-        data = training_data(dataset, marks=config.marks != "none")
+        data = training_data(dataset, marks=config.marks != "none", marks_from=config.marks_from)
         result = train(data, config, checkpoint_dir=checkpoint_dir, progress=progress,
                        should_stop=should_stop, on_features=on_features)
         summary = result.summary()

@@ -32,6 +32,8 @@ SCHEDULERS = ("none", "cosine")
 # What a head-only run learns from: class labels (default), relevance marks
 # alone, or both (training/core/mark_training.py; the marks come with TrainingData).
 MARKS = ("none", "only", "with_labels")
+# Whose marks: everyone's (anonymous sessions too, the default) or signed-in users' (and API tokens') only.
+MARKS_FROM = ("everyone", "signed-in")
 SELECT_BY = ("val_loss", VAL_PRECISION)  # which epoch a run keeps: training.core.loop.best_epoch
 MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 16, 1024
 
@@ -102,6 +104,7 @@ class TrainConfig:
     processes: int = 1
     select_by: str = "val_loss"
     marks: str = "none"
+    marks_from: str = "everyone"
 
     def __post_init__(self) -> None:
         architecture = get_architecture(self.architecture)  # UnknownArchitecture (a ValueError) names the known ones
@@ -158,6 +161,8 @@ class TrainConfig:
                              "features every epoch); a full network keeps the epoch with the lowest val_loss")
         if self.marks not in MARKS:
             raise ValueError(f"marks must be one of {', '.join(MARKS)}, not {self.marks!r}")
+        if self.marks_from not in MARKS_FROM:
+            raise ValueError(f"marks_from must be one of {', '.join(MARKS_FROM)}, not {self.marks_from!r}")
         if self.marks != "none" and not self.head_only:
             raise ValueError("marks apply to head-only training (--head-only): the head trains on cached features "
                              "of the marked images")

@@ -45,6 +45,9 @@ class TrainingData:
     # Relevance marks (query image id, result image id, right?) among these
     # rows, for head training on marks (TrainConfig.marks).
     marks: tuple[tuple[int, int, bool], ...] = ()
+    # How many of those marks came from signed-in users and from anonymous
+    # sessions, and whether the anonymous ones were left out (TrainConfig.marks_from).
+    mark_sources: dict[str, int] | None = None
 
     def split(self, split: str) -> list[ImageRow]:
         return [row for row in self.rows if row.split == split]

@@ -188,6 +188,11 @@ def train_head_run(data, config, checkpoint_dir, progress=None, should_stop=None
     by_id = {row.id: row for row in data.rows}
     usable = [m for m in data.marks if m[0] in by_id and m[1] in by_id and m[0] != m[1]]
     warnings = []
+    if data.mark_sources is not None:
+        sources = data.mark_sources
+        warnings.append(f"marks by source: {sources['signed_in']} from signed-in users, {sources['anonymous']} from "
+                        "anonymous sessions" + (f" ({sources['anonymous_left_out']} left out: marks_from signed-in)"
+                                                if sources.get("anonymous_left_out") else ""))
     if len(usable) < len(data.marks):
         warnings.append(f"{len(data.marks) - len(usable)} mark(s) left out: their query or result is not a train or "
                         "val image of the dataset")

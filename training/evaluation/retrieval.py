@@ -19,6 +19,7 @@ defines every field.
 
 from __future__ import annotations
 
+import hashlib
 import statistics
 import time
 from collections import Counter
@@ -195,18 +196,20 @@ def held_out_marks(version: ModelVersion, dataset: Dataset, k: int = 10) -> dict
     (training.core.mark_training.marks_precision_at_k: each query's marked
     results ranked by the version's cosine similarity). Returns
     {"marks_precision_at_k": value or None, "marks_queries": queries counted,
-    "marks_held_out": marks read}."""
+    "marks_held_out": marks read, "marks_set": a digest of those marks, so the
+    activation gate compares only values measured on the same marks}."""
     marks = marks_among(dataset, (Split.TEST,))
+    digest = hashlib.sha256(repr(sorted(tuple(m) for m in marks)).encode()).hexdigest()[:16]
     ids = sorted({i for m in marks for i in m[:2]})
     vectors = dict(Embedding.objects.filter(model_version=version, image_id__in=ids).values_list("image_id", "vector"))
     usable = [m for m in marks if m[0] in vectors and m[1] in vectors]
     if not usable:
-        return {"marks_precision_at_k": None, "marks_queries": 0, "marks_held_out": len(marks)}
+        return {"marks_precision_at_k": None, "marks_queries": 0, "marks_held_out": len(marks), "marks_set": digest}
     where = {pk: i for i, pk in enumerate(sorted(vectors))}
     matrix = torch.from_numpy(np.stack([as_array(vectors[pk]) for pk in sorted(vectors)]))
     value, counted = marks_precision_at_k(matrix, matrix, [(where[q], where[r], ok) for q, r, ok in usable], k=k)
     return {"marks_precision_at_k": round(value, 6) if counted else None, "marks_queries": counted,
-            "marks_held_out": len(marks)}
+            "marks_held_out": len(marks), "marks_set": digest}
 
 
 def exact_sample(n: int, limit: int) -> set[int]:

@@ -24,7 +24,8 @@ class Command(BaseCommand):
         except OSError as exc:
             raise CommandError(f"cannot read {path}: {exc.strerror or exc}") from None
         try:
-            result = services.search_by_upload(data, k=options["k"], dataset=options["dataset"])
+            result = services.search_by_upload(data, k=options["k"], dataset=options["dataset"],
+                                               remember=False)  # no one to mark it: keep nothing
         except services.SearchError as exc:
             raise CommandError(str(exc)) from None
         if options["json"]:

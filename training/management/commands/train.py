@@ -16,7 +16,15 @@ from tqdm import tqdm
 
 from search.management.progress import progress_bar
 from search.models import Dataset, Job, dataset_named
-from training.core.config import MARKS, OBJECTIVES, SCHEDULERS, SELECT_BY, TrainConfig, check_pretrained_available
+from training.core.config import (
+    MARKS,
+    MARKS_FROM,
+    OBJECTIVES,
+    SCHEDULERS,
+    SELECT_BY,
+    TrainConfig,
+    check_pretrained_available,
+)
 from training.core.networks import head as head_network
 from training.core.networks.base import WeightsUnavailable
 from training.core.networks.registry import ARCHITECTURES
@@ -51,6 +59,10 @@ class Command(BaseCommand):
                             help="with --head-only: what the head learns from: the labels (none, the default), the "
                                  "dataset's relevance marks alone (only: pairs of query and result marked right or "
                                  "wrong; no labels needed), or both (with_labels)")
+        parser.add_argument("--marks-from", choices=MARKS_FROM, default=DEFAULTS["marks_from"],
+                            help="with --marks: whose marks: everyone's (the default: anonymous sessions' too, so "
+                                 "anyone who can search can steer training) or signed-in users' and API tokens' "
+                                 "owners' only (signed-in)")
         parser.add_argument("--processes", type=int, default=DEFAULTS["processes"],
                             help="train with DistributedDataParallel over this many processes on this host (one "
                                  "per GPU; gloo on the CPU); --batch-size is the global batch")
@@ -102,7 +114,8 @@ class Command(BaseCommand):
                 scheduler=options["scheduler"], early_stopping_patience=options["patience"],
                 time_limit_s=options["time_limit"], augment=False if options["no_augment"] else None,
                 num_workers=options["num_workers"], image_size=options["image_size"], seed=options["seed"],
-                processes=options["processes"], select_by=options["select_by"], marks=options["marks"])
+                processes=options["processes"], select_by=options["select_by"], marks=options["marks"],
+                marks_from=options["marks_from"])
             check_dataset(dataset, config)
             check_pretrained_available(config)
         except (ValueError, WeightsUnavailable) as exc:
