@@ -7,7 +7,7 @@ class SearchConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        from search import delete_jobs, embed_jobs, jobs, signals, worker  # noqa: F401 - signals: file clean-up on delete
+        from search import delete_jobs, embed_jobs, feedback, jobs, signals, worker  # noqa: F401 - signals: file clean-up on delete
 
         jobs.register_kind(jobs.JobKind("import", task="search.tasks.run_import", queue="embed",
                                         time_limit_setting="CBIR_IMPORT_TIME_LIMIT"))
@@ -17,4 +17,5 @@ class SearchConfig(AppConfig):
         jobs.register_kind(jobs.JobKind("delete", task="search.tasks.run_delete", queue="embed",
                                         requeue=delete_jobs.requeue, exclusive=True,
                                         time_limit_setting="CBIR_DELETE_TIME_LIMIT"))
+        worker.register_housekeeping(feedback.delete_expired_uploads)  # bounded batches of expired upload embeddings
         worker.connect_worker_signals()

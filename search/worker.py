@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from celery.worker.request import Request
@@ -59,18 +60,28 @@ def allow_loader_processes(**kwargs: Any) -> None:
 
 
 _recovery_stop = threading.Event()
+# Bounded clean-up steps of feature modules, run after each recovery scan (the
+# kernel knows no feature: SearchConfig.ready registers them).
+_housekeeping: list[Callable[[], object]] = []
+
+
+def register_housekeeping(step: Callable[[], object]) -> None:
+    """Run `step()` in every worker's recovery loop, every CBIR_RECOVERY_INTERVAL
+    seconds, after the stale-job scan. It must be short and bounded; an
+    exception is logged and the loop goes on."""
+    if step not in _housekeeping:
+        _housekeeping.append(step)
 
 
 def _recovery_loop() -> None:
-    from search import feedback
-
     while not _recovery_stop.wait(settings.CBIR_RECOVERY_INTERVAL):
         try:
             close_old_connections()
             count = jobs.recover_stale()
             if count:
                 logger.warning("queued %d stale task(s) again", count)
-            feedback.delete_expired_uploads()  # a few bounded batches of expired upload embeddings
+            for step in _housekeeping:
+                step()
         except Exception:  # noqa: BLE001 - the loop must outlive a database hiccup
             logger.exception("recovery scan failed; will retry")
 

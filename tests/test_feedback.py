@@ -478,3 +478,10 @@ def test_a_full_refined_page_runs_no_count(indexed, tiny_version, ids):
     with CaptureQueriesContext(connection) as short:
         result = services.search_by_image(ids["red"][0], k=100, positive=[ids["red"][1]])
     assert result.notice and any("COUNT(" in q["sql"].upper() for q in short.captured_queries)
+
+
+def test_workers_delete_expired_uploads_in_their_recovery_loop():
+    # Registered by SearchConfig.ready: the job kernel (search.worker) imports no feature module.
+    from search import feedback, worker
+
+    assert feedback.delete_expired_uploads in worker._housekeeping
