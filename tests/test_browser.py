@@ -45,9 +45,9 @@ def browser(request):
     driver.quit()
 
 
-@pytest.fixture
-def site(live_worker, live_server, tiny_version, tmp_path):
-    """A live server over an indexed dataset of 12 images (the tiny network)."""
+def indexed_colours(tmp_path, version) -> tuple[Dataset, Path]:
+    """A dataset "colours" of 12 images (6 red, 6 blue, labelled by folder)
+    indexed with `version`, and a reddish query file."""
     from search.indexing import build_index
 
     folder = tmp_path / "photos"
@@ -58,9 +58,16 @@ def site(live_worker, live_server, tiny_version, tmp_path):
             (folder / label / f"{i}.png").write_bytes(image_bytes(color, size=(48, 48), pattern=100 * i + len(label)))
     dataset = Dataset.objects.create(name="colours")
     import_folder(folder, dataset, labels_from_folders=True)
-    build_index(dataset, tiny_version)
+    build_index(dataset, version)
     query = tmp_path / "query.png"
     query.write_bytes(image_bytes((230, 30, 30), size=(64, 64), pattern=7))
+    return dataset, query
+
+
+@pytest.fixture
+def site(live_worker, live_server, tiny_version, tmp_path):
+    """A live server over an indexed dataset of 12 images (the tiny network)."""
+    dataset, query = indexed_colours(tmp_path, tiny_version)
     bad = tmp_path / "not-a-photo.jpg"
     bad.write_text("this is text, not a JPEG")
     return {"url": live_server.url, "query": query, "bad": bad, "dataset": dataset}

@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from search.ingest import import_folder
-from search.models import Dataset, Feedback
+from search.models import Feedback
 from tests import test_browser
-from tests.helpers import image_bytes
 from tests.test_browser import _click_and_wait_for_next_page
 
 browser = test_browser.browser  # the headless Chromium fixture
@@ -19,20 +17,8 @@ pytestmark = [pytest.mark.browser, pytest.mark.timeout(240)]
 
 @pytest.fixture
 def colours(live_server, transactional_db, tiny_version, tmp_path):
-    from search.indexing import build_index
-
-    folder = tmp_path / "photos"
-    for label in ("red", "blue"):
-        (folder / label).mkdir(parents=True)
-        for i in range(6):
-            color = (240, 20, 20) if label == "red" else (20, 20, 240)
-            (folder / label / f"{i}.png").write_bytes(image_bytes(color, size=(48, 48), pattern=100 * i + len(label)))
-    dataset = Dataset.objects.create(name="colours")
-    import_folder(folder, dataset, labels_from_folders=True)
-    build_index(dataset, tiny_version)
+    _, query = test_browser.indexed_colours(tmp_path, tiny_version)
     tiny_version.activate()
-    query = tmp_path / "query.png"
-    query.write_bytes(image_bytes((230, 30, 30), size=(64, 64), pattern=7))
     return {"url": live_server.url, "query": query}
 
 
