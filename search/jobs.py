@@ -355,26 +355,27 @@ def resend_lost() -> int:
         return 0
     count = 0
     for chunk in chunks:
-        if chunk.celery_task_id and chunk.celery_task_id in waiting:
-            continue
-        with transaction.atomic():
-            if JobChunk.objects.filter(pk=chunk.pk, status=S.QUEUED, heartbeat=chunk.heartbeat).update(
-                    heartbeat=timezone.now()):
-                add_log(chunk.job_id, f"chunk {chunk.index}: queued {_since(chunk.heartbeat or chunk.job.created)} "
-                                      "and its message is no longer in the broker; sent again")
-                send_chunk(chunk)
-                count += 1
+        count += _resend_if_lost(JobChunk, chunk, waiting, chunk.job_id, f"chunk {chunk.index}: queued "
+                                 f"{_since(chunk.heartbeat or chunk.job.created)}", send_chunk)
     for job in queued:
-        if job.celery_task_id and job.celery_task_id in waiting:
-            continue
-        with transaction.atomic():
-            if Job.objects.filter(pk=job.pk, status=S.QUEUED, heartbeat=job.heartbeat).update(
-                    heartbeat=timezone.now()):
-                add_log(job.pk, f"queued {_since(job.heartbeat or job.created)} and its message is no longer "
-                                "in the broker; sent again")
-                send(job)
-                count += 1
+        count += _resend_if_lost(Job, job, waiting, job.pk, f"queued {_since(job.heartbeat or job.created)}", send)
     return count
+
+
+def _resend_if_lost(model: Any, row: Any, waiting: set[str], job_id: int, queued_for: str,
+                    resend: Callable[[Any], Any]) -> int:
+    """resend(row) if its task id is not among the broker's `waiting` ones and
+    it is still QUEUED with the same heartbeat (the conditional UPDATE, which also
+    restarts its queued-since clock, lets one recovery scan win); 1 if sent."""
+    if row.celery_task_id and row.celery_task_id in waiting:
+        return 0
+    with transaction.atomic():
+        if not model.objects.filter(pk=row.pk, status=S.QUEUED, heartbeat=row.heartbeat).update(
+                heartbeat=timezone.now()):
+            return 0
+        add_log(job_id, f"{queued_for} and its message is no longer in the broker; sent again")
+        resend(row)
+    return 1
 
 
 def _since(moment: Any) -> str:
