@@ -25,9 +25,10 @@ embeddings are deleted before each repeat and the version (with its HNSW
 index, by the pre_delete signal) is deleted at the end.
 
 The report says which allocator behaviour was in effect, read back from glibc
-(training/core/allocator.py): scripts/cbir, the Docker image and docker-compose.yml
-start every process with MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647;
-run the script without them (env -u ...) to measure the default.
+(training/core/allocator.py): every Django process, this script included,
+applies MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647 itself at start-up
+unless the environment sets either; run it with MALLOC_MMAP_MAX_=65536
+(glibc's default, which then wins) to measure the default.
 
 --compile    runs the network through torch.compile for both figures, as
              embedding jobs of CBIR_COMPILE_MIN_IMAGES images or more do
@@ -40,8 +41,9 @@ run the script without them (env -u ...) to measure the default.
              processes, and the forward pass at batch sizes 1/8/32 (about
              two extra minutes on a quiet 2-core machine).
 --workers / --threads set CBIR_LOADER_WORKERS / torch.set_num_threads for
-the main figures; --mallopt tries the glibc allocator setting suggested in
-docs/benchmarks.md. Environment variables such as OMP_WAIT_POLICY apply as
+the main figures; --mallopt asks for the glibc allocator setting explicitly
+(every Django process now applies it at start-up, so it changes nothing
+unless the environment overrides it). Environment variables such as OMP_WAIT_POLICY apply as
 usual and are echoed in the report.
 """
 
@@ -491,7 +493,7 @@ def _allocator_text(r: dict) -> str:
     probe = r.get("glibc_malloc")
     if probe is None:
         return "unknown (not glibc ≥ 2.33)"
-    how = "--mallopt" if r["mallopt"] else "environment (MALLOC_MMAP_MAX_/MALLOC_TRIM_THRESHOLD_)"
+    how = "mallopt at start-up or the environment (training/core/allocator.py)"
     if probe["keeps_freed_memory"]:
         return f"keeps freed memory in the heap, set by {how}"
     if probe["large_blocks_mmapped"]:

@@ -88,16 +88,16 @@ def stamp_files(n: int, folder: Path) -> list[tuple[Path, str]]:
         by_label.setdefault(path.relative_to(STAMPS).parts[0], []).append(path)
     if not by_label:
         raise SystemExit(f"no stamps under {STAMPS}: apt-get install tuxpaint-stamps-default")
-    picked: list[tuple[Path, str]] = []
+    picked: list[Path] = []
     lists = [paths for _, paths in sorted(by_label.items())]
     i = 0
-    while len(picked) < n and any(lists):
+    while len(picked) < n and any(i < len(paths) for paths in lists):
         for paths in lists:
             if i < len(paths) and len(picked) < n:
-                picked.append((paths[i], ""))
+                picked.append(paths[i])
         i += 1
     out = []
-    for source, _ in picked:
+    for source in picked:
         label = source.relative_to(STAMPS).parts[0]
         target = folder / label / f"{len(out):05d}.png"
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -217,9 +217,7 @@ def runtime_table(architecture: str, files, args, workdir: Path) -> tuple[list[d
         for name, run in runners.items():  # alternating: a busy spell hits all of them
             start = time.perf_counter()
             vectors = []
-            for batch in batches(files, pre, args.batch_size):
-                if len(batch) < args.batch_size and name.startswith("torch.compile"):
-                    pass  # padded inside embed_batch
+            for batch in batches(files, pre, args.batch_size):  # a short last batch: padded by embed_batch
                 vectors.append(run(batch))
             rates[name].append(len(files) / (time.perf_counter() - start))
             outputs[name] = np.concatenate(vectors)

@@ -420,18 +420,27 @@ def test_the_same_mark_twice_is_one_row_and_the_database_refuses_a_duplicate(cli
             first.save()
 
 
-def test_expired_uploads_are_deleted_in_bounded_batches(indexed, tiny_version, settings):
+def _expired_uploads(version, n: int) -> np.ndarray:
+    """n upload embeddings of `version` last seen a day past CBIR_QUERY_EMBEDDING_DAYS; returns their vector."""
     from datetime import timedelta
 
+    from django.conf import settings
+    from django.utils import timezone
+
+    old = timezone.now() - timedelta(days=settings.CBIR_QUERY_EMBEDDING_DAYS + 1)
+    vector = np.ones(int(version.dimension), dtype=np.float32)
+    QueryEmbedding.objects.bulk_create([
+        QueryEmbedding(model_version=version, sha256=f"{i:064x}", vector=vector, last_seen=old,
+                       session_key="s") for i in range(n)])
+    return vector
+
+
+def test_expired_uploads_are_deleted_in_bounded_batches(indexed, tiny_version):
     from django.utils import timezone
 
     from search import feedback
 
-    old = timezone.now() - timedelta(days=settings.CBIR_QUERY_EMBEDDING_DAYS + 1)
-    vector = np.ones(int(tiny_version.dimension), dtype=np.float32)
-    QueryEmbedding.objects.bulk_create([
-        QueryEmbedding(model_version=tiny_version, sha256=f"{i:064x}", vector=vector, last_seen=old,
-                       session_key="s") for i in range(25)])
+    vector = _expired_uploads(tiny_version, 25)
     QueryEmbedding.objects.create(model_version=tiny_version, sha256="f" * 64, vector=vector,
                                   last_seen=timezone.now(), session_key="s")
     assert feedback.delete_expired_uploads(batch=4, batches=2) == 8
@@ -449,17 +458,10 @@ def test_the_search_image_command_remembers_nothing(indexed, tmp_path, make_imag
     assert QueryEmbedding.objects.count() == 0
 
 
-def test_the_forget_uploads_command_deletes_every_expired_upload(indexed, tiny_version, settings):
-    from datetime import timedelta
-
+def test_the_forget_uploads_command_deletes_every_expired_upload(indexed, tiny_version):
     from django.core.management import call_command
-    from django.utils import timezone
 
-    old = timezone.now() - timedelta(days=settings.CBIR_QUERY_EMBEDDING_DAYS + 1)
-    vector = np.ones(int(tiny_version.dimension), dtype=np.float32)
-    QueryEmbedding.objects.bulk_create([
-        QueryEmbedding(model_version=tiny_version, sha256=f"{i:064x}", vector=vector, last_seen=old,
-                       session_key="s") for i in range(7)])
+    _expired_uploads(tiny_version, 7)
     out = io.StringIO()
     call_command("forget_uploads", "--batch", "2", stdout=out)
     assert "deleted 7" in out.getvalue() and QueryEmbedding.objects.count() == 0
